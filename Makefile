@@ -1,0 +1,30 @@
+# The commands README names. `make setup` creates .venv; everything else runs from it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/vanilla-mnist-sample
+
+.PHONY: setup train test test-fast lint bench clean
+
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch where this machine has it, so no multi-GB CUDA build is pulled.
+	$(PY) -m pip install --quiet "torch==2.13.0" || echo "torch 2.13.0 not available here; the [test] extra picks a torch"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -c "import jaxae, jax; print('jaxae', jaxae.__version__, 'on jax', jax.__version__, jax.devices())"
+
+# The document's experiment on the embedded MNIST sample: writes $(WORKDIR)/reconstructions.png.
+train:
+	$(PY) -m jaxae train --variant vanilla --dataset mnist-sample --epochs 20 --workdir $(WORKDIR)
+
+test:
+	$(PY) -m pytest -q tests
+
+lint:
+	$(PY) -m ruff check jaxae tests experiments
+	$(PY) -m ruff format --check jaxae tests experiments
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info jaxae.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

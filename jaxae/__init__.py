@@ -1,0 +1,55 @@
+"""jaxae: the PyTorch MNIST autoencoder tutorial and its variants in JAX/Flax NNX.
+
+The public API, re-exported::
+
+    import jaxae, optax
+    from flax import nnx
+
+    model = jaxae.Autoencoder(rngs=nnx.Rngs(0))
+    trainer, state = jaxae.create_train_state(model, optax.adam(1e-3), "vanilla")
+    images = jaxae.load_dataset("mnist-sample", "train").images
+"""
+
+from jaxae.data import NORMALIZATIONS, Dataset, Normalization, get_normalization, load_dataset, read_idx
+from jaxae.errors import DataError, JaxaeError
+from jaxae.models import Autoencoder
+from jaxae.objectives import VARIANTS, Objective, Variant, get_variant, reconstruction_mse
+from jaxae.train import (
+    FitResult,
+    TrainConfig,
+    Trainer,
+    TrainState,
+    build,
+    create_train_state,
+    encode,
+    fit,
+    summarize_epoch,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Autoencoder",
+    "DataError",
+    "Dataset",
+    "FitResult",
+    "JaxaeError",
+    "NORMALIZATIONS",
+    "Normalization",
+    "Objective",
+    "TrainConfig",
+    "TrainState",
+    "Trainer",
+    "VARIANTS",
+    "Variant",
+    "build",
+    "create_train_state",
+    "encode",
+    "fit",
+    "get_normalization",
+    "get_variant",
+    "load_dataset",
+    "read_idx",
+    "reconstruction_mse",
+    "summarize_epoch",
+]

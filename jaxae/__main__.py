@@ -1,0 +1,5 @@
+import sys
+
+from jaxae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxae import cli
+from jaxae.data import write_idx
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxae", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
+
+
+def test_train_then_evaluate_end_to_end(tmp_path, idx_folder):
+    workdir = tmp_path / "run"
+    proc = run_cli(
+        "train",
+        "--dataset",
+        str(idx_folder),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("metrics.jsonl", "config.json", "reconstructions.png", "loss.png"):
+        assert (workdir / name).stat().st_size > 0, name
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for key in ("epoch", "train_loss", "test_loss", "test_mse", "samples_per_s", "seconds"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["batch_size"] == 64 and config["lr"] == 1e-3 and config["variant"] == "vanilla"
+    assert (workdir / "reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    proc = run_cli("evaluate", "--workdir", str(workdir))
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert evaluated["epoch"] == 3
+    assert evaluated["test_mse"] == pytest.approx(records[-1]["test_mse"], rel=1e-6)
+
+
+def test_document_defaults_in_help():
+    parser = cli.build_parser()
+    args = parser.parse_args(["train"])
+    assert (args.epochs, args.batch_size, args.lr, args.variant, args.dataset, args.normalize) == (
+        20,
+        256,
+        1e-3,
+        "vanilla",
+        "mnist-sample",
+        "unit",
+    )
+
+
+def _assert_one_line_error(capsys, code, pattern):
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("jaxae: error: ")
+    assert pattern in lines[0]
+
+
+def _bad_idx_folder(tmp_path, mutate):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((10, 28, 28), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(10, np.uint8))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((10, 28, 28), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(10, np.uint8))
+    mutate(tmp_path / "train-images-idx3-ubyte")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "make_args, pattern",
+    [
+        (lambda tmp: ["--dataset", "no_such_dataset_xyz"], "unknown dataset 'no_such_dataset_xyz'"),
+        (lambda tmp: ["--dataset", str(tmp)], "no train images IDX file"),
+        (
+            lambda tmp: [
+                "--dataset",
+                str(_bad_idx_folder(tmp, lambda p: p.write_bytes(b"PK\x03\x04" + p.read_bytes()))),
+            ],
+            "bad magic number",
+        ),
+        (
+            lambda tmp: ["--dataset", str(_bad_idx_folder(tmp, lambda p: p.write_bytes(p.read_bytes()[:-5])))],
+            "is truncated",
+        ),
+        (lambda tmp: ["--dataset", "mnist", "--tfds-data-dir", str(tmp)], "tfds build mnist"),
+        (lambda tmp: ["--batch-size", "5000"], "larger than the 4000-image train split"),
+        (lambda tmp: ["--epochs", "0"], "--epochs must be positive"),
+        (lambda tmp: ["--epochs", "-3"], "--epochs must be positive"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make_args, pattern):
+    code = cli.main(["train", *make_args(tmp_path), "--workdir", str(tmp_path / "out"), "--no-progress"])
+    _assert_one_line_error(capsys, code, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_without_checkpoint(tmp_path, capsys):
+    code = cli.main(["evaluate", "--workdir", str(tmp_path)])
+    _assert_one_line_error(capsys, code, "no checkpoints in")
+
+
+def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
+    proc = run_cli("train", "--dataset", str(tmp_path / "missing"), "--workdir", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("jaxae: error: dataset folder")
+    proc = run_cli("train", "--dataset", "mnist", "--tfds-data-dir", str(tmp_path / "tfds"))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "tfds build mnist" in proc.stderr

@@ -1,0 +1,84 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxae
+from jaxae.models import Autoencoder
+
+
+def _layers(module):
+    return [layer for layer in module.layers if isinstance(layer, nnx.Linear)]
+
+
+def test_structure_mirrors_torch_sequential_indices():
+    model = Autoencoder(rngs=nnx.Rngs(0))
+    enc = model.encoder.layers
+    dec = model.decoder.layers
+    # torch: encoder = Linear, ReLU, Linear, ReLU, Linear; decoder = ..., Linear, Sigmoid.
+    assert [i for i, layer in enumerate(enc) if isinstance(layer, nnx.Linear)] == [0, 2, 4]
+    assert [i for i, layer in enumerate(dec) if isinstance(layer, nnx.Linear)] == [0, 2, 4]
+    assert enc[1] is jax.nn.relu and dec[5] is jax.nn.sigmoid
+    shapes = [layer.kernel[...].shape for layer in _layers(model.encoder) + _layers(model.decoder)]
+    assert shapes == [(784, 128), (128, 64), (64, 32), (32, 64), (64, 128), (128, 784)]
+
+
+def test_torch_init_matches_torch_linear_statistics():
+    torch = pytest.importorskip("torch")
+    model = Autoencoder(rngs=nnx.Rngs(1))
+    torch.manual_seed(0)
+    for ours in _layers(model.encoder) + _layers(model.decoder):
+        fan_in, fan_out = ours.kernel[...].shape
+        ref = torch.nn.Linear(fan_in, fan_out)
+        bound = 1.0 / math.sqrt(fan_in)
+        for mine, theirs in ((ours.kernel[...], ref.weight), (ours.bias[...], ref.bias)):
+            mine = np.asarray(mine).ravel()
+            theirs = theirs.detach().numpy().ravel()
+            assert np.abs(mine).max() <= bound
+            # U(-b, b): std b/sqrt(3), mean 0; compare with torch's own draw.
+            tol = 4 * bound / math.sqrt(3) / math.sqrt(min(mine.size, theirs.size))
+            assert abs(mine.std() - theirs.std()) < max(tol, 0.15 * bound)
+            assert abs(mine.mean()) < 4 * bound / math.sqrt(mine.size)
+            # the spread really reaches the bound, as a uniform does (a normal init would not)
+            if mine.size > 1000:
+                assert np.abs(mine).max() > 0.99 * bound
+
+
+def test_flax_init_is_lecun_normal_with_zero_bias():
+    model = Autoencoder(init="flax", rngs=nnx.Rngs(0))
+    first = model.encoder.layers[0]
+    assert np.all(np.asarray(first.bias[...]) == 0)
+    std = float(np.asarray(first.kernel[...]).std())
+    assert abs(std - 1 / math.sqrt(784)) < 0.1 / math.sqrt(784)
+
+
+def test_unknown_init_is_a_clear_error():
+    with pytest.raises(jaxae.JaxaeError, match="unknown init"):
+        Autoencoder(init="xavier", rngs=nnx.Rngs(0))
+
+
+def test_shapes_and_output_range():
+    model = Autoencoder(rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(0), (5, 28, 28, 1))
+    z = model.encode(x)
+    y = model(x)
+    assert z.shape == (5, 32)
+    assert y.shape == (5, 784)
+    assert float(y.min()) > 0 and float(y.max()) < 1
+    np.testing.assert_allclose(model(x.reshape(5, 784)), y)
+
+
+def test_configurable_sizes():
+    model = Autoencoder(100, (50, 20, 10), 4, rngs=nnx.Rngs(0))
+    assert model.encode(jnp.ones((3, 100))).shape == (3, 4)
+    assert model(jnp.ones((3, 100))).shape == (3, 100)
+
+
+@pytest.mark.parametrize("shape", [(784,), (3, 783), (2, 28, 27, 1)])
+def test_wrong_input_shape_is_a_clear_error(shape):
+    model = Autoencoder(rngs=nnx.Rngs(0))
+    with pytest.raises(jaxae.JaxaeError, match="expected a batch"):
+        model(jnp.ones(shape))

@@ -1,0 +1,141 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxae
+from jaxae.train import TrainConfig, build, fit
+
+
+@pytest.fixture
+def compile_counter():
+    """Counts XLA backend compilations while the test runs (catches silent recompiles)."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _images(ds):
+    return jnp.asarray(ds.images.reshape(len(ds), -1))
+
+
+def test_a_few_epochs_lower_the_loss(sample_train, sample_test):
+    trainer, state = build(TrainConfig(epochs=3), 784)
+    train, test = _images(sample_train), _images(sample_test)
+    before = float(trainer.jit_evaluate(state, test)["loss"])
+    for _ in range(3):
+        state, _ = trainer.jit_train_epoch(state, train, batch_size=256)
+    after = float(trainer.jit_evaluate(state, test)["loss"])
+    assert after < 0.6 * before
+    assert int(state.epoch) == 3 and int(state.step) == 3 * 16  # ceil(4000 / 256) steps per epoch
+
+
+def test_no_recompilation_after_first_epoch(sample_train, sample_test, compile_counter):
+    trainer, state = build(TrainConfig(), 784)
+    train, test = _images(sample_train), _images(sample_test)
+    state, _ = trainer.jit_train_epoch(state, train, batch_size=256)
+    trainer.jit_evaluate(state, test)
+    compiled_during_first = len(compile_counter)
+    assert compiled_during_first >= 2
+    for _ in range(3):
+        state, metrics = trainer.jit_train_epoch(state, train, batch_size=256)
+        jax.block_until_ready(trainer.jit_evaluate(state, test))
+    assert len(compile_counter) == compiled_during_first
+
+
+def test_every_example_once_per_epoch_and_order_changes(sample_train):
+    trainer, state = build(TrainConfig(), 784)
+    ids, mask = trainer.epoch_batches(state, 1000, 256)
+    assert ids.shape == (4, 256) and float(mask.sum()) == 1000
+    real = np.asarray(ids)[np.asarray(mask) > 0]
+    assert sorted(real.tolist()) == list(range(1000))
+    ids2, _ = trainer.epoch_batches(state.replace(epoch=state.epoch + 1), 1000, 256)
+    assert not np.array_equal(np.asarray(ids), np.asarray(ids2))
+
+
+def test_masked_padding_equals_the_smaller_batch(sample_train):
+    """The padded last batch gives exactly the update PyTorch's smaller last batch gives."""
+    model = jaxae.Autoencoder(rngs=nnx.Rngs(0))
+    trainer, state = jaxae.create_train_state(model, optax.adam(1e-3))
+    batch = jnp.asarray(sample_train.images[:40])
+    padded = jnp.concatenate([batch, jnp.asarray(sample_train.images[100:124])])
+    mask = jnp.concatenate([jnp.ones(40), jnp.zeros(24)])
+    s1, m1 = trainer.train_step(state, batch)
+    s2, m2 = trainer.train_step(state, padded, mask)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_train_step_matches_manual_adam_on_mse(sample_train):
+    model = jaxae.Autoencoder(rngs=nnx.Rngs(3))
+    trainer, state = jaxae.create_train_state(model, optax.adam(1e-3))
+    batch = jnp.asarray(sample_train.images[:32])
+    x = batch.reshape(32, -1).astype(jnp.float32) / 255.0
+
+    def loss(params):
+        return jnp.mean((trainer.model(params)(x) - x) ** 2)
+
+    grads = jax.grad(loss)(state.params)
+    tx = optax.adam(1e-3)
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    expected = optax.apply_updates(state.params, updates)
+    loss_before = float(loss(state.params))
+    new, metrics = trainer.jit_train_step(state, batch)
+    np.testing.assert_allclose(metrics["loss"], loss_before, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert int(new.step) == 1
+
+
+def test_evaluate_is_deterministic_and_exact_mean(sample_test):
+    trainer, state = build(TrainConfig(), 784)
+    test = _images(sample_test)
+    a = trainer.jit_evaluate(state, test, batch_size=300)  # 1000 = 3*300 + 100: exercises padding
+    b = trainer.jit_evaluate(state, test, batch_size=1000)
+    np.testing.assert_allclose(a["mse"], b["mse"], rtol=1e-6)
+    x = test.astype(jnp.float32) / 255.0
+    direct = jnp.mean((trainer.model(state.params)(x) - x) ** 2)
+    np.testing.assert_allclose(a["mse"], direct, rtol=1e-5)
+
+
+def test_encode_helper(sample_test):
+    trainer, state = build(TrainConfig(), 784)
+    codes = jaxae.encode(trainer, state, sample_test.images[:250], batch_size=100)
+    assert codes.shape == (250, 32)
+    direct = trainer.model(state.params).encode(sample_test.images[:250].reshape(250, -1) / 255.0)
+    np.testing.assert_allclose(codes, direct, atol=1e-6)
+
+
+def test_fit_seed_reproducible_and_seed_sensitive(idx_folder):
+    cfg = TrainConfig(dataset=str(idx_folder), epochs=2, batch_size=64)
+    a = fit(cfg, progress=False).history
+    b = fit(cfg, progress=False).history
+    c = fit(TrainConfig(dataset=str(idx_folder), epochs=2, batch_size=64, seed=1), progress=False).history
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert a[-1]["train_loss"] != c[-1]["train_loss"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"epochs": 0}, "--epochs must be positive"),
+        ({"batch_size": -1}, "--batch-size must be positive"),
+        ({"lr": float("nan")}, "--lr must be a positive number"),
+        ({"variant": "gan"}, "unknown variant 'gan'"),
+        ({"normalize": "zscore"}, "unknown normalisation"),
+        ({"batch_size": 100_000}, "larger than the 4000-image train split"),
+    ],
+)
+def test_bad_settings_are_clear_errors(change, message):
+    cfg = TrainConfig(**change)
+    with pytest.raises(jaxae.JaxaeError, match=message):
+        fit(cfg, progress=False)
