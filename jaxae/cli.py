@@ -18,7 +18,18 @@ def _defaults():
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d = _defaults()
-    p.add_argument("--variant", default=d.variant, help="autoencoder variant (default: %(default)s)")
+    p.add_argument(
+        "--variant",
+        default=d.variant,
+        help="vanilla, denoising, sparse or vae (default: %(default)s)",
+    )
+    p.add_argument(
+        "--arch",
+        choices=("mlp", "conv"),
+        default=d.arch,
+        help="mlp = the document's 784-128-64-32; conv = a small conv net (vanilla, denoising, vae) "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--dataset",
         default=d.dataset,
@@ -50,6 +61,37 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         default=d.hidden_dims,
         help="encoder hidden widths, comma-separated; the decoder mirrors them (default: 128,64)",
     )
+    g = p.add_argument_group("denoising")
+    g.add_argument(
+        "--noise-std",
+        type=float,
+        default=d.noise_std,
+        help="Gaussian noise std, in pixel units (fraction of the data range) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--mask-prob",
+        type=float,
+        default=d.mask_prob,
+        help="masking-noise probability per pixel (default: %(default)s)",
+    )
+    g = p.add_argument_group("sparse")
+    g.add_argument(
+        "--sparsity",
+        choices=("l1", "kl"),
+        default=d.sparsity,
+        help="l1: mean |code| on a ReLU code; kl: Bernoulli KL of a sigmoid code to --sparsity-target "
+        "(default: %(default)s)",
+    )
+    g.add_argument("--sparsity-weight", type=float, default=d.sparsity_weight, help="default: %(default)s")
+    g.add_argument("--sparsity-target", type=float, default=d.sparsity_target, help="default: %(default)s")
+    g = p.add_argument_group("vae")
+    g.add_argument("--beta", type=float, default=d.beta, help="weight of the KL term (default: %(default)s)")
+    g.add_argument(
+        "--likelihood",
+        choices=("bernoulli", "gaussian"),
+        default=d.likelihood,
+        help="pixel likelihood: bernoulli (sigmoid cross-entropy) or gaussian (squared error) (default: %(default)s)",
+    )
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -67,6 +109,14 @@ def _config_from_args(args: argparse.Namespace):
         init=args.init,
         hidden_dims=args.hidden_dims,
         latent_dim=args.latent_dim,
+        arch=args.arch,
+        noise_std=args.noise_std,
+        mask_prob=args.mask_prob,
+        sparsity=args.sparsity,
+        sparsity_weight=args.sparsity_weight,
+        sparsity_target=args.sparsity_target,
+        beta=args.beta,
+        likelihood=args.likelihood,
     )
 
 
@@ -93,6 +143,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = trainer.jit_evaluate(state, images, batch_size=min(config.eval_batch_size, len(test)))
     out = {"step": int(state.step), "epoch": int(state.epoch), "dataset": config.dataset}
     out.update({f"test_{k}": float(v) for k, v in jax.device_get(metrics).items()})
+    if args.iw_samples:
+        from jaxae.objectives import importance_weighted_nll
+
+        if config.variant != "vae":
+            raise JaxaeError(f"--iw-samples needs a vae run; {args.workdir} holds a {config.variant} model")
+        if args.iw_samples < 1:
+            raise JaxaeError(f"--iw-samples must be at least 1, got {args.iw_samples}")
+        fn = importance_weighted_nll(trainer.normalization, config.likelihood, args.iw_samples)
+        nll = trainer.jit_mean_over(state, images, fn=fn, batch_size=min(100, len(test)))
+        out["test_nll_iw"] = float(nll["nll_iw"])
+        out["iw_samples"] = args.iw_samples
+    if args.probe:
+        from jaxae.probe import linear_probe
+
+        train = load_dataset(config.dataset, "train", config.tfds_data_dir)
+        out.update(linear_probe(trainer, state, train, test))
     print(json.dumps(out))
     return 0
 
@@ -112,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="print a trained model's test metrics as JSON")
     p.add_argument("--workdir", required=True, help="a folder written by 'jaxae train'")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument(
+        "--iw-samples",
+        type=int,
+        default=0,
+        metavar="K",
+        help="vae: add test_nll_iw, the importance-weighted NLL bound with K samples (nats)",
+    )
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="train a linear classifier on the frozen train-split codes; report probe_accuracy on the test "
+        "split next to probe_accuracy_pixels (the same classifier on raw pixels)",
+    )
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -70,6 +70,9 @@ def flatten_images(x: jax.Array, input_dim: int) -> jax.Array:
     return x.reshape(x.shape[0], input_dim)
 
 
+CODE_ACTIVATIONS = {"linear": None, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid}
+
+
 class Autoencoder(nnx.Module):
     """The document's MLP autoencoder.
 
@@ -82,7 +85,59 @@ class Autoencoder(nnx.Module):
         hidden_dims: encoder hidden widths; the decoder mirrors them.
         latent_dim: code size.
         init: ``"torch"`` (``torch.nn.Linear`` defaults) or ``"flax"``.
+        code_activation: ``"linear"`` (the document's), or ``"relu"`` / ``"sigmoid"`` appended
+            to the encoder (the sparse variant: a code that can be exactly zero, or a rate in
+            (0, 1)); it holds no parameters, so weight conversion is unchanged.
         rngs: parameter rngs.
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 784,
+        hidden_dims: Sequence[int] = (128, 64),
+        latent_dim: int = 32,
+        *,
+        init: str = "torch",
+        code_activation: str = "linear",
+        rngs: nnx.Rngs,
+    ):
+        if code_activation not in CODE_ACTIVATIONS:
+            raise JaxaeError(
+                f"unknown code activation {code_activation!r}; choose one of {', '.join(CODE_ACTIVATIONS)}"
+            )
+        self.input_dim = input_dim
+        self.latent_dim = latent_dim
+        dims = (input_dim, *hidden_dims, latent_dim)
+        encoder = mlp_layers(dims, init=init, rngs=rngs)
+        if CODE_ACTIVATIONS[code_activation] is not None:
+            encoder.append(CODE_ACTIVATIONS[code_activation])
+        self.encoder = nnx.Sequential(*encoder)
+        self.decoder = nnx.Sequential(*mlp_layers(dims[::-1], init=init, rngs=rngs), jax.nn.sigmoid)
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """Images ``[N, 784]`` (or ``[N, 28, 28, 1]``) -> codes ``[N, latent_dim]``."""
+        return self.encoder(flatten_images(x, self.input_dim))
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Codes ``[N, latent_dim]`` -> reconstructions ``[N, 784]`` in (0, 1)."""
+        return self.decoder(z)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.decode(self.encode(x))
+
+
+def gaussian_sample(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """The reparameterised sample ``mean + exp(logvar / 2) * eps``."""
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+class VAE(nnx.Module):
+    """A variational autoencoder with the document's MLP sizes.
+
+    ``encoder`` (``784-128-64`` with ReLU) feeds two heads, ``mean`` and ``logvar``
+    (``64 -> 32`` each) of a diagonal Gaussian q(z|x); ``decoder`` (``32-64-128-784``, ReLU
+    between layers) outputs logits of the pixel likelihood, so losses can use a numerically
+    stable sigmoid cross-entropy. ``decode`` applies the Sigmoid.
     """
 
     def __init__(
@@ -96,17 +151,206 @@ class Autoencoder(nnx.Module):
     ):
         self.input_dim = input_dim
         self.latent_dim = latent_dim
-        dims = (input_dim, *hidden_dims, latent_dim)
-        self.encoder = nnx.Sequential(*mlp_layers(dims, init=init, rngs=rngs))
-        self.decoder = nnx.Sequential(*mlp_layers(dims[::-1], init=init, rngs=rngs), jax.nn.sigmoid)
+        trunk = (input_dim, *hidden_dims)
+        self.encoder = nnx.Sequential(*mlp_layers(trunk, init=init, rngs=rngs), jax.nn.relu)
+        self.mean = linear(trunk[-1], latent_dim, init=init, rngs=rngs)
+        self.logvar = linear(trunk[-1], latent_dim, init=init, rngs=rngs)
+        self.decoder = nnx.Sequential(*mlp_layers((latent_dim, *hidden_dims[::-1], input_dim), init=init, rngs=rngs))
+
+    def encode_distribution(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """q(z|x) as ``(mean, logvar)``, each ``[N, latent_dim]``."""
+        h = self.encoder(flatten_images(x, self.input_dim))
+        return self.mean(h), self.logvar(h)
 
     def encode(self, x: jax.Array) -> jax.Array:
-        """Images ``[N, 784]`` (or ``[N, 28, 28, 1]``) -> codes ``[N, latent_dim]``."""
-        return self.encoder(flatten_images(x, self.input_dim))
+        """The posterior mean: the deterministic code used for features and figures."""
+        return self.encode_distribution(x)[0]
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """Codes ``[N, latent_dim]`` -> reconstructions ``[N, 784]`` in (0, 1)."""
+    def decode_logits(self, z: jax.Array) -> jax.Array:
         return self.decoder(z)
 
+    def decode(self, z: jax.Array) -> jax.Array:
+        return jax.nn.sigmoid(self.decode_logits(z))
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Reconstruction from the posterior mean (no sampling), in (0, 1)."""
         return self.decode(self.encode(x))
+
+    def sample(self, key: jax.Array, n: int) -> jax.Array:
+        """``n`` images decoded from the prior N(0, I), in (0, 1)."""
+        return self.decode(jax.random.normal(key, (n, self.latent_dim)))
+
+
+# -- convolutional option -------------------------------------------------------------------
+#
+# The conv layers compute their 3x3 convolutions as patches (nine strided slices) times a
+# matrix. Inside the epoch's ``lax.scan`` XLA's CPU backend lowers the weight gradient of
+# ``lax.conv_general_dilated`` to a naive loop (15x slower than the same step outside a loop,
+# measured here), while slices and dots keep their fast paths everywhere. The parameters keep
+# the layouts of ``nnx.Conv`` / ``nnx.ConvTranspose``, so weight conversion is unaffected.
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A 3x3 convolution with padding 1 of NHWC ``x`` by an HWIO ``kernel`` (cross-correlation,
+    as ``torch.nn.Conv2d`` and ``lax.conv_general_dilated``)."""
+    n, h, w, c = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate(
+        [
+            xp[:, ky : ky + stride * (ho - 1) + 1 : stride, kx : kx + stride * (wo - 1) + 1 : stride, :]
+            for ky in range(3)
+            for kx in range(3)
+        ],
+        axis=-1,
+    )  # [N, Ho, Wo, 9 * C], ordered (ky, kx, c) like the kernel's reshape below
+    return patches @ kernel.reshape(9 * c, kernel.shape[-1])
+
+
+def _conv_inits(init: str, fan_in: int):
+    if init == "torch":
+        return torch_kernel_init, torch_bias_init(fan_in)
+    if init == "flax":
+        return jax.nn.initializers.lecun_normal(), jax.nn.initializers.zeros
+    raise JaxaeError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+
+
+class Conv2x(nnx.Module):
+    """``torch.nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)``: halves H and W.
+
+    ``kernel`` is ``[3, 3, in, out]`` (``nnx.Conv``'s layout; torch's weight ``[out, in, 3, 3]``
+    transposed by ``(2, 3, 1, 0)``), ``bias`` is ``[out]``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs):
+        kernel_init, bias_init = _conv_inits(init, in_ch * 9)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (3, 3, in_ch, out_ch), jnp.float32))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_ch,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return conv3x3(x, self.kernel[...], 2) + self.bias[...]
+
+
+def conv(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs) -> Conv2x:
+    """``torch.nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)`` (see :class:`Conv2x`)."""
+    return Conv2x(in_ch, out_ch, init=init, rngs=rngs)
+
+
+# Tap tables of a 4x4, stride-2, padding-1 transposed convolution written as a stride-1 3x3
+# convolution per output phase: output row 2m + a takes input rows m - 1, m, m + 1 (taps 0, 1,
+# 2) through kernel rows _PHASE_TAPS[a] (-1: no contribution). From o = 2i - 1 + k:
+# even rows use k = 3 (row m - 1) and k = 1 (row m); odd rows k = 2 (row m) and k = 0 (row m + 1).
+_PHASE_TAPS = ((3, 1, -1), (-1, 2, 0))
+
+
+class ConvTranspose2x(nnx.Module):
+    """``torch.nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1)``: doubles H and W.
+
+    The parameters have ``nnx.ConvTranspose``'s layout (``transpose_kernel=True``): ``kernel``
+    ``[4, 4, out, in]`` is torch's weight ``[in, out, 4, 4]`` transposed by ``(2, 3, 1, 0)``.
+    The forward pass runs no dilated convolution (XLA's CPU backend has no fast path for one):
+    it runs the same arithmetic as a stride-1 3x3 convolution producing the four output phases
+    as channels, then interleaves them (depth-to-space).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs):
+        # torch takes a transposed convolution's fan-in from weight axis 1, the *output*
+        # channels: axis -2 of this kernel, variance_scaling's default in_axis.
+        kernel_init, bias_init = _conv_inits(init, out_ch * 16)
+        self.in_ch, self.out_ch = in_ch, out_ch
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (4, 4, out_ch, in_ch), jnp.float32))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_ch,), jnp.float32))
+
+    def phase_kernel(self) -> jax.Array:
+        """The equivalent 3x3 kernel ``[3, 3, in, 4 * out]``, output channels ordered (a, b, out)."""
+        w = jnp.pad(self.kernel[...], ((0, 1), (0, 1), (0, 0), (0, 0)))  # index -1 -> the zero row
+        rows = jnp.array(_PHASE_TAPS)
+        k = w[rows[:, :, None, None], rows[None, None, :, :]]  # [a, ty, b, tx, out, in]
+        return k.transpose(1, 3, 5, 0, 2, 4).reshape(3, 3, self.in_ch, 4 * self.out_ch)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, _ = x.shape
+        y = conv3x3(x, self.phase_kernel(), 1)
+        y = y.reshape(n, h, w, 2, 2, self.out_ch).transpose(0, 1, 3, 2, 4, 5)
+        return y.reshape(n, 2 * h, 2 * w, self.out_ch) + self.bias[...]
+
+
+def conv_transpose(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs) -> ConvTranspose2x:
+    """``torch.nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1)`` (see :class:`ConvTranspose2x`)."""
+    return ConvTranspose2x(in_ch, out_ch, init=init, rngs=rngs)
+
+
+class _ConvBase(nnx.Module):
+    """Shared conv trunk: ``[N, 28, 28, C]`` -> two stride-2 convs -> ``[N, 7 * 7 * c2]``."""
+
+    def _build(self, image_shape, channels, init, rngs):
+        h, w, c = image_shape
+        if h % 4 or w % 4:
+            raise JaxaeError(f"the conv architecture needs image sides divisible by 4, got {h}x{w}")
+        c1, c2 = channels
+        self.image_shape = tuple(image_shape)
+        self.input_dim = h * w * c
+        self.feature_shape = (h // 4, w // 4, c2)
+        self.encoder = nnx.Sequential(
+            conv(c, c1, init=init, rngs=rngs), jax.nn.relu, conv(c1, c2, init=init, rngs=rngs), jax.nn.relu
+        )
+        feature_dim = math.prod(self.feature_shape)
+        self.project = linear(self.latent_dim, feature_dim, init=init, rngs=rngs)
+        self.decoder = nnx.Sequential(
+            conv_transpose(c2, c1, init=init, rngs=rngs), jax.nn.relu, conv_transpose(c1, c, init=init, rngs=rngs)
+        )
+        return feature_dim
+
+    def _features(self, x):
+        x = flatten_images(x, self.input_dim).reshape(-1, *self.image_shape)
+        return self.encoder(x).reshape(x.shape[0], -1)
+
+    def decode_logits(self, z):
+        h = jax.nn.relu(self.project(z)).reshape(-1, *self.feature_shape)
+        return self.decoder(h).reshape(z.shape[0], -1)
+
+    def decode(self, z):
+        return jax.nn.sigmoid(self.decode_logits(z))
+
+
+class ConvAutoencoder(_ConvBase):
+    """A small convolutional autoencoder for 28x28 images (``--arch conv``).
+
+    Encoder: conv 3x3/2 (16) -> ReLU -> conv 3x3/2 (32) -> ReLU -> linear code; decoder:
+    linear -> ReLU -> transposed conv 4x4/2 (16) -> ReLU -> transposed conv 4x4/2 -> Sigmoid.
+    Inputs and outputs are flat ``[N, 784]`` like the MLP's, so every objective works unchanged.
+    """
+
+    def __init__(self, image_shape=(28, 28, 1), channels=(16, 32), latent_dim=32, *, init="torch", rngs: nnx.Rngs):
+        self.latent_dim = latent_dim
+        feature_dim = self._build(image_shape, channels, init, rngs)
+        self.code = linear(feature_dim, latent_dim, init=init, rngs=rngs)
+
+    def encode(self, x):
+        return self.code(self._features(x))
+
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
+
+class ConvVAE(_ConvBase):
+    """The conv trunk with Gaussian ``mean``/``logvar`` heads: a convolutional :class:`VAE`."""
+
+    def __init__(self, image_shape=(28, 28, 1), channels=(16, 32), latent_dim=32, *, init="torch", rngs: nnx.Rngs):
+        self.latent_dim = latent_dim
+        feature_dim = self._build(image_shape, channels, init, rngs)
+        self.mean = linear(feature_dim, latent_dim, init=init, rngs=rngs)
+        self.logvar = linear(feature_dim, latent_dim, init=init, rngs=rngs)
+
+    def encode_distribution(self, x):
+        h = self._features(x)
+        return self.mean(h), self.logvar(h)
+
+    def encode(self, x):
+        return self.encode_distribution(x)[0]
+
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
+    def sample(self, key, n):
+        return self.decode(jax.random.normal(key, (n, self.latent_dim)))

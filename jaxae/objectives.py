@@ -10,11 +10,13 @@ step, so any randomness (noise, reparameterisation) is the same however the batc
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxae import models
@@ -32,11 +34,14 @@ class Objective:
         name: the variant's name.
         loss: ``(model, x, keys) -> (loss [B], metrics {name: [B]})`` for training.
         evaluate: ``(model, x, keys) -> {name: [B]}`` for the test split; must hold ``"loss"``.
+        corrupt: ``(x, keys) -> model input`` where the model sees a corrupted input (the
+            denoiser); figures show it between the input and the output.
     """
 
     name: str
     loss: Callable[[nnx.Module, jax.Array, jax.Array], tuple[jax.Array, PerExample]]
     evaluate: Callable[[nnx.Module, jax.Array, jax.Array], PerExample]
+    corrupt: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
 
 def reconstruction_mse(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
@@ -63,22 +68,248 @@ def vanilla_objective(config: Any, normalization: Normalization) -> Objective:
     return Objective("vanilla", loss, evaluate)
 
 
+def psnr(estimate: jax.Array, target: jax.Array) -> jax.Array:
+    """Per-example peak signal-to-noise ratio in dB for images in [0, 1] pixel units: ``[B]``."""
+    mse = reconstruction_mse(estimate, target)
+    return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
+
+
+def corrupt(
+    x: jax.Array, keys: jax.Array, normalization: Normalization, noise_std: float, mask_prob: float
+) -> jax.Array:
+    """The denoiser's input: additive Gaussian noise and/or masking noise, clipped to the data range.
+
+    ``noise_std`` is in pixel units (a fraction of the data range, so 0.5 means the same on
+    [0, 1] and [-1, 1] data); masking sets each value to the background (the range's low end)
+    with probability ``mask_prob``. One key per example: reproducible from the seed, fresh
+    every step, and the same however the batch is split.
+    """
+    low, high = normalization.low, normalization.high
+
+    def one(key, xi):
+        noise_key, mask_key = jax.random.split(key)
+        y = xi
+        if noise_std > 0:
+            y = y + noise_std * (high - low) * jax.random.normal(noise_key, xi.shape, xi.dtype)
+        if mask_prob > 0:
+            y = jnp.where(jax.random.bernoulli(mask_key, mask_prob, xi.shape), low, y)
+        return jnp.clip(y, low, high)
+
+    return jax.vmap(one)(keys, x)
+
+
+def denoising_objective(config: Any, normalization: Normalization) -> Objective:
+    """Reconstruct the clean image from a corrupted one (corruption drawn inside the step)."""
+
+    def noisy(x, keys):
+        return corrupt(x, keys, normalization, config.noise_std, config.mask_prob)
+
+    def loss(model, x, keys):
+        return reconstruction_mse(model(noisy(x, keys)), x), {}
+
+    def evaluate(model, x, keys):
+        x_noisy = noisy(x, keys)
+        denoised = model(x_noisy)
+        mse = reconstruction_mse(denoised, x)
+        clean, noisy_px, denoised_px = (normalization.to_pixels(v) for v in (x, x_noisy, denoised))
+        return {
+            "loss": mse,
+            "mse": mse,
+            "mse_pixels": reconstruction_mse(denoised_px, clean),
+            "psnr_noisy": psnr(noisy_px, clean),
+            "psnr_denoised": psnr(denoised_px, clean),
+        }
+
+    return Objective("denoising", loss, evaluate, corrupt=noisy)
+
+
+ZERO_THRESHOLD = 1e-3
+
+
+def bernoulli_kl(target_rate: float, rate: jax.Array) -> jax.Array:
+    """KL(Bernoulli(target) || Bernoulli(rate)) elementwise."""
+    rate = jnp.clip(rate, 1e-6, 1 - 1e-6)
+    t = target_rate
+    return t * jnp.log(t / rate) + (1 - t) * jnp.log((1 - t) / (1 - rate))
+
+
+def sparsity_penalty(code: jax.Array, kind: str, target: float) -> jax.Array:
+    """Per-example sparsity penalty of a code ``[B, L]``: ``[B]``.
+
+    ``l1``: mean absolute activation. ``kl``: the summed Bernoulli KL of each unit's activation
+    (a sigmoid rate) to the target rate. The classic formulation compares the *batch-average*
+    rate; per example, the penalty does not depend on how a batch is split over devices.
+    """
+    if kind == "l1":
+        return jnp.mean(jnp.abs(code), axis=-1)
+    if kind == "kl":
+        return jnp.sum(bernoulli_kl(target, code), axis=-1)
+    raise JaxaeError(f"unknown sparsity penalty {kind!r}; choose l1 or kl")
+
+
+def sparse_objective(config: Any, normalization: Normalization) -> Objective:
+    """The document's MSE plus a weighted sparsity penalty on the code."""
+
+    def code_metrics(code):
+        return {
+            "code_l1": jnp.mean(jnp.abs(code), axis=-1),
+            "code_zero_fraction": jnp.mean((jnp.abs(code) < ZERO_THRESHOLD).astype(jnp.float32), axis=-1),
+        }
+
+    def parts(model, x):
+        code = model.encode(x)
+        reconstruction = model.decode(code)
+        mse = reconstruction_mse(reconstruction, x)
+        penalty = sparsity_penalty(code, config.sparsity, config.sparsity_target)
+        return code, reconstruction, mse, penalty
+
+    def loss(model, x, keys):
+        _, _, mse, penalty = parts(model, x)
+        return mse + config.sparsity_weight * penalty, {"mse": mse, "sparsity": penalty}
+
+    def evaluate(model, x, keys):
+        code, reconstruction, mse, penalty = parts(model, x)
+        pixels = reconstruction_mse(normalization.to_pixels(reconstruction), normalization.to_pixels(x))
+        return {
+            "loss": mse + config.sparsity_weight * penalty,
+            "mse": mse,
+            "mse_pixels": pixels,
+            "sparsity": penalty,
+            **code_metrics(code),
+        }
+
+    return Objective("sparse", loss, evaluate)
+
+
+LOG_2PI = float(jnp.log(2 * jnp.pi))
+
+
+def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per example, in nats: ``[B]``."""
+    return 0.5 * jnp.sum(jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar, axis=-1)
+
+
+def log_likelihood(logits: jax.Array, x: jax.Array, normalization: Normalization, likelihood: str) -> jax.Array:
+    """log p(x | z) per example in nats, from decoder logits ``[..., D]``.
+
+    ``bernoulli``: pixel intensities in [0, 1] as Bernoulli means (sigmoid cross-entropy from
+    logits, numerically stable). ``gaussian``: N(x; mean, 1/2) per value, i.e. the summed
+    squared error plus its normalising constant, with the mean spanning the data range.
+    """
+    if likelihood == "bernoulli":
+        return -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, normalization.to_pixels(x)), axis=-1)
+    if likelihood == "gaussian":
+        mean = normalization.low + (normalization.high - normalization.low) * jax.nn.sigmoid(logits)
+        return -jnp.sum(jnp.square(x - mean), axis=-1) - 0.5 * x.shape[-1] * float(jnp.log(jnp.pi))
+    raise JaxaeError(f"unknown likelihood {likelihood!r}; choose bernoulli or gaussian")
+
+
+def vae_objective(config: Any, normalization: Normalization) -> Objective:
+    """The negative ELBO per image in nats: ``-log p(x|z) + beta * KL(q(z|x) || p(z))``."""
+
+    def parts(model, x, keys):
+        mean, logvar = model.encode_distribution(x)
+        z = jax.vmap(models.gaussian_sample)(keys, mean, logvar)
+        recon = -log_likelihood(model.decode_logits(z), x, normalization, config.likelihood)
+        return recon, gaussian_kl(mean, logvar)
+
+    def loss(model, x, keys):
+        recon, kl = parts(model, x, keys)
+        return recon + config.beta * kl, {"recon": recon, "kl": kl}
+
+    def evaluate(model, x, keys):
+        recon, kl = parts(model, x, keys)
+        reconstruction = model(x)  # from the posterior mean
+        if config.likelihood == "gaussian":
+            reconstruction = normalization.low + (normalization.high - normalization.low) * reconstruction
+            pixels = normalization.to_pixels(reconstruction)
+        else:
+            pixels = reconstruction
+        return {
+            "loss": recon + config.beta * kl,
+            "neg_elbo": recon + kl,
+            "recon": recon,
+            "kl": kl,
+            "mse_pixels": reconstruction_mse(pixels, normalization.to_pixels(x)),
+        }
+
+    return Objective("vae", loss, evaluate)
+
+
+def vae_iw_nll(
+    model: nnx.Module, x: jax.Array, keys: jax.Array, normalization: Normalization, likelihood: str, samples: int
+) -> jax.Array:
+    """Importance-weighted bound on -log p(x) with ``samples`` draws from q(z|x), per example.
+
+    ``-log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)``; K = 1 is the negative ELBO's estimate and
+    the bound tightens as K grows (Burda et al., 2016).
+    """
+    mean, logvar = model.encode_distribution(x)
+    eps = jax.vmap(lambda k: jax.random.normal(k, (samples, mean.shape[-1])))(keys)  # [B, K, L]
+    std = jnp.exp(0.5 * logvar)[:, None]
+    z = mean[:, None] + std * eps
+    logits = model.decode_logits(z.reshape(-1, z.shape[-1])).reshape(z.shape[0], samples, -1)
+    log_px = log_likelihood(logits, x[:, None], normalization, likelihood)
+    log_pz = -0.5 * jnp.sum(jnp.square(z) + LOG_2PI, axis=-1)
+    log_qz = -0.5 * jnp.sum(jnp.square(eps) + LOG_2PI + logvar[:, None], axis=-1)
+    log_w = log_px + log_pz - log_qz
+    return -(jax.nn.logsumexp(log_w, axis=-1) - jnp.log(samples))
+
+
+def importance_weighted_nll(normalization: Normalization, likelihood: str, samples: int) -> Callable:
+    """``(model, x, keys) -> {"nll_iw": [B]}`` for :meth:`Trainer.mean_over`."""
+
+    def fn(model, x, keys):
+        return {"nll_iw": vae_iw_nll(model, x, keys, normalization, likelihood, samples)}
+
+    return fn
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A registry entry: how to build the model and its objective from a config."""
 
     name: str
-    build_model: Callable[[Any, int, nnx.Rngs], nnx.Module]
+    build_model: Callable[[Any, tuple[int, ...], nnx.Rngs], nnx.Module]
     build_objective: Callable[[Any, Normalization], Objective]
     description: str
+    archs: tuple[str, ...] = ("mlp", "conv")
 
 
-def _build_autoencoder(config: Any, input_dim: int, rngs: nnx.Rngs) -> nnx.Module:
-    return models.Autoencoder(input_dim, tuple(config.hidden_dims), config.latent_dim, init=config.init, rngs=rngs)
+def _autoencoder(code_activation: str = "linear"):
+    def build(config: Any, image_shape: tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
+        if config.arch == "conv":
+            return models.ConvAutoencoder(image_shape, latent_dim=config.latent_dim, init=config.init, rngs=rngs)
+        return models.Autoencoder(
+            math.prod(image_shape),
+            tuple(config.hidden_dims),
+            config.latent_dim,
+            init=config.init,
+            code_activation=code_activation,
+            rngs=rngs,
+        )
+
+    return build
+
+
+def _build_sparse(config: Any, image_shape: tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
+    # L1 wants a code that can be exactly zero (ReLU); KL wants a rate in (0, 1) (Sigmoid).
+    return _autoencoder("relu" if config.sparsity == "l1" else "sigmoid")(config, image_shape, rngs)
+
+
+def _build_vae(config: Any, image_shape: tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
+    if config.arch == "conv":
+        return models.ConvVAE(image_shape, latent_dim=config.latent_dim, init=config.init, rngs=rngs)
+    return models.VAE(math.prod(image_shape), tuple(config.hidden_dims), config.latent_dim, init=config.init, rngs=rngs)
 
 
 VARIANTS: dict[str, Variant] = {
-    "vanilla": Variant("vanilla", _build_autoencoder, vanilla_objective, "the document's MLP autoencoder, MSE loss"),
+    "vanilla": Variant("vanilla", _autoencoder(), vanilla_objective, "the document's autoencoder, MSE loss"),
+    "denoising": Variant("denoising", _autoencoder(), denoising_objective, "reconstructs clean images from noisy ones"),
+    "sparse": Variant(
+        "sparse", _build_sparse, sparse_objective, "MSE plus an L1 or KL sparsity penalty on the code", ("mlp",)
+    ),
+    "vae": Variant("vae", _build_vae, vae_objective, "variational autoencoder, negative ELBO in nats"),
 }
 
 

@@ -29,19 +29,18 @@ def pick_examples(labels: np.ndarray, count: int = 10) -> np.ndarray:
     return np.array((chosen + rest)[:count])
 
 
-def reconstruction_grid(path: str | Path, originals: np.ndarray, reconstructions: np.ndarray, title: str = "") -> None:
-    """Originals (top row) over their reconstructions (bottom row); pixel values in [0, 1]."""
+def reconstruction_grid(path: str | Path, rows: Sequence[tuple[str, np.ndarray]], title: str = "") -> None:
+    """One row per ``(label, images)``, e.g. inputs over their reconstructions; pixels in [0, 1]."""
     plt = _pyplot()
-    n = len(originals)
-    fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.6), squeeze=False)
-    for i in range(n):
-        for row, images in enumerate((originals, reconstructions)):
-            ax = axes[row][i]
+    n = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.15 * len(rows) + 0.3), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for i in range(n):
+            ax = axes[r][i]
             ax.imshow(np.clip(images[i].squeeze(), 0, 1), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0][0].set_ylabel("input", fontsize=9)
-    axes[1][0].set_ylabel("output", fontsize=9)
+        axes[r][0].set_ylabel(label, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -84,20 +83,44 @@ def loss_curves(path: str | Path, history: Sequence[dict[str, Any]], title: str 
 
 
 def write_run_figures(out: Path, trainer: Any, state: Any, test: Any, history: Sequence[dict[str, Any]]) -> None:
-    """``reconstructions.png`` and ``loss.png`` (plus whatever the objective adds) for a run."""
+    """``reconstructions.png`` and ``loss.png`` for a run, and ``samples.png`` for a generative model.
+
+    The denoiser's figure has three rows: clean input, corrupted input (the evaluation's
+    fixed-seed corruption), output.
+    """
     import jax
     import jax.numpy as jnp
 
     idx = pick_examples(test.labels, 10)
     images = jnp.asarray(test.images[idx].reshape(len(idx), -1))
     norm = trainer.normalization
-    recon = jax.jit(lambda p, x: trainer.model(p)(norm(x)))(state.params, images)
+    objective = trainer.objective
+    model = trainer.model(state.params)
+    x = norm(images)
     shape = test.images.shape[1:]
-    reconstruction_grid(
-        out / "reconstructions.png",
-        np.asarray(images, np.float32).reshape(-1, *shape) / 255.0,
-        np.asarray(norm.to_pixels(recon)).reshape(-1, *shape),
-        title=f"{trainer.objective.name}: test inputs (top) and reconstructions (bottom)",
-    )
+
+    def pixels(v):
+        return np.asarray(norm.to_pixels(v)).reshape(-1, *shape)
+
+    rows = [("input", pixels(x))]
+    if objective.corrupt is not None:
+        x = objective.corrupt(x, trainer.eval_keys(state, jnp.asarray(idx, jnp.int32)))
+        rows.append(("noisy", pixels(x)))
+    output = model(x)
+    if objective.name == "vae" and getattr(model, "decode", None) is not None:
+        output = np.asarray(output).reshape(-1, *shape)  # the VAE decodes to [0, 1] pixel means
+        rows.append(("output", output))
+    else:
+        rows.append(("output", pixels(output)))
+    what = " over ".join(label for label, _ in rows)
+    reconstruction_grid(out / "reconstructions.png", rows, title=f"{objective.name}: test images, {what}")
+    if hasattr(model, "sample"):
+        samples = np.asarray(jax.jit(lambda p: trainer.model(p).sample(jax.random.key(0), 64))(state.params))
+        image_grid(
+            out / "samples.png",
+            samples.reshape(-1, *shape),
+            columns=8,
+            title=f"{objective.name}: samples from the prior",
+        )
     if history:
-        loss_curves(out / "loss.png", history, title=f"{trainer.objective.name} on {test.name}")
+        loss_curves(out / "loss.png", history, title=f"{objective.name} on {test.name}")

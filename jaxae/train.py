@@ -55,6 +55,17 @@ class TrainConfig:
     hidden_dims: tuple[int, ...] = (128, 64)
     latent_dim: int = 32
     eval_batch_size: int = 1000
+    arch: str = "mlp"
+    # denoising
+    noise_std: float = 0.5
+    mask_prob: float = 0.0
+    # sparse
+    sparsity: str = "l1"
+    sparsity_weight: float = 0.01
+    sparsity_target: float = 0.05
+    # vae
+    beta: float = 1.0
+    likelihood: str = "bernoulli"
 
     def validate(self) -> None:
         """Raises :class:`JaxaeError` for settings no run can use."""
@@ -68,8 +79,28 @@ class TrainConfig:
             raise JaxaeError(f"--lr must be a positive number, got {self.lr}")
         if self.latent_dim <= 0 or any(h <= 0 for h in self.hidden_dims):
             raise JaxaeError("layer sizes must be positive")
-        get_variant(self.variant)
+        variant = get_variant(self.variant)
         get_normalization(self.normalize)
+        if self.arch not in ("mlp", "conv"):
+            raise JaxaeError(f"unknown --arch {self.arch!r}; choose mlp or conv")
+        if self.arch not in variant.archs:
+            raise JaxaeError(
+                f"--arch {self.arch} is not available for the {self.variant} variant ({', '.join(variant.archs)})"
+            )
+        if not (0 <= self.noise_std < float("inf")):
+            raise JaxaeError(f"--noise-std must be >= 0, got {self.noise_std}")
+        if not (0 <= self.mask_prob < 1):
+            raise JaxaeError(f"--mask-prob must be in [0, 1), got {self.mask_prob}")
+        if self.sparsity not in ("l1", "kl"):
+            raise JaxaeError(f"unknown --sparsity {self.sparsity!r}; choose l1 or kl")
+        if not (self.sparsity_weight >= 0):
+            raise JaxaeError(f"--sparsity-weight must be >= 0, got {self.sparsity_weight}")
+        if not (0 < self.sparsity_target < 1):
+            raise JaxaeError(f"--sparsity-target must be in (0, 1), got {self.sparsity_target}")
+        if not (self.beta >= 0):
+            raise JaxaeError(f"--beta must be >= 0, got {self.beta}")
+        if self.likelihood not in ("bernoulli", "gaussian"):
+            raise JaxaeError(f"unknown --likelihood {self.likelihood!r}; choose bernoulli or gaussian")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -214,19 +245,28 @@ class Trainer:
         Randomness (noise, VAE samples) uses a fixed key per example, so every evaluation
         of the same parameters gives the same numbers.
         """
+        return self.mean_over(state, images, self.objective.evaluate, batch_size)
+
+    def eval_keys(self, state: TrainState, example_ids: jax.Array) -> jax.Array:
+        """The fixed per-example keys of evaluation (the same for every evaluation)."""
+        return example_keys(jax.random.fold_in(_wrap(state.rng), _EVAL_NOISE), example_ids)
+
+    def mean_over(
+        self, state: TrainState, images: jax.Array, fn: Callable, batch_size: int = 1000
+    ) -> dict[str, jax.Array]:
+        """Means over ``images`` of ``fn(model, x, keys) -> {name: [B]}``, chunk by chunk in a scan."""
         n = images.shape[0]
         batch_size = min(batch_size, n)
         steps = -(-n // batch_size)
         ids = jnp.arange(steps * batch_size, dtype=jnp.int32)
         mask = (ids < n).astype(jnp.float32).reshape(steps, batch_size)
         ids = jnp.where(ids < n, ids, 0).reshape(steps, batch_size)
-        eval_key = jax.random.fold_in(_wrap(state.rng), _EVAL_NOISE)
         model = self.model(state.params)
 
         def body(_, xs):
             ids_b, mask_b = xs
             x = self.normalization(images[ids_b].reshape(batch_size, -1))
-            per_example = self.objective.evaluate(model, x, example_keys(eval_key, ids_b))
+            per_example = fn(model, x, self.eval_keys(state, ids_b))
             return None, {k: jnp.sum(v * mask_b) for k, v in per_example.items()}
 
         _, sums = jax.lax.scan(body, None, (ids, mask))
@@ -245,6 +285,10 @@ class Trainer:
     @functools.cached_property
     def jit_evaluate(self) -> Callable:
         return jax.jit(self.evaluate, static_argnames="batch_size")
+
+    @functools.cached_property
+    def jit_mean_over(self) -> Callable:
+        return jax.jit(self.mean_over, static_argnames=("fn", "batch_size"))
 
 
 def _global_sum(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -285,12 +329,25 @@ def create_train_state(
     return Trainer(graphdef, tx, objective, normalization), state
 
 
-def build(config: TrainConfig, input_dim: int) -> tuple[Trainer, TrainState]:
-    """The model, optimizer and objective a config describes, freshly initialised."""
+def image_shape_of(input_shape: int | tuple[int, ...]) -> tuple[int, ...]:
+    """``(H, W, C)`` from an image shape, or from a flat size (square, one channel)."""
+    if isinstance(input_shape, int):
+        side = math.isqrt(input_shape)
+        return (side, side, 1) if side * side == input_shape else (input_shape,)
+    return tuple(input_shape)
+
+
+def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trainer, TrainState]:
+    """The model, optimizer and objective a config describes, freshly initialised.
+
+    Args:
+        config: the run's settings.
+        input_shape: the image shape ``(H, W, C)``, or the flat input size (784).
+    """
     variant = get_variant(config.variant)
     normalization = get_normalization(config.normalize)
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), _PARAMS_STREAM))
-    model = variant.build_model(config, input_dim, rngs)
+    model = variant.build_model(config, image_shape_of(input_shape), rngs)
     objective = variant.build_objective(config, normalization)
     return create_train_state(model, optax.adam(config.lr), objective, normalization, config.seed)
 
@@ -354,7 +411,7 @@ def fit(
     strategy = strategy or Strategy()
     strategy.check_batch_size(config.batch_size)
     input_dim = math.prod(train.image_shape)
-    trainer, state = build(config, input_dim)
+    trainer, state = build(config, train.image_shape)
     state = strategy.put_state(state)
     train_images = strategy.put_data(train.images.reshape(len(train), input_dim))
     test_images = strategy.put_data(test.images.reshape(len(test), input_dim))

@@ -124,3 +124,84 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "tfds build mnist" in proc.stderr
+
+
+def test_vae_run_writes_samples_and_evaluate_adds_iw_and_probe(tmp_path, idx_folder, capsys):
+    workdir = tmp_path / "vae"
+    code = cli.main(
+        [
+            "train",
+            "--variant",
+            "vae",
+            "--dataset",
+            str(idx_folder),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert (workdir / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--iw-samples", "8", "--probe"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["iw_samples"] == 8
+    assert 0 < out["test_nll_iw"] < out["test_neg_elbo"] * 1.05
+    assert 0.1 < out["probe_accuracy"] <= 1 and out["probe_accuracy_pixels"] > 0.5
+
+
+def test_iw_samples_needs_a_vae(tmp_path, idx_folder, capsys):
+    workdir = tmp_path / "ae"
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                str(idx_folder),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--workdir",
+                str(workdir),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    code = cli.main(["evaluate", "--workdir", str(workdir), "--iw-samples", "8"])
+    _assert_one_line_error(capsys, code, "--iw-samples needs a vae run")
+
+
+def test_variant_flags_reach_the_config(tmp_path, idx_folder):
+    args = cli.build_parser().parse_args(
+        [
+            "train",
+            "--variant",
+            "sparse",
+            "--sparsity",
+            "kl",
+            "--sparsity-target",
+            "0.1",
+            "--sparsity-weight",
+            "0.5",
+            "--noise-std",
+            "0.3",
+            "--mask-prob",
+            "0.2",
+            "--beta",
+            "4",
+            "--likelihood",
+            "gaussian",
+            "--arch",
+            "mlp",
+        ]
+    )
+    cfg = cli._config_from_args(args)
+    assert (cfg.variant, cfg.sparsity, cfg.sparsity_target, cfg.sparsity_weight) == ("sparse", "kl", 0.1, 0.5)
+    assert (cfg.noise_std, cfg.mask_prob, cfg.beta, cfg.likelihood) == (0.3, 0.2, 4.0, "gaussian")

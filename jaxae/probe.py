@@ -1,0 +1,90 @@
+"""Feature extraction, measured: a linear classifier on frozen codes versus on raw pixels.
+
+The probe is multinomial logistic regression trained full-batch with Adam (JAX + optax, no
+scikit-learn) on standardised features of the train split, scored on the test split. The
+same classifier on the raw pixels is the baseline: the gap says how much of the class
+information a 32-number code keeps out of 784 pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxae.data import Dataset
+
+
+def logistic_regression_accuracy(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    steps: int = 300,
+    lr: float = 0.05,
+    l2: float = 1e-4,
+) -> float:
+    """Test accuracy of a softmax classifier trained on ``(x_train, y_train)``.
+
+    Features are standardised with the train split's mean and std; training is full-batch
+    Adam for ``steps`` steps (one ``lax.scan``) with an L2 penalty on the weights.
+    """
+    x_train = jnp.asarray(x_train, jnp.float32)
+    x_test = jnp.asarray(x_test, jnp.float32)
+    mean = x_train.mean(0)
+    std = x_train.std(0) + 1e-6
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    return float(
+        _train_and_score(
+            (x_train - mean) / std,
+            jnp.asarray(y_train),
+            (x_test - mean) / std,
+            jnp.asarray(y_test),
+            classes,
+            steps,
+            lr,
+            l2,
+        )
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _train_and_score(x, y, x_test, y_test, classes, steps, lr, l2):
+    params = {"w": jnp.zeros((x.shape[1], classes)), "b": jnp.zeros((classes,))}
+    tx = optax.adam(lr)
+
+    def loss(p):
+        logits = x @ p["w"] + p["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + l2 * jnp.sum(p["w"] ** 2)
+
+    def step(carry, _):
+        p, opt = carry
+        grads = jax.grad(loss)(p)
+        updates, opt = tx.update(grads, opt, p)
+        return (optax.apply_updates(p, updates), opt), None
+
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+    predictions = jnp.argmax(x_test @ params["w"] + params["b"], axis=-1)
+    return jnp.mean(predictions == y_test)
+
+
+def linear_probe(trainer: Any, state: Any, train: Dataset, test: Dataset, *, steps: int = 300) -> dict[str, float]:
+    """``probe_accuracy`` on the model's codes and ``probe_accuracy_pixels`` on raw pixels."""
+    from jaxae.train import encode
+
+    codes_train = encode(trainer, state, train.images)
+    codes_test = encode(trainer, state, test.images)
+    pixels_train = train.images.reshape(len(train), -1).astype(np.float32) / 255.0
+    pixels_test = test.images.reshape(len(test), -1).astype(np.float32) / 255.0
+    return {
+        "probe_accuracy": logistic_regression_accuracy(codes_train, train.labels, codes_test, test.labels, steps=steps),
+        "probe_accuracy_pixels": logistic_regression_accuracy(
+            pixels_train, train.labels, pixels_test, test.labels, steps=steps
+        ),
+        "probe_features": int(codes_train.shape[1]),
+    }

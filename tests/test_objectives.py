@@ -1,0 +1,215 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxae
+from jaxae import objectives
+from jaxae.data import NORMALIZATIONS
+from jaxae.train import TrainConfig, build, example_keys, fit
+
+UNIT = NORMALIZATIONS["unit"]
+
+
+class Fixed(nnx.Module):
+    """A 'model' with known outputs, for hand-checking losses."""
+
+    def __init__(self, out, code=None, mean=None, logvar=None, logits=None):
+        self.out, self.code, self.m, self.lv, self.lg = out, code, mean, logvar, logits
+
+    def __call__(self, x):
+        return self.out
+
+    def encode(self, x):
+        return self.code
+
+    def decode(self, z):
+        return self.out
+
+    def encode_distribution(self, x):
+        return self.m, self.lv
+
+    def decode_logits(self, z):
+        return self.lg
+
+
+def keys(n, seed=0):
+    return example_keys(jax.random.key(seed), jnp.arange(n))
+
+
+def test_vanilla_loss_by_hand():
+    x = jnp.array([[0.0, 0.5, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    out = jnp.array([[0.5, 0.5, 0.5, 1.0], [1.0, 0.0, 0.0, 1.0]])
+    obj = objectives.vanilla_objective(TrainConfig(), UNIT)
+    loss, _ = obj.loss(Fixed(out), x, keys(2))
+    np.testing.assert_allclose(loss, [(0.25 + 0 + 0.25 + 0) / 4, (0 + 1 + 0 + 1) / 4])
+    assert float(jnp.mean(loss)) == pytest.approx(0.3125)  # what torch.nn.MSELoss() gives on the batch
+
+
+def test_psnr_by_hand():
+    target = jnp.zeros((1, 4))
+    estimate = jnp.full((1, 4), 0.1)
+    np.testing.assert_allclose(objectives.psnr(estimate, target), [20.0], rtol=1e-5)  # 10 log10(1 / 0.01)
+
+
+def test_denoising_corruption_fresh_each_step_reproducible_from_seed():
+    cfg = TrainConfig(variant="denoising", noise_std=0.5)
+    x = jnp.full((3, 784), 0.5)
+    a = objectives.corrupt(x, keys(3, seed=1), UNIT, cfg.noise_std, 0.0)
+    b = objectives.corrupt(x, keys(3, seed=1), UNIT, cfg.noise_std, 0.0)
+    c = objectives.corrupt(x, keys(3, seed=2), UNIT, cfg.noise_std, 0.0)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1  # clipped to the data range
+    small = objectives.corrupt(x, keys(3, seed=1), UNIT, 0.1, 0.0)  # 5 std from either bound
+    assert float(jnp.std(small - x)) == pytest.approx(0.1, rel=0.05)
+    # in the step, keys come from (step, example index): consecutive steps corrupt differently
+    trainer, state = build(TrainConfig(variant="denoising"), 784)
+    step0 = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0), 0)
+    step1 = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0), 1)
+    ids = jnp.arange(3)
+    n0 = objectives.corrupt(x, example_keys(step0, ids), UNIT, 0.5, 0.0)
+    n1 = objectives.corrupt(x, example_keys(step1, ids), UNIT, 0.5, 0.0)
+    assert not np.allclose(n0, n1)
+
+
+def test_masking_noise_rate_and_seed_range():
+    x = jnp.ones((4, 10_000))
+    masked = objectives.corrupt(x, keys(4), UNIT, 0.0, 0.3)
+    assert float(jnp.mean(masked == 0)) == pytest.approx(0.3, abs=0.01)
+    seed = NORMALIZATIONS["seed"]
+    masked = objectives.corrupt(x, keys(4), seed, 0.0, 0.3)
+    assert float(masked.min()) == -1.0  # background of the [-1, 1] preset
+
+
+def test_sparsity_penalties_by_hand():
+    code = jnp.array([[0.0, -2.0, 1.0, 0.5]])
+    np.testing.assert_allclose(objectives.sparsity_penalty(code, "l1", 0.05), [3.5 / 4])
+    rates = jnp.array([[0.05, 0.5]])
+    kl = 0.05 * math.log(0.05 / 0.5) + 0.95 * math.log(0.95 / 0.5)
+    np.testing.assert_allclose(objectives.sparsity_penalty(rates, "kl", 0.05), [kl], rtol=1e-5)
+
+
+def test_sparse_loss_adds_weighted_penalty():
+    x = jnp.zeros((1, 4))
+    out = jnp.full((1, 4), 0.5)
+    code = jnp.array([[0.0, 2.0]])
+    obj = objectives.sparse_objective(TrainConfig(variant="sparse", sparsity_weight=0.1), UNIT)
+    loss, metrics = obj.loss(Fixed(out, code), x, keys(1))
+    np.testing.assert_allclose(loss, [0.25 + 0.1 * 1.0])
+    ev = obj.evaluate(Fixed(out, code), x, keys(1))
+    np.testing.assert_allclose(ev["code_zero_fraction"], [0.5])
+    np.testing.assert_allclose(ev["code_l1"], [1.0])
+
+
+def test_gaussian_kl_matches_closed_form_from_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(5, 8)).astype(np.float32)
+    logvar = rng.normal(size=(5, 8)).astype(np.float32)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(torch.tensor(mean), torch.tensor(np.exp(0.5 * logvar))),
+        torch.distributions.Normal(torch.zeros(5, 8), torch.ones(5, 8)),
+    ).sum(-1)
+    np.testing.assert_allclose(objectives.gaussian_kl(jnp.asarray(mean), jnp.asarray(logvar)), ref.numpy(), rtol=1e-5)
+
+
+def test_bernoulli_log_likelihood_by_hand_and_stable():
+    logits = jnp.array([[0.0, 2.0, -3.0]])
+    x = jnp.array([[1.0, 0.25, 0.0]])
+    p = 1 / (1 + np.exp(-np.array([0.0, 2.0, -3.0])))
+    expected = np.sum(np.array([1.0, 0.25, 0.0]) * np.log(p) + (1 - np.array([1.0, 0.25, 0.0])) * np.log(1 - p))
+    np.testing.assert_allclose(objectives.log_likelihood(logits, x, UNIT, "bernoulli"), [expected], rtol=1e-5)
+    extreme = objectives.log_likelihood(jnp.array([[200.0, -200.0]]), jnp.array([[1.0, 0.0]]), UNIT, "bernoulli")
+    assert np.isfinite(extreme).all() and float(extreme[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_vae_loss_is_recon_plus_beta_kl():
+    x = jnp.array([[1.0, 0.0]])
+    model = Fixed(None, mean=jnp.array([[0.5, -1.0]]), logvar=jnp.array([[0.0, 0.3]]), logits=jnp.array([[1.0, -1.0]]))
+    cfg = TrainConfig(variant="vae", beta=2.0)
+    loss, metrics = objectives.vae_objective(cfg, UNIT).loss(model, x, keys(1))
+    recon = -objectives.log_likelihood(jnp.array([[1.0, -1.0]]), x, UNIT, "bernoulli")
+    kl = objectives.gaussian_kl(model.m, model.lv)
+    np.testing.assert_allclose(loss, recon + 2.0 * kl, rtol=1e-6)
+    np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained_vae(sample_train, sample_test):
+    trainer, state = build(TrainConfig(variant="vae"), 784)
+    images = jnp.asarray(sample_train.images.reshape(4000, -1))
+    for _ in range(3):
+        state, _ = trainer.jit_train_epoch(state, images, batch_size=256)
+    return trainer, state, jnp.asarray(sample_test.images[:200].reshape(200, -1))
+
+
+def test_importance_weighted_bound_tightens(trained_vae):
+    trainer, state, test = trained_vae
+    elbo = float(trainer.jit_evaluate(state, test, batch_size=100)["neg_elbo"])
+    nll_1 = float(
+        trainer.jit_mean_over(state, test, fn=objectives.importance_weighted_nll(UNIT, "bernoulli", 1), batch_size=100)[
+            "nll_iw"
+        ]
+    )
+    nll_64 = float(
+        trainer.jit_mean_over(
+            state, test, fn=objectives.importance_weighted_nll(UNIT, "bernoulli", 64), batch_size=100
+        )["nll_iw"]
+    )
+    assert nll_1 == pytest.approx(elbo, rel=0.02)  # one sample: an estimate of the negative ELBO
+    assert nll_64 < nll_1  # more samples, tighter bound
+    assert nll_64 > 0
+
+
+@pytest.mark.parametrize(
+    "variant, arch",
+    [
+        ("vanilla", "mlp"),
+        ("denoising", "mlp"),
+        ("sparse", "mlp"),
+        ("vae", "mlp"),
+        ("vanilla", "conv"),
+        ("denoising", "conv"),
+        ("vae", "conv"),
+    ],
+)
+def test_every_variant_trains_and_lowers_its_loss(idx_folder, variant, arch):
+    cfg = TrainConfig(variant=variant, arch=arch, dataset=str(idx_folder), epochs=3, batch_size=64)
+    history = fit(cfg, progress=False).history
+    assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
+    assert all(np.isfinite(r["test_loss"]) for r in history)
+
+
+def test_sparsity_penalty_lowers_code_l1(idx_folder):
+    base = dict(variant="sparse", dataset=str(idx_folder), epochs=4, batch_size=64)
+    free = fit(TrainConfig(**base, sparsity_weight=0.0), progress=False).history[-1]
+    sparse = fit(TrainConfig(**base, sparsity_weight=0.05), progress=False).history[-1]
+    assert sparse["test_code_l1"] < 0.7 * free["test_code_l1"]
+    assert sparse["test_code_zero_fraction"] > free["test_code_zero_fraction"]
+
+
+def test_denoiser_beats_its_noisy_input(idx_folder):
+    cfg = TrainConfig(variant="denoising", dataset=str(idx_folder), epochs=6, batch_size=64, init="flax")
+    last = fit(cfg, progress=False).history[-1]
+    assert last["test_psnr_denoised"] > last["test_psnr_noisy"] + 1.0
+
+
+def test_probe_beats_chance(sample_train, sample_test):
+    from jaxae.probe import linear_probe
+
+    trainer, state = build(TrainConfig(init="flax"), 784)
+    images = jnp.asarray(sample_train.images.reshape(4000, -1))
+    for _ in range(5):
+        state, _ = trainer.jit_train_epoch(state, images, batch_size=256)
+    result = linear_probe(trainer, state, sample_train, sample_test, steps=200)
+    assert result["probe_accuracy"] > 0.6  # chance is 0.1
+    assert result["probe_accuracy_pixels"] > 0.8
+
+
+def test_sparse_conv_is_refused():
+    with pytest.raises(jaxae.JaxaeError, match="not available for the sparse variant"):
+        TrainConfig(variant="sparse", arch="conv").validate()
