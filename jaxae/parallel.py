@@ -315,5 +315,7 @@ def initialize_distributed(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id)
-    except (ValueError, TypeError) as e:
-        raise JaxaeError(f"cannot join the multi-process run: {e}") from None
+    except (ValueError, TypeError, RuntimeError) as e:
+        # RuntimeError: e.g. an unreachable coordinator, or devices already in use.
+        message = " ".join(str(e).split())
+        raise JaxaeError(f"cannot join the multi-process run: {message}") from None
