@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -120,14 +121,72 @@ def _config_from_args(args: argparse.Namespace):
     )
 
 
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "devices and hosts",
+        "Data-parallel training. The global --batch-size is split evenly over the devices, and the "
+        "same seed gives the same results on any number of devices. For a multi-process run start "
+        "one process per host with the same flags and its own --process-id; process 0 writes the "
+        "outputs (--workdir should be on a shared file system for the checkpoint).",
+    )
+    g.add_argument(
+        "--parallel",
+        choices=("auto", "none", "pmap", "shard"),
+        default="auto",
+        help="none: one device; pmap: jax.pmap over this host's devices; shard: jax.jit over a "
+        "device mesh of every process, batch sharded along 'data'; auto: shard when more than one "
+        "device is visible, else none (default: %(default)s)",
+    )
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        help="address of process 0 for a multi-process run (default: $JAX_COORDINATOR_ADDRESS)",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        default=os.environ.get("JAX_NUM_PROCESSES"),  # argparse applies type= to string defaults
+        help="number of processes in the run (default: $JAX_NUM_PROCESSES)",
+    )
+    g.add_argument(
+        "--process-id",
+        type=int,
+        metavar="I",
+        default=os.environ.get("JAX_PROCESS_ID"),
+        help="this process's index, 0..N-1 (default: $JAX_PROCESS_ID)",
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run whose settings JAX detects from a cluster launcher (SLURM, "
+        "Open MPI, Cloud TPU, Kubernetes); implied by --coordinator/--num-processes/--process-id",
+    )
+
+
+def _strategy_from_args(args: argparse.Namespace):
+    from jaxae import parallel
+
+    if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+        # Before anything touches a device: the backend must see every process.
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    return parallel.get_strategy(args.parallel)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxae.train import fit
 
     config = _config_from_args(args)
-    result = fit(config, args.workdir, progress=not args.no_progress)
-    last = result.history[-1]
-    summary = {k: last[k] for k in last if k.startswith("test_")}
-    print(json.dumps({"workdir": args.workdir, "epochs": last["epoch"], **summary}))
+    config.validate()
+    strategy = _strategy_from_args(args)
+    result = fit(config, args.workdir, progress=not args.no_progress, strategy=strategy)
+    if strategy.is_primary:
+        last = result.history[-1]
+        summary = {k: last[k] for k in last if k.startswith("test_")}
+        print(
+            json.dumps({"workdir": args.workdir, "epochs": last["epoch"], "devices": strategy.device_count, **summary})
+        )
     return 0
 
 
@@ -173,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.add_argument("--workdir", default="runs/latest", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_parallel_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="print a trained model's test metrics as JSON")

@@ -2,21 +2,53 @@
 
 A strategy places the uint8 dataset and the train state on the devices and compiles the
 epoch and evaluation functions for them. ``fit()`` only talks to this interface, so a user's
-own loop can use any strategy with any variant.
+own loop can use any strategy with any variant::
+
+    from jaxae.parallel import get_strategy
+
+    strategy = get_strategy("shard")                # or "pmap", "none", "auto"
+    state = strategy.put_state(state)
+    images = strategy.put_data(train_images)        # uint8 [N, D], the whole split
+    train_epoch = strategy.compile_epoch(trainer, state, images, batch_size=256)
+    for epoch in range(20):
+        state, step_metrics = train_epoch(state, images)
+    final = strategy.host_state(state)              # one ordinary copy
 
 * ``none``: one device, ``jax.jit``.
+* ``pmap``: ``jax.pmap`` over this process's devices with the named axis ``batch``; the state
+  carries a leading device axis.
+* ``shard``: ``jax.jit`` over a ``jax.make_mesh`` of every device of every process, axis
+  ``data``; the state is replicated (``NamedSharding(mesh, P())``) and each batch is sharded
+  along ``data`` (``P(None, "data")`` over the epoch's ``[steps, B]`` example ids) into a
+  ``jax.shard_map`` of the same per-device epoch that ``pmap`` runs.
+
+In both parallel strategies the whole split sits on every device (MNIST is 47 MB), each
+device draws the epoch's global permutation and gathers only its own ``B / devices`` rows of
+every batch, and :meth:`Trainer.train_step <jaxae.train.Trainer.train_step>` sums the loss and
+gradients over the devices (``lax.psum``) and divides by the global row count. Per-example
+randomness is keyed by the example's dataset index, so the same seed and global batch give
+the same losses and parameters on 1 device, ``N`` devices or ``N`` processes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxae.errors import JaxaeError
 from jaxae.train import Trainer, TrainState
 
-STRATEGIES = ("none",)
+STRATEGIES = ("auto", "none", "pmap", "shard")
+
+PMAP_AXIS = "batch"
+MESH_AXIS = "data"
 
 
 class Strategy:
@@ -29,7 +61,13 @@ class Strategy:
 
     @property
     def device_count(self) -> int:
+        """How many devices share each global batch."""
         return 1
+
+    @property
+    def is_primary(self) -> bool:
+        """True in the one process that writes metrics, figures and prints (process 0)."""
+        return jax.process_index() == 0
 
     def check_batch_size(self, batch_size: int) -> None:
         """Raises :class:`JaxaeError` if the global batch cannot be split over the devices."""
@@ -48,8 +86,16 @@ class Strategy:
         return jax.device_put(state)
 
     def host_state(self, state: TrainState) -> TrainState:
-        """The strategy's state -> one ordinary copy (for checkpoints, figures, evaluation)."""
+        """The strategy's state -> one ordinary copy on this process (for figures, evaluation)."""
         return state
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        """The state as :func:`jaxae.checkpoint.save` should get it.
+
+        In a multi-process run these are global arrays and every process must call ``save``
+        (Orbax coordinates them and the primary process writes).
+        """
+        return self.host_state(state)
 
     def compile_epoch(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
         """``(state, images) -> (state, per-step metrics)``, compiled ahead of time."""
@@ -60,9 +106,216 @@ class Strategy:
         """``(state, images) -> metric means``, compiled ahead of time."""
         return trainer.jit_evaluate.lower(state, images, batch_size=batch_size).compile()
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(devices={self.device_count})"
 
-def get_strategy(name: str) -> Strategy:
-    """A strategy by its CLI name."""
+
+def _device_columns(ids: jax.Array, mask: jax.Array, index: jax.Array, per_device: int):
+    """Device ``index``'s contiguous columns of the epoch's ``[steps, B]`` ids and mask."""
+    start = index * per_device
+    return (
+        jax.lax.dynamic_slice_in_dim(ids, start, per_device, axis=1),
+        jax.lax.dynamic_slice_in_dim(mask, start, per_device, axis=1),
+    )
+
+
+class PmapStrategy(Strategy):
+    """``jax.pmap`` over this process's devices, gradients averaged with ``lax.psum``.
+
+    The state carries a leading device axis ``[devices, ...]``, placed by broadcasting to
+    that shape and ``jax.device_put`` with the sharding ``pmap`` uses (no
+    ``device_put_replicated``); the dataset is an unmapped (``in_axes=None``) argument,
+    replicated once on every device.
+
+    Args:
+        devices: the devices to map over (default: ``jax.local_devices()``).
+    """
+
+    name = "pmap"
+
+    def __init__(self, devices: list | None = None):
+        if jax.process_count() > 1:
+            raise JaxaeError("the 'pmap' strategy runs in one process; use --parallel shard for a multi-process run")
+        self.devices = list(devices or jax.local_devices())
+        # The same mesh pmap builds internally, so placed arrays are used without a copy.
+        self.mesh = Mesh(np.array(self.devices), (PMAP_AXIS,))
+
+    @property
+    def device_count(self) -> int:
+        return len(self.devices)
+
+    def put_data(self, images: Any) -> jax.Array:
+        return jax.device_put(np.asarray(images), NamedSharding(self.mesh, P()))
+
+    def put_state(self, state: TrainState) -> TrainState:
+        stacked = NamedSharding(self.mesh, P(PMAP_AXIS))
+
+        def replicate(x):
+            x = np.asarray(x)
+            # A broadcast view: device_put copies only each device's [1, ...] slice.
+            return jax.device_put(np.broadcast_to(x[None], (self.device_count, *x.shape)), stacked)
+
+        return jax.tree.map(replicate, state)
+
+    def host_state(self, state: TrainState) -> TrainState:
+        return jax.tree.map(lambda x: x.addressable_data(0)[0], state)
+
+    def compile_epoch(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
+        self.check_batch_size(batch_size)
+        per_device = batch_size // self.device_count
+        n = images.shape[0]
+
+        def epoch(state, images):
+            ids, mask = trainer.epoch_batches(state, n, batch_size)
+            ids, mask = _device_columns(ids, mask, jax.lax.axis_index(PMAP_AXIS), per_device)
+            return trainer.train_epoch_shard(state, images, ids, mask, axis_name=PMAP_AXIS)
+
+        # Metrics are psum-ed, hence equal on every device: returned once (out_axes=None).
+        pmapped = jax.pmap(
+            epoch, PMAP_AXIS, in_axes=(0, None), out_axes=(0, None), devices=self.devices, donate_argnums=0
+        )
+        return pmapped.lower(state, images).compile()
+
+    def compile_evaluate(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
+        pmapped = jax.pmap(
+            functools.partial(trainer.evaluate, batch_size=batch_size),
+            PMAP_AXIS,
+            in_axes=(0, None),
+            out_axes=None,
+            devices=self.devices,
+        )
+        return pmapped.lower(state, images).compile()
+
+
+class ShardStrategy(Strategy):
+    """``jax.jit`` over a device mesh spanning every process: replicated state, sharded batches.
+
+    Works multi-process after :func:`initialize_distributed`: the mesh then holds every
+    process's devices, each process places the split (which it loads whole) on its own
+    devices only, and each device gathers only its own rows of every batch.
+
+    Args:
+        devices: the mesh's devices (default: ``jax.devices()``, every process's).
+    """
+
+    name = "shard"
+
+    def __init__(self, devices: list | None = None):
+        devices = list(devices or jax.devices())
+        self.mesh = jax.make_mesh(
+            (len(devices),), (MESH_AXIS,), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices
+        )
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharded = NamedSharding(self.mesh, P(None, MESH_AXIS))
+
+    @property
+    def device_count(self) -> int:
+        return self.mesh.size
+
+    def _replicate(self, x: Any) -> jax.Array:
+        x = np.asarray(x)
+        # make_array_from_callback only asks for this process's devices: multi-process safe.
+        return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+
+    def put_data(self, images: Any) -> jax.Array:
+        return self._replicate(images)
+
+    def put_state(self, state: TrainState) -> TrainState:
+        return jax.tree.map(self._replicate, state)
+
+    def host_state(self, state: TrainState) -> TrainState:
+        # Every device holds the whole replicated state; take this process's first copy.
+        return jax.tree.map(lambda x: x.addressable_data(0), state)
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        return state if jax.process_count() > 1 else self.host_state(state)
+
+    def compile_epoch(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
+        self.check_batch_size(batch_size)
+        n = images.shape[0]
+        # check_vma=False: train_step's explicit psum is the gradient all-reduce, as under
+        # pmap; with vma checking, autodiff would insert a second one.
+        device_epoch = jax.shard_map(
+            functools.partial(trainer.train_epoch_shard, axis_name=MESH_AXIS),
+            mesh=self.mesh,
+            in_specs=(P(), P(), P(None, MESH_AXIS), P(None, MESH_AXIS)),
+            out_specs=(P(), P()),
+            check_vma=False,
+        )
+
+        def epoch(state, images):
+            ids, mask = trainer.epoch_batches(state, n, batch_size)
+            ids = jax.sharding.reshard(ids, self.batch_sharded)
+            mask = jax.sharding.reshard(mask, self.batch_sharded)
+            return device_epoch(state, images, ids, mask)
+
+        jitted = jax.jit(
+            epoch,
+            in_shardings=(self.replicated, self.replicated),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+        return jitted.lower(state, images).compile()
+
+    def compile_evaluate(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
+        jitted = jax.jit(
+            functools.partial(trainer.evaluate, batch_size=batch_size),
+            in_shardings=(self.replicated, self.replicated),
+            out_shardings=self.replicated,
+        )
+        return jitted.lower(state, images).compile()
+
+
+def get_strategy(name: str, devices: list | None = None) -> Strategy:
+    """A strategy by its CLI name.
+
+    Args:
+        name: ``"none"``, ``"pmap"``, ``"shard"``, or ``"auto"`` (``shard`` when more than one
+            device is visible, else ``none``).
+        devices: restrict ``pmap`` / ``shard`` to these devices (default: all visible).
+    """
+    if name == "auto":
+        name = "shard" if len(devices or jax.devices()) > 1 else "none"
     if name == "none":
+        if jax.process_count() > 1:
+            raise JaxaeError("the 'none' strategy runs in one process; use --parallel shard for a multi-process run")
         return Strategy()
+    if name == "pmap":
+        return PmapStrategy(devices)
+    if name == "shard":
+        return ShardStrategy(devices)
     raise JaxaeError(f"unknown parallel strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Joins a multi-process run through ``jax.distributed.initialize``.
+
+    Call it before anything touches a device. Arguments left as ``None`` come from the
+    environment: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, else
+    JAX's own cluster detection (SLURM, Open MPI, Cloud TPU, Kubernetes). CPU processes
+    exchange gradients through Gloo.
+
+    Raises:
+        JaxaeError: settings JAX rejects (e.g. a process id not below the process count).
+    """
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if num_processes is not None and num_processes <= 0:
+        raise JaxaeError(f"--num-processes must be positive, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise JaxaeError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    if coordinator is not None and (":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()):
+        raise JaxaeError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    # Gloo is already JAX's CPU default in recent releases; older ones default to no
+    # cross-process CPU collectives at all.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (ValueError, TypeError, RuntimeError) as e:
+        # RuntimeError: e.g. an unreachable coordinator, or devices already in use.
+        message = " ".join(str(e).split())
+        raise JaxaeError(f"cannot join the multi-process run: {message}") from None

@@ -237,6 +237,28 @@ class Trainer:
         state, metrics = jax.lax.scan(body, state, (ids, mask))
         return state.replace(epoch=state.epoch + 1), metrics
 
+    def train_epoch_shard(
+        self, state: TrainState, images: jax.Array, ids: jax.Array, mask: jax.Array, *, axis_name: str
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One epoch on one device of a data-parallel run (under ``pmap`` or ``shard_map``).
+
+        Args:
+            state: this device's copy of the (replicated) state.
+            images: uint8 ``[N, D]``, the whole split, on this device.
+            ids, mask: this device's columns ``[steps, B / devices]`` of :meth:`epoch_batches`.
+            axis_name: the device axis the loss and gradients are summed over.
+
+        Returns:
+            The new state and per-step metrics, identical on every device.
+        """
+
+        def body(state, xs):
+            ids_b, mask_b = xs
+            return self.train_step(state, images[ids_b], mask_b, ids_b, axis_name=axis_name)
+
+        state, metrics = jax.lax.scan(body, state, (ids, mask))
+        return state.replace(epoch=state.epoch + 1), metrics
+
     # -- evaluation -----------------------------------------------------------------------
 
     def evaluate(self, state: TrainState, images: jax.Array, batch_size: int = 1000) -> dict[str, jax.Array]:
@@ -395,6 +417,9 @@ def fit(
 
     With a ``workdir`` it writes ``config.json``, ``metrics.jsonl`` (one line per epoch, flushed
     as it goes), a checkpoint of the final state, ``reconstructions.png`` and ``loss.png``.
+    ``strategy`` is a :class:`jaxae.parallel.Strategy` or its name (default ``"none"``). In a
+    multi-process run every process calls ``fit``; only the primary one (process 0) writes
+    files and shows progress, and all of them take part in saving the checkpoint.
 
     Raises:
         JaxaeError: bad settings or data (e.g. a batch larger than the split).
@@ -406,10 +431,11 @@ def fit(
     test = load_dataset(config.dataset, "test", config.tfds_data_dir)
     if config.batch_size > len(train):
         raise JaxaeError(f"--batch-size {config.batch_size} is larger than the {len(train)}-image train split")
-    from jaxae.parallel import Strategy
+    from jaxae.parallel import Strategy, get_strategy
 
-    strategy = strategy or Strategy()
+    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy or Strategy()
     strategy.check_batch_size(config.batch_size)
+    progress = progress and strategy.is_primary
     input_dim = math.prod(train.image_shape)
     trainer, state = build(config, train.image_shape)
     state = strategy.put_state(state)
@@ -424,7 +450,7 @@ def fit(
 
     out = Path(workdir) if workdir is not None else None
     metrics_file = None
-    if out is not None:
+    if out is not None and strategy.is_primary:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         metrics_file = open(out / "metrics.jsonl", "w")
@@ -460,7 +486,7 @@ def fit(
     if out is not None:
         from jaxae import checkpoint, plots
 
-        final = strategy.host_state(state)
-        checkpoint.save(out, final, config)
-        plots.write_run_figures(out, trainer, final, test, history)
+        checkpoint.save(out, strategy.checkpoint_state(state), config)
+        if strategy.is_primary:
+            plots.write_run_figures(out, trainer, strategy.host_state(state), test, history)
     return FitResult(trainer, strategy.host_state(state), history, compile_seconds)

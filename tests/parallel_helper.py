@@ -1,0 +1,85 @@
+"""Runs in its own process for tests/test_parallel.py, with 4 fake CPU devices.
+
+The device count has to be fixed before JAX starts, so the multi-device half of the tests
+lives here: ``python tests/parallel_helper.py OUT DATASET EPOCHS BATCH VARIANT...`` trains
+every variant with every strategy and writes what the tests compare to OUT (a ``.json`` of
+histories, compile counts and errors, and a ``.npz`` of final states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 4)
+
+import numpy as np  # noqa: E402
+
+from jaxae import cli  # noqa: E402
+from jaxae.errors import JaxaeError  # noqa: E402
+from jaxae.parallel import get_strategy  # noqa: E402
+from jaxae.train import TrainConfig, fit  # noqa: E402
+
+STRATEGIES = ("none", "pmap", "shard")
+
+
+def compile_counter() -> list[float]:
+    events: list[float] = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return events
+
+
+def main(out: str, dataset: str, epochs: int, batch_size: int, variants: list[str]) -> None:
+    compiles = compile_counter()
+    report: dict = {"devices": jax.device_count(), "auto": get_strategy("auto").name, "runs": {}, "errors": {}}
+    arrays: dict[str, np.ndarray] = {}
+    for variant in variants:
+        config = TrainConfig(variant=variant, dataset=dataset, epochs=epochs, batch_size=batch_size)
+        for name in STRATEGIES:
+            strategy = get_strategy(name)
+            after_epoch: list[int] = []
+
+            def count_compiles(record, after_epoch=after_epoch):
+                after_epoch.append(len(compiles))
+
+            result = fit(config, progress=False, strategy=strategy, callbacks=[count_compiles])
+            report["runs"][f"{variant}/{name}"] = {
+                "device_count": strategy.device_count,
+                "history": result.history,
+                "compiles_after_epoch": after_epoch,
+            }
+            for i, leaf in enumerate(jax.tree.leaves(result.state)):
+                arrays[f"{variant}/{name}/{i}"] = np.asarray(leaf)
+
+    # A global batch the 4 devices do not divide: the library error and the CLI's exit 2.
+    bad = batch_size + 2
+    for name in ("pmap", "shard"):
+        try:
+            fit(TrainConfig(dataset=dataset, epochs=1, batch_size=bad), progress=False, strategy=name)
+            report["errors"][name] = None
+        except JaxaeError as e:
+            report["errors"][name] = str(e)
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = cli.main(
+                ["train", "--dataset", dataset, "--batch-size", str(bad), "--parallel", name]
+                + ["--workdir", out + "-bad-batch", "--no-progress"]
+            )
+        report["errors"][f"cli/{name}"] = {"code": code, "stderr": stderr.getvalue()}
+
+    np.savez(out + ".npz", **arrays)
+    with open(out + ".json", "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])

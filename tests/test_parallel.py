@@ -1,0 +1,248 @@
+"""Data-parallel training: none (1 device), pmap (4) and shard (4, and 2 processes x 2) agree.
+
+The multi-device runs happen in subprocesses, because the fake CPU device count has to be set
+before JAX starts and the rest of the suite keeps one device: ``parallel_helper.py`` trains
+with 4 devices in one process, and two ``jaxae train`` processes with 2 devices each form one
+run through ``jax.distributed`` (Gloo collectives over 127.0.0.1).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxae import checkpoint, cli, parallel
+from jaxae.data import write_idx
+from jaxae.errors import JaxaeError
+from jaxae.train import TrainConfig, fit
+
+HELPER = Path(__file__).with_name("parallel_helper.py")
+REPO = HELPER.parent.parent
+# vae joins this list once the variant exists.
+VARIANTS = ["vanilla"]
+EPOCHS = 3
+# 512 training images in batches of 96: 6 steps, the last one 32 real rows and 64 masked,
+# so with 4 devices of 24 rows two devices hold nothing but padding in the last step.
+BATCH = 96
+TOL = 1e-5
+TIMEOUT = 300
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, sample_train, sample_test):
+    """512 train / 128 test real digits as an IDX folder."""
+    folder = tmp_path_factory.mktemp("parallel-data")
+    rng = np.random.default_rng(5)
+    tr = rng.choice(len(sample_train), 512, replace=False)
+    te = rng.choice(len(sample_test), 128, replace=False)
+    write_idx(folder / "train-images-idx3-ubyte", sample_train.images[tr, :, :, 0])
+    write_idx(folder / "train-labels-idx1-ubyte", sample_train.labels[tr])
+    write_idx(folder / "t10k-images-idx3-ubyte", sample_test.images[te, :, :, 0])
+    write_idx(folder / "t10k-labels-idx1-ubyte", sample_test.labels[te])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory, dataset):
+    """Every variant trained with none / pmap / shard in one process with 4 CPU devices."""
+    out = tmp_path_factory.mktemp("four-devices")
+    proc = subprocess.run(
+        [sys.executable, str(HELPER), str(out / "result"), str(dataset), str(EPOCHS), str(BATCH), *VARIANTS],
+        capture_output=True,
+        text=True,
+        cwd=out,
+        env=_env(4),
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "result.json").read_text())
+    with np.load(out / "result.npz") as npz:
+        arrays = dict(npz)
+    return report, arrays
+
+
+def _final_state(arrays: dict, key: str) -> list[np.ndarray]:
+    leaves = sorted((int(k.rsplit("/", 1)[1]), v) for k, v in arrays.items() if k.rsplit("/", 1)[0] == key)
+    return [v for _, v in leaves]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, dataset):
+    """``jaxae train --parallel shard`` as 2 processes x 2 CPU devices on 127.0.0.1."""
+    workdir = tmp_path_factory.mktemp("two-processes") / "run"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxae", "train", "--dataset", str(dataset), "--epochs", str(EPOCHS)]
+            + ["--batch-size", str(BATCH), "--parallel", "shard", "--workdir", str(workdir), "--no-progress"]
+            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(2),
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIMEOUT))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    return workdir, [out for out, _ in outputs]
+
+
+# -- 1 device vs 4 devices, one process -------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_none_pmap_and_shard_give_the_same_losses_and_parameters(four_devices, variant):
+    report, arrays = four_devices
+    runs = {name: report["runs"][f"{variant}/{name}"] for name in ("none", "pmap", "shard")}
+    assert {name: run["device_count"] for name, run in runs.items()} == {"none": 1, "pmap": 4, "shard": 4}
+    reference = runs["none"]["history"]
+    assert [r["epoch"] for r in reference] == list(range(1, EPOCHS + 1))
+    assert reference[-1]["train_loss"] < reference[0]["train_loss"]  # it really trained
+    baseline = _final_state(arrays, f"{variant}/none")
+    for name in ("pmap", "shard"):
+        history = runs[name]["history"]
+        for key in ("train_loss", "test_loss", "step"):
+            np.testing.assert_allclose(
+                [r[key] for r in history], [r[key] for r in reference], atol=TOL, rtol=0, err_msg=f"{name} {key}"
+            )
+        state = _final_state(arrays, f"{variant}/{name}")
+        assert len(state) == len(baseline)
+        for ours, theirs in zip(state, baseline, strict=True):
+            assert ours.shape == theirs.shape
+            np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_recompilation_across_epochs_on_any_path(four_devices, variant):
+    report, _ = four_devices
+    for name in ("none", "pmap", "shard"):
+        counts = report["runs"][f"{variant}/{name}"]["compiles_after_epoch"]
+        assert len(counts) == EPOCHS
+        assert counts == [counts[0]] * EPOCHS, f"{name} compiled again after the first epoch: {counts}"
+
+
+def test_auto_is_shard_when_several_devices_are_visible(four_devices):
+    report, _ = four_devices
+    assert report["devices"] == 4 and report["auto"] == "shard"
+
+
+@pytest.mark.parametrize("name", ["pmap", "shard"])
+def test_a_batch_the_devices_do_not_divide_is_a_clear_error(four_devices, name):
+    errors = four_devices[0]["errors"]
+    assert errors[name] is not None, "an indivisible batch was accepted"
+    assert f"--batch-size {BATCH + 2} is not divisible by the 4 devices" in errors[name]
+    cli_result = errors[f"cli/{name}"]
+    assert cli_result["code"] == 2
+    lines = cli_result["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxae: error: --batch-size 98 is not divisible"), lines
+
+
+# -- 2 processes x 2 devices vs 1 process x 4 devices --------------------------------------------
+
+
+def test_two_processes_give_the_results_of_one_process(two_processes, four_devices):
+    workdir, stdouts = two_processes
+    report, arrays = four_devices
+    reference = report["runs"]["vanilla/shard"]["history"]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
+    for key in ("train_loss", "test_loss", "step"):
+        np.testing.assert_allclose([r[key] for r in records], [r[key] for r in reference], atol=TOL, rtol=0)
+    _, state, config = checkpoint.restore(workdir)
+    assert config.batch_size == BATCH
+    baseline = _final_state(arrays, "vanilla/shard")
+    for ours, theirs in zip(jax.tree.leaves(state), baseline, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
+
+
+def test_only_process_zero_reports(two_processes):
+    workdir, stdouts = two_processes
+    summary = json.loads(stdouts[0].strip().splitlines()[-1])
+    assert summary["devices"] == 4 and summary["epochs"] == EPOCHS
+    # Gloo's own connection messages go to stdout from C++; nothing else may.
+    assert [line for line in stdouts[1].splitlines() if not line.startswith("[Gloo]")] == []
+    for name in ("config.json", "reconstructions.png", "loss.png"):
+        assert (workdir / name).stat().st_size > 0, name
+
+
+# -- one device (this process) ----------------------------------------------------------------
+
+
+def test_auto_is_none_on_one_device():
+    assert jax.device_count() == 1
+    assert parallel.get_strategy("auto").name == "none"
+    with pytest.raises(JaxaeError, match="unknown parallel strategy 'ring'"):
+        parallel.get_strategy("ring")
+
+
+class _SecondaryProcess(parallel.Strategy):
+    """The single-device strategy as seen by a process other than process 0."""
+
+    @property
+    def is_primary(self) -> bool:
+        return False
+
+
+def test_only_the_primary_process_writes_outputs(tmp_path, idx_folder):
+    workdir = tmp_path / "run"
+    result = fit(TrainConfig(dataset=str(idx_folder), epochs=1, batch_size=128), workdir, strategy=_SecondaryProcess())
+    assert len(result.history) == 1
+    # Every process takes part in the checkpoint; nothing else is written.
+    assert sorted(p.name for p in workdir.iterdir()) == [checkpoint.CHECKPOINT_DIR]
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--num-processes", "2", "--process-id", "2"], "--process-id must be in [0, 2), got 2"),
+        (["--num-processes", "0"], "--num-processes must be positive"),
+        (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "must be HOST:PORT"),
+    ],
+)
+def test_bad_multi_process_settings_are_one_line_and_exit_2(tmp_path, capsys, flags, pattern):
+    code = cli.main(["train", *flags, "--workdir", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("jaxae: error: ")
+    assert pattern in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_help_documents_the_parallel_flags():
+    text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in ("--parallel {auto,none,pmap,shard}", "--coordinator HOST:PORT", "--num-processes N", "--process-id I"):
+        assert flag in text, flag
+    args = cli.build_parser().parse_args(["train"])
+    assert args.parallel == "auto"
