@@ -181,7 +181,7 @@ def sparse_objective(config: Any, normalization: Normalization) -> Objective:
     return Objective("sparse", loss, evaluate)
 
 
-LOG_2PI = float(jnp.log(2 * jnp.pi))
+LOG_2PI = math.log(2 * math.pi)
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -200,7 +200,7 @@ def log_likelihood(logits: jax.Array, x: jax.Array, normalization: Normalization
         return -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, normalization.to_pixels(x)), axis=-1)
     if likelihood == "gaussian":
         mean = normalization.low + (normalization.high - normalization.low) * jax.nn.sigmoid(logits)
-        return -jnp.sum(jnp.square(x - mean), axis=-1) - 0.5 * x.shape[-1] * float(jnp.log(jnp.pi))
+        return -jnp.sum(jnp.square(x - mean), axis=-1) - 0.5 * x.shape[-1] * math.log(math.pi)
     raise JaxaeError(f"unknown likelihood {likelihood!r}; choose bernoulli or gaussian")
 
 

@@ -25,7 +25,7 @@ from jaxae.train import TrainConfig, fit
 HELPER = Path(__file__).with_name("parallel_helper.py")
 REPO = HELPER.parent.parent
 # vae joins this list once the variant exists.
-VARIANTS = ["vanilla"]
+VARIANTS = ["vanilla", "vae"]
 EPOCHS = 3
 # 512 training images in batches of 96: 6 steps, the last one 32 real rows and 64 masked,
 # so with 4 devices of 24 rows two devices hold nothing but padding in the last step.
@@ -135,8 +135,9 @@ def test_none_pmap_and_shard_give_the_same_losses_and_parameters(four_devices, v
     for name in ("pmap", "shard"):
         history = runs[name]["history"]
         for key in ("train_loss", "test_loss", "step"):
+            # 1e-5 absolute, or a few float32 ulps of the value for losses in nats (the VAE's ~500)
             np.testing.assert_allclose(
-                [r[key] for r in history], [r[key] for r in reference], atol=TOL, rtol=0, err_msg=f"{name} {key}"
+                [r[key] for r in history], [r[key] for r in reference], atol=TOL, rtol=1e-6, err_msg=f"{name} {key}"
             )
         state = _final_state(arrays, f"{variant}/{name}")
         assert len(state) == len(baseline)
