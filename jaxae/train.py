@@ -318,6 +318,32 @@ def summarize_epoch(step_metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -> TrainState:
+    """``state`` with the parameters of the latest checkpoint in ``workdir`` and a fresh optimizer.
+
+    The step, epoch and random streams stay ``state``'s: a fine-tuning run is a new run that
+    starts from other weights.
+
+    Raises:
+        JaxaeError: no checkpoint there, or its parameters do not fit this run's model.
+    """
+    from jaxae import checkpoint
+
+    _, saved, saved_config = checkpoint.restore(workdir)
+    want = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+    have = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(saved.params)}
+    if want != have:
+        differ = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        key = differ[0]
+        raise JaxaeError(
+            f"--init-from {workdir} holds a {saved_config.variant} model whose parameters do not fit this run's "
+            f"{key}: {have.get(key, 'absent')} there, {want.get(key, 'absent')} here; "
+            "use the same --variant, --hidden-dims and --latent-dim"
+        )
+    params = saved.params
+    return state.replace(params=params, opt_state=trainer.tx.init(params))
+
+
 @dataclasses.dataclass
 class FitResult:
     trainer: Trainer
@@ -333,11 +359,14 @@ def fit(
     progress: bool = True,
     callbacks: Iterable[Callable[[dict[str, Any]], None]] = (),
     strategy: Any = None,
+    init_from: str | Path | None = None,
 ) -> FitResult:
     """Trains ``config``'s model on its dataset and evaluates on the test split every epoch.
 
     With a ``workdir`` it writes ``config.json``, ``metrics.jsonl`` (one line per epoch, flushed
     as it goes), a checkpoint of the final state, ``reconstructions.png`` and ``loss.png``.
+    With ``init_from`` (a folder holding a checkpoint, e.g. from ``jaxae convert``) training
+    starts from that checkpoint's parameters instead of a fresh init (see :func:`init_params_from`).
 
     Raises:
         JaxaeError: bad settings or data (e.g. a batch larger than the split).
@@ -355,6 +384,8 @@ def fit(
     strategy.check_batch_size(config.batch_size)
     input_dim = math.prod(train.image_shape)
     trainer, state = build(config, input_dim)
+    if init_from is not None:
+        state = init_params_from(init_from, trainer, state)
     state = strategy.put_state(state)
     train_images = strategy.put_data(train.images.reshape(len(train), input_dim))
     test_images = strategy.put_data(test.images.reshape(len(test), input_dim))
