@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(func=cmd_evaluate)
 
+    from jaxae.convert import DEFAULT_TOLERANCE
+
     d = _defaults()
     p = sub.add_parser(
         "convert",
@@ -214,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the input scaling the PyTorch model was trained with; recorded for evaluate/train and used "
         "by --check (default: %(default)s)",
     )
-    p.add_argument("--dataset", default=d.dataset, help="recorded for evaluate/train; --check uses its test split")
+    p.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="recorded for evaluate/train; --check uses its test split (default: %(default)s)",
+    )
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (TFDS datasets only)")
     p.add_argument("--latent-dim", type=int, default=d.latent_dim, help="code size (default: %(default)s)")
     p.add_argument(
@@ -229,7 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run both models on the test split and print a JSON parity report; exit status 1 and "
         "nothing written when a difference is above --tolerance",
     )
-    p.add_argument("--tolerance", type=float, default=1e-6, help="largest max abs difference (default: %(default)g)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="largest max abs difference of outputs and parameters that passes --check (default: %(default)g)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="a checkpoint -> a PyTorch state_dict (.pt) or .safetensors file")

@@ -206,7 +206,7 @@ def test_forward_outputs_match_on_the_whole_test_split(variant, weights, preset,
     )
     assert report["passed"] and report["examples"] == 1000
     assert report["max_abs_diff_outputs"] == pytest.approx(float(np.max(np.abs(got - expected))), abs=1e-9)
-    assert report["max_abs_diff_parameters"] == 0.0 and list(report["parameters_max_abs_diff"]) == list(
+    assert report["max_abs_diff_parameters"] == 0.0 and list(report["max_abs_diff_per_parameter"]) == list(
         reference.state_dict()
     )
     assert report["mse_torch"] == pytest.approx(report["mse_flax"], rel=1e-5)
@@ -392,7 +392,7 @@ def test_cli_convert_check_evaluate_export_and_fine_tune(tmp_path, capsys, train
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["dataset"] == "mnist-sample" and report["examples"] == 1000
     assert report["max_abs_diff_outputs"] <= 1e-6 and report["max_abs_diff_parameters"] == 0
-    assert set(report["parameters_max_abs_diff"]) == set(DOCUMENT_KEYS)
+    assert set(report["max_abs_diff_per_parameter"]) == set(DOCUMENT_KEYS)
     assert json.loads((out / "parity.json").read_text())["passed"]
 
     # evaluate sees the torch model's test MSE
