@@ -10,6 +10,7 @@ The public API, re-exported::
     images = jaxae.load_dataset("mnist-sample", "train").images
 """
 
+from jaxae.convert import TWINS, from_torch, parity_report, read_state_dict, to_torch_state_dict
 from jaxae.data import NORMALIZATIONS, Dataset, Normalization, get_normalization, load_dataset, read_idx
 from jaxae.errors import DataError, JaxaeError
 from jaxae.models import Autoencoder
@@ -39,6 +40,7 @@ __all__ = [
     "Objective",
     "TrainConfig",
     "TrainState",
+    "TWINS",
     "Trainer",
     "VARIANTS",
     "Variant",
@@ -46,10 +48,14 @@ __all__ = [
     "create_train_state",
     "encode",
     "fit",
+    "from_torch",
     "get_normalization",
     "get_variant",
     "load_dataset",
+    "parity_report",
     "read_idx",
+    "read_state_dict",
     "reconstruction_mse",
     "summarize_epoch",
+    "to_torch_state_dict",
 ]

@@ -180,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     config.validate()
     strategy = _strategy_from_args(args)
-    result = fit(config, args.workdir, progress=not args.no_progress, strategy=strategy)
+    result = fit(config, args.workdir, progress=not args.no_progress, strategy=strategy, init_from=args.init_from)
     if strategy.is_primary:
         last = result.history[-1]
         summary = {k: last[k] for k in last if k.startswith("test_")}
@@ -222,6 +222,84 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxae import checkpoint, convert
+    from jaxae.data import load_dataset
+    from jaxae.train import TrainConfig, build
+
+    config = TrainConfig(
+        variant=args.variant,
+        dataset=args.dataset,
+        tfds_data_dir=args.tfds_data_dir,
+        normalize=args.normalize,
+        hidden_dims=args.hidden_dims,
+        latent_dim=args.latent_dim,
+    )
+    config.validate()
+    convert.get_twin(config.variant)
+    if not args.tolerance >= 0:
+        raise JaxaeError(f"--tolerance must be a non-negative number, got {args.tolerance}")
+    out = Path(args.out)
+    if checkpoint.checkpoint_dir(out).exists():
+        raise JaxaeError(f"--out {out} already holds checkpoints; convert into a new folder")
+    # Everything is read and checked before anything is written.
+    state_dict = convert.read_state_dict(args.model)
+    trainer, state = build(config, convert.INPUT_DIM)
+    what = convert.model_description(config, convert.INPUT_DIM)
+    params = convert.params_from_torch(state_dict, state.params, config.variant, what=what, source=args.model)
+    state = state.replace(params=params, opt_state=trainer.tx.init(params))
+
+    report = None
+    if args.check:
+        test = load_dataset(config.dataset, "test", config.tfds_data_dir)
+        report = convert.parity_report(state_dict, trainer.model(params), test.images, config, tolerance=args.tolerance)
+        report = {"source": args.model, "dataset": config.dataset, "split": "test", **report}
+        if not report["passed"]:
+            print(json.dumps(report, indent=2))
+            print(
+                f"jaxae: parity check failed: max abs difference {report['max_abs_diff_outputs']:.3g} (outputs), "
+                f"{report['max_abs_diff_parameters']:.3g} (parameters), above --tolerance {args.tolerance:g}; "
+                f"nothing written to {out}",
+                file=sys.stderr,
+            )
+            return 1
+
+    checkpoint.save(out, state, config)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    summary = {"workdir": str(out), "source": args.model, "variant": config.variant, "tensors": len(state_dict)}
+    if report is not None:
+        (out / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({**summary, **report}, indent=2))
+    else:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxae import checkpoint, convert
+
+    fmt = args.format or ("safetensors" if Path(args.out).suffix == ".safetensors" else "torch")
+    trainer, state, config = checkpoint.restore(args.workdir, args.step)
+    state_dict = convert.to_numpy_state_dict(state.params, config.variant)
+    path = convert.save_state_dict(state_dict, args.out, fmt)
+    print(
+        json.dumps(
+            {
+                "out": str(path),
+                "format": fmt,
+                "variant": config.variant,
+                "step": int(state.step),
+                "tensors": len(state_dict),
+            }
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxae", description="JAX/Flax autoencoders: the PyTorch MNIST tutorial and its variants."
@@ -233,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/latest", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_parallel_flags(p)
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        default=None,
+        help="start from the parameters of the checkpoint in DIR (e.g. written by 'jaxae convert'), "
+        "with a fresh optimizer state",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="print a trained model's test metrics as JSON")
@@ -252,6 +337,62 @@ def build_parser() -> argparse.ArgumentParser:
         "split next to probe_accuracy_pixels (the same classifier on raw pixels)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+    from jaxae.convert import DEFAULT_TOLERANCE
+
+    d = _defaults()
+    p = sub.add_parser(
+        "convert",
+        help="a PyTorch state_dict (.pt/.pth/.safetensors) -> a checkpoint folder that evaluate and train accept",
+    )
+    p.add_argument("model", metavar="MODEL.pt", help="torch.save(model.state_dict()) output, or a .safetensors file")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new folder for the checkpoint")
+    p.add_argument("--variant", default=d.variant, help="default: %(default)s")
+    p.add_argument(
+        "--normalize",
+        choices=("unit", "seed"),
+        default=d.normalize,
+        help="the input scaling the PyTorch model was trained with; recorded for evaluate/train and used "
+        "by --check (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="recorded for evaluate/train; --check uses its test split (default: %(default)s)",
+    )
+    p.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (TFDS datasets only)")
+    p.add_argument("--latent-dim", type=int, default=d.latent_dim, help="code size (default: %(default)s)")
+    p.add_argument(
+        "--hidden-dims",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        default=d.hidden_dims,
+        help="encoder hidden widths, comma-separated (default: 128,64)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="run both models on the test split and print a JSON parity report; exit status 1 and "
+        "nothing written when a difference is above --tolerance",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="largest max abs difference of outputs and parameters that passes --check (default: %(default)g)",
+    )
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="a checkpoint -> a PyTorch state_dict (.pt) or .safetensors file")
+    p.add_argument("--workdir", required=True, help="a folder written by 'jaxae train' or 'jaxae convert'")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write, e.g. model.pt")
+    p.add_argument(
+        "--format",
+        choices=("torch", "safetensors"),
+        default=None,
+        help="torch (torch.save) or safetensors (default: safetensors if FILE ends in .safetensors, else torch)",
+    )
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -60,6 +60,14 @@ def mlp_layers(dims: Sequence[int], *, init: str, rngs: nnx.Rngs) -> list:
     return layers
 
 
+def image_shape_of(input_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """``(H, W, C)`` from an image shape, or from a flat size (square, one channel)."""
+    if isinstance(input_shape, int):
+        side = math.isqrt(input_shape)
+        return (side, side, 1) if side * side == input_shape else (input_shape,)
+    return tuple(input_shape)
+
+
 def flatten_images(x: jax.Array, input_dim: int) -> jax.Array:
     """[N, 28, 28, 1] or [N, 784] -> [N, 784], with a clear error for anything else."""
     if x.ndim < 1 or math.prod(x.shape[1:]) != input_dim or x.ndim == 1:

@@ -270,14 +270,15 @@ class Variant:
     """A registry entry: how to build the model and its objective from a config."""
 
     name: str
-    build_model: Callable[[Any, tuple[int, ...], nnx.Rngs], nnx.Module]
+    build_model: Callable[[Any, int | tuple[int, ...], nnx.Rngs], nnx.Module]  # image shape or flat size
     build_objective: Callable[[Any, Normalization], Objective]
     description: str
     archs: tuple[str, ...] = ("mlp", "conv")
 
 
 def _autoencoder(code_activation: str = "linear"):
-    def build(config: Any, image_shape: tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
+    def build(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
+        image_shape = models.image_shape_of(image_shape)
         if config.arch == "conv":
             return models.ConvAutoencoder(image_shape, latent_dim=config.latent_dim, init=config.init, rngs=rngs)
         return models.Autoencoder(
@@ -292,12 +293,13 @@ def _autoencoder(code_activation: str = "linear"):
     return build
 
 
-def _build_sparse(config: Any, image_shape: tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
+def _build_sparse(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
     # L1 wants a code that can be exactly zero (ReLU); KL wants a rate in (0, 1) (Sigmoid).
     return _autoencoder("relu" if config.sparsity == "l1" else "sigmoid")(config, image_shape, rngs)
 
 
-def _build_vae(config: Any, image_shape: tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
+def _build_vae(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
+    image_shape = models.image_shape_of(image_shape)
     if config.arch == "conv":
         return models.ConvVAE(image_shape, latent_dim=config.latent_dim, init=config.init, rngs=rngs)
     return models.VAE(math.prod(image_shape), tuple(config.hidden_dims), config.latent_dim, init=config.init, rngs=rngs)

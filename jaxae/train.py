@@ -29,6 +29,7 @@ from flax import nnx, struct
 
 from jaxae.data import Normalization, get_normalization, load_dataset
 from jaxae.errors import JaxaeError
+from jaxae.models import image_shape_of
 from jaxae.objectives import Objective, get_variant
 
 # Independent random streams derived from a run's key (fold_in constants).
@@ -351,14 +352,6 @@ def create_train_state(
     return Trainer(graphdef, tx, objective, normalization), state
 
 
-def image_shape_of(input_shape: int | tuple[int, ...]) -> tuple[int, ...]:
-    """``(H, W, C)`` from an image shape, or from a flat size (square, one channel)."""
-    if isinstance(input_shape, int):
-        side = math.isqrt(input_shape)
-        return (side, side, 1) if side * side == input_shape else (input_shape,)
-    return tuple(input_shape)
-
-
 def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trainer, TrainState]:
     """The model, optimizer and objective a config describes, freshly initialised.
 
@@ -397,6 +390,32 @@ def summarize_epoch(step_metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -> TrainState:
+    """``state`` with the parameters of the latest checkpoint in ``workdir`` and a fresh optimizer.
+
+    The step, epoch and random streams stay ``state``'s: a fine-tuning run is a new run that
+    starts from other weights.
+
+    Raises:
+        JaxaeError: no checkpoint there, or its parameters do not fit this run's model.
+    """
+    from jaxae import checkpoint
+
+    _, saved, saved_config = checkpoint.restore(workdir)
+    want = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+    have = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(saved.params)}
+    if want != have:
+        differ = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        key = differ[0]
+        raise JaxaeError(
+            f"--init-from {workdir} holds a {saved_config.variant} model whose parameters do not fit this run's "
+            f"{key}: {have.get(key, 'absent')} there, {want.get(key, 'absent')} here; "
+            "use the same --variant, --hidden-dims and --latent-dim"
+        )
+    params = saved.params
+    return state.replace(params=params, opt_state=trainer.tx.init(params))
+
+
 @dataclasses.dataclass
 class FitResult:
     trainer: Trainer
@@ -412,6 +431,7 @@ def fit(
     progress: bool = True,
     callbacks: Iterable[Callable[[dict[str, Any]], None]] = (),
     strategy: Any = None,
+    init_from: str | Path | None = None,
 ) -> FitResult:
     """Trains ``config``'s model on its dataset and evaluates on the test split every epoch.
 
@@ -420,6 +440,8 @@ def fit(
     ``strategy`` is a :class:`jaxae.parallel.Strategy` or its name (default ``"none"``). In a
     multi-process run every process calls ``fit``; only the primary one (process 0) writes
     files and shows progress, and all of them take part in saving the checkpoint.
+    With ``init_from`` (a folder holding a checkpoint, e.g. from ``jaxae convert``) training
+    starts from that checkpoint's parameters instead of a fresh init (see :func:`init_params_from`).
 
     Raises:
         JaxaeError: bad settings or data (e.g. a batch larger than the split).
@@ -438,6 +460,8 @@ def fit(
     progress = progress and strategy.is_primary
     input_dim = math.prod(train.image_shape)
     trainer, state = build(config, train.image_shape)
+    if init_from is not None:
+        state = init_params_from(init_from, trainer, state)
     state = strategy.put_state(state)
     train_images = strategy.put_data(train.images.reshape(len(train), input_dim))
     test_images = strategy.put_data(test.images.reshape(len(test), input_dim))

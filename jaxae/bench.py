@@ -1,0 +1,344 @@
+"""``jaxae bench``: jaxae's training against the document's PyTorch loop, in one run.
+
+On the same data, the document's model, Adam 1e-3 and the same batch size, it times whole
+training epochs (after a warm-up epoch) of
+
+1. ``jaxae``: the real training path (``Trainer.train_epoch``, the scan ``fit()`` runs);
+2. ``torch``: the document's loop with the data preloaded as one float tensor (the strongest
+   fair eager baseline), ``torch.set_num_threads`` set to the cores JAX uses;
+3. ``torch_dataloader``: the document's pipeline as written, a ``DataLoader(batch_size,
+   shuffle=True)`` over a dataset that converts each image on access (PIL image, ToTensor,
+   Normalize((0.5,), (0.5,))), as torchvision's MNIST does;
+4. ``torch_compile``: (2) under ``torch.compile``, when it works here.
+
+The methods run in interleaved rounds and each figure is the median over rounds, so a
+burst of load on a noisy machine hits all of them alike. It also measures the device's peak
+fp32 matmul rate in the same run and reports the roofline fraction: the model's matmul FLOPs
+per sample (forward and backward, counted from the layer sizes) x samples/s / peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxae.data import load_dataset
+from jaxae.train import TrainConfig, build
+
+
+def mlp_flops_per_sample(dims: tuple[int, ...] = (784, 128, 64, 32, 64, 128, 784)) -> int:
+    """Matmul FLOPs of one training sample through an MLP with these layer widths.
+
+    Forward ``2 * in * out`` per layer; backward the same again for the weight gradient, and
+    again for the input gradient of every layer but the first (the data needs none).
+    Elementwise work (bias, ReLU, Sigmoid, loss, Adam) is left out, as rooflines do.
+    """
+    layers = list(zip(dims[:-1], dims[1:], strict=True))
+    macs = sum(i * o for i, o in layers)
+    return 2 * macs + 2 * macs + 2 * (macs - layers[0][0] * layers[0][1])
+
+
+def peak_matmul_flops(n: int | None = None, reps: int = 10) -> float:
+    """The best fp32 FLOP/s of an ``n x n @ n x n`` matmul on the default device.
+
+    It runs at JAX's default precision, the one the training step uses (on NVIDIA GPUs that
+    lets XLA use TF32 tensor cores for fp32), so the roofline compares like with like.
+    """
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(matmul(a, b))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        import platform
+
+        model = ""
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"cpu: {model or platform.processor()} ({cpu_threads()} cores)"
+    return f"{device.platform}: {device.device_kind}"
+
+
+def cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def torch_device() -> str:
+    """PyTorch runs where JAX runs: CUDA when JAX is on an NVIDIA GPU and torch sees one."""
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+class JaxMethod:
+    """jaxae's real training path: the compiled epoch ``fit()`` runs."""
+
+    name = "jaxae"
+
+    def __init__(self, images: np.ndarray, batch_size: int):
+        self.trainer, self.state = build(TrainConfig(batch_size=batch_size), images.shape[1:])
+        self.images = jax.device_put(images.reshape(len(images), -1))
+        t0 = time.perf_counter()
+        self.epoch = self.trainer.jit_train_epoch.lower(self.state, self.images, batch_size=batch_size).compile()
+        self.compile_seconds = time.perf_counter() - t0
+
+    def run_epoch(self) -> float:
+        self.state, metrics = self.epoch(self.state, self.images)
+        return float(jax.device_get(metrics["loss"][-1]))  # waits for the epoch to finish
+
+
+class TorchMethod:
+    """The document's loop on data preloaded as one float tensor, optionally torch.compile'd."""
+
+    def __init__(self, images: np.ndarray, batch_size: int, compile: bool = False):
+        import torch
+
+        from jaxae import torch_reference
+
+        self.torch = torch
+        self.device = torch_device()
+        self.name = "torch_compile" if compile else "torch"
+        torch.manual_seed(0)
+        self.model = torch_reference.Autoencoder().to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.criterion = torch.nn.MSELoss()
+        self.data = torch.from_numpy(images.reshape(len(images), -1)).to(self.device).float().div(255)
+        self.batch_size = batch_size
+        self.compile_seconds = 0.0
+        self.step = self._step
+        if compile:
+            self.step = torch.compile(self._step)
+            t0 = time.perf_counter()
+            self.step(self.data[:batch_size])
+            self.compile_seconds = time.perf_counter() - t0
+
+    def _step(self, batch):
+        output = self.model(batch)
+        loss = self.criterion(output, batch)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def run_epoch(self) -> float:
+        perm = self.torch.randperm(len(self.data), device=self.device)
+        loss = None
+        for i in range(0, len(self.data), self.batch_size):
+            loss = self.step(self.data[perm[i : i + self.batch_size]])
+        return loss.item()  # waits for the device
+
+
+class TorchDataLoaderMethod:
+    """The document's pipeline as written: DataLoader over per-access PIL/ToTensor/Normalize."""
+
+    name = "torch_dataloader"
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int):
+        import torch
+        from PIL import Image
+
+        from jaxae import torch_reference
+
+        class PerAccessMNIST(torch.utils.data.Dataset):
+            """What torchvision.datasets.MNIST does per item, with its transform
+            ``Compose([ToTensor(), Normalize((0.5,), (0.5,))])``."""
+
+            def __len__(self):
+                return len(images)
+
+            def __getitem__(self, i):
+                img = Image.fromarray(images[i].reshape(images.shape[1], images.shape[2]), mode="L")
+                x = torch.from_numpy(np.array(img, np.uint8)).float().div(255).unsqueeze(0)  # ToTensor
+                x = (x - 0.5) / 0.5  # Normalize((0.5,), (0.5,))
+                return x, int(labels[i])
+
+        torch.manual_seed(0)
+        self.torch = torch
+        self.device = torch_device()
+        self.model = torch_reference.Autoencoder().to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.criterion = torch.nn.MSELoss()
+        self.loader = torch.utils.data.DataLoader(PerAccessMNIST(), batch_size=batch_size, shuffle=True)
+        self.compile_seconds = 0.0
+
+    def run_epoch(self) -> float:
+        loss = None
+        for x, _ in self.loader:
+            x = x.view(x.size(0), -1).to(self.device)
+            output = self.model(x)
+            loss = self.criterion(output, x)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        return loss.item()
+
+
+def _time_epochs(method: Any, epochs: int, samples: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        method.run_epoch()
+    return epochs * samples / (time.perf_counter() - t0)
+
+
+def run_benchmark(
+    dataset: str = "mnist-sample",
+    *,
+    batch_sizes: tuple[int, ...] = (256, 1024, 4096),
+    epochs: int = 2,
+    rounds: int = 3,
+    torch_compile: bool = True,
+    dataloader: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Runs every method at every batch size; returns the figures ``jaxae bench`` prints.
+
+    Args:
+        dataset: any name ``load_dataset`` accepts (the train split is used).
+        batch_sizes: the first is the headline (the document's 256).
+        epochs: epochs per method per round.
+        rounds: interleaved rounds; each figure is the median over rounds.
+        torch_compile: also time ``torch.compile`` of the preloaded loop (first batch size only).
+        dataloader: also time the DataLoader pipeline (first batch size only).
+    """
+    import torch
+
+    threads = cpu_threads()
+    torch.set_num_threads(threads)
+    train = load_dataset(dataset, "train")
+    images = train.images
+    n = len(train)
+    flops_per_sample = mlp_flops_per_sample()
+    log(
+        f"device: {device_name()}; torch {torch.__version__} on {torch_device()} with {threads} threads; "
+        f"jax {jax.__version__}"
+    )
+    peak = peak_matmul_flops()
+    log(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s; model: {flops_per_sample / 1e6:.3f} MFLOP per sample")
+
+    results: dict[str, Any] = {
+        "device": device_name(),
+        "dataset": dataset,
+        "train_samples": n,
+        "epochs_per_round": epochs,
+        "rounds": rounds,
+        "threads": threads,
+        "jax_version": jax.__version__,
+        "torch_version": torch.__version__,
+        "torch_device": torch_device(),
+        "peak_matmul_flops": peak,
+        "model_flops_per_sample": flops_per_sample,
+        "by_batch_size": {},
+    }
+    for bi, batch_size in enumerate(batch_sizes):
+        methods: list[Any] = [JaxMethod(images, batch_size), TorchMethod(images, batch_size)]
+        if torch_compile and bi == 0:
+            try:
+                methods.append(TorchMethod(images, batch_size, compile=True))
+            except Exception as e:  # torch.compile needs a working C++ toolchain; report, don't fail
+                log(f"torch.compile unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                torch_compile = False
+        if dataloader and bi == 0:
+            methods.append(TorchDataLoaderMethod(images, train.labels, batch_size))
+        for method in methods:
+            method.run_epoch()  # warm-up: allocations, caches, lazy init
+        rates: dict[str, list[float]] = {m.name: [] for m in methods}
+        for _ in range(rounds):
+            for method in methods:
+                rates[method.name].append(_time_epochs(method, epochs, n))
+        row: dict[str, Any] = {name: statistics.median(r) for name, r in rates.items()}
+        row["rounds_samples_per_s"] = rates
+        row["jax_compile_seconds"] = methods[0].compile_seconds
+        if "torch_compile" in rates:
+            row["torch_compile_seconds"] = next(m.compile_seconds for m in methods if m.name == "torch_compile")
+        row["roofline_fraction"] = row["jaxae"] * flops_per_sample / peak
+        row["seconds_per_20_epochs"] = 20 * n / row["jaxae"]
+        row["speedup_vs_torch"] = row["jaxae"] / row["torch"]
+        if "torch_dataloader" in row:
+            row["speedup_vs_torch_dataloader"] = row["jaxae"] / row["torch_dataloader"]
+        if "torch_compile" in row:
+            row["speedup_vs_torch_compile"] = row["jaxae"] / row["torch_compile"]
+        results["by_batch_size"][str(batch_size)] = row
+        log(
+            f"batch {batch_size}: "
+            + ", ".join(f"{name} {row[name]:,.0f}/s" for name in rates)
+            + f"; jaxae/torch {row['speedup_vs_torch']:.2f}x; roofline {row['roofline_fraction']:.0%}"
+        )
+
+    head = results["by_batch_size"][str(batch_sizes[0])]
+    results.update(
+        {
+            "batch_size": batch_sizes[0],
+            "jax_samples_per_s": head["jaxae"],
+            "torch_samples_per_s": head["torch"],
+            "torch_dataloader_samples_per_s": head.get("torch_dataloader"),
+            "torch_compile_samples_per_s": head.get("torch_compile"),
+            "speedup_vs_torch": head["speedup_vs_torch"],
+            "speedup_vs_torch_dataloader": head.get("speedup_vs_torch_dataloader"),
+            "roofline_fraction": head["roofline_fraction"],
+            "compile_seconds": head["jax_compile_seconds"],
+        }
+    )
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table (samples/s, median over rounds)."""
+    names = ["jaxae", "torch", "torch_compile", "torch_dataloader"]
+    lines = [
+        f"device: {results['device']}; dataset {results['dataset']} ({results['train_samples']} train images); "
+        f"peak fp32 matmul {results['peak_matmul_flops'] / 1e9:.1f} GFLOP/s",
+        "",
+        "| batch | " + " | ".join(f"{n} samples/s" for n in names) + " | jaxae / torch | roofline | jaxae compile |",
+        "|---" * (len(names) + 4) + "|",
+    ]
+    for batch, row in results["by_batch_size"].items():
+        cells = [f"{row[n]:,.0f}" if row.get(n) else "-" for n in names]
+        lines.append(
+            f"| {batch} | "
+            + " | ".join(cells)
+            + f" | {row['speedup_vs_torch']:.2f}x | {row['roofline_fraction']:.0%} | {row['jax_compile_seconds']:.2f} s |"
+        )
+    return "\n".join(lines)
+
+
+def main(args: Any) -> int:
+    quick = args.quick
+    results = run_benchmark(
+        args.dataset,
+        batch_sizes=tuple(args.batch_sizes),
+        epochs=args.epochs or (3 if quick else 2),
+        rounds=args.rounds or (3 if quick else 5),
+        torch_compile=not args.no_torch_compile and not quick,
+        dataloader=True,
+    )
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0

@@ -1,0 +1,552 @@
+"""PyTorch ``state_dict`` <-> Flax parameters, and a numerical parity report.
+
+A conversion is an explicit key map plus transposes (:class:`ParamLink`), one map per
+variant in :data:`TWINS`. Before anything is copied, the key sets and every shape are
+checked against the Flax model the config describes; any mismatch is a
+:class:`~jaxae.errors.JaxaeError` naming the keys (and both shapes).
+
+Files are read without ever unpickling arbitrary objects: ``.pt``/``.pth`` only through
+``torch.load(..., weights_only=True)``, ``.safetensors`` through ``safetensors`` (no torch
+needed). The file kind is told by content, not by name.
+
+::
+
+    import jaxae
+
+    model = jaxae.from_torch("autoencoder.pt")          # an nnx.Module: model(x), x float32 [N, 784]
+    state_dict = jaxae.to_torch_state_dict(model)       # torch_model.load_state_dict(state_dict, strict=True)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pickle
+import re
+import struct
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxae import torch_reference
+from jaxae.data import get_normalization
+from jaxae.errors import JaxaeError
+from jaxae.objectives import get_variant
+
+INPUT_DIM = 784
+# Float32 outputs of the same weights differ by summation order alone, and more as weights grow
+# with training: ~6e-8 for fresh weights, ~9e-7 after 20 epochs on the sample (README).
+DEFAULT_TOLERANCE = 1e-5
+FORMATS = ("torch", "safetensors")
+_SUBMODULE_KEYS = ("state_dict", "model_state_dict", "model")
+_SIZES_HINT = "if the PyTorch model has other layer sizes, give them with --hidden-dims/--latent-dim"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLink:
+    """One PyTorch tensor and the Flax parameter it becomes.
+
+    Attributes:
+        torch_key: the ``state_dict`` key, e.g. ``"encoder.0.weight"``.
+        flax_path: the path in the pure-dict params, e.g. ``("encoder", "layers", 0, "kernel")``.
+        to_flax: the axis permutation taking the torch tensor to the Flax array (``(1, 0)``
+            for a Linear weight ``[out, in]`` -> kernel ``[in, out]``); ``None`` for none.
+    """
+
+    torch_key: str
+    flax_path: tuple
+    to_flax: tuple[int, ...] | None = None
+
+    def torch_to_flax(self, array: np.ndarray) -> np.ndarray:
+        return array if self.to_flax is None else np.transpose(array, self.to_flax)
+
+    def flax_to_torch(self, array: np.ndarray) -> np.ndarray:
+        return array if self.to_flax is None else np.transpose(array, np.argsort(self.to_flax))
+
+    def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.to_flax is None:
+            return tuple(flax_shape)
+        return tuple(flax_shape[i] for i in np.argsort(self.to_flax))
+
+
+def _call(model: Any, x: Any) -> Any:
+    return model(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchTwin:
+    """How one variant's Flax module maps onto its PyTorch twin.
+
+    Attributes:
+        variant: the variant name (a key of :data:`jaxae.VARIANTS`).
+        key_map: ``params -> links``: the links for a Flax pure-dict params tree of this
+            variant (a fresh one when converting from torch); they must cover every leaf.
+        torch_module: ``(config, input_dim) -> torch.nn.Module``, the PyTorch twin.
+        reconstruct: ``(model, x) -> reconstruction``, used by the parity report on both
+            frameworks' models (default: ``model(x)``).
+    """
+
+    variant: str
+    key_map: Callable[[Any], tuple[ParamLink, ...]]
+    torch_module: Callable[[Any, int], Any]
+    reconstruct: Callable[[Any, Any], Any] = _call
+
+
+def _mlp_key_map(params: Any) -> tuple[ParamLink, ...]:
+    # jaxae.models.Autoencoder keeps nn.Sequential's indices (Linear at even indices,
+    # ReLU/Sigmoid in between hold no parameters), so encoder.{i} <-> encoder.layers[i].
+    links = []
+    for part in ("encoder", "decoder"):
+        for i in sorted(params[part]["layers"]):
+            links.append(ParamLink(f"{part}.{i}.weight", (part, "layers", i, "kernel"), (1, 0)))
+            links.append(ParamLink(f"{part}.{i}.bias", (part, "layers", i, "bias")))
+    return tuple(links)
+
+
+def _mlp_torch_module(config: Any, input_dim: int) -> Any:
+    if input_dim == INPUT_DIM and tuple(config.hidden_dims) == (128, 64) and config.latent_dim == 32:
+        return torch_reference.Autoencoder()
+    return torch_reference.MLPAutoencoder(input_dim, tuple(config.hidden_dims), config.latent_dim)
+
+
+TWINS: dict[str, TorchTwin] = {
+    "vanilla": TorchTwin("vanilla", _mlp_key_map, _mlp_torch_module),
+}
+
+
+def get_twin(variant: str) -> TorchTwin:
+    """The :class:`TorchTwin` of ``variant``, or a :class:`JaxaeError` naming those that exist."""
+    get_variant(variant)
+    try:
+        return TWINS[variant]
+    except KeyError:
+        raise JaxaeError(
+            f"variant {variant!r} has no PyTorch twin to convert from or to; converting supports: {', '.join(TWINS)}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# reading state_dicts
+
+
+def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A state_dict from a file or a mapping, as float32 numpy arrays (keys in file order).
+
+    ``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)`` only, so a file
+    that would run code when unpickled is refused, not run. A checkpoint dict holding the
+    state_dict under ``"state_dict"``, ``"model_state_dict"`` or ``"model"`` is accepted.
+
+    Raises:
+        JaxaeError: a missing, truncated, hostile or non-torch file, or non-float values.
+    """
+    if isinstance(source, Mapping):
+        return _as_float32_arrays(_unwrap(source), "the state_dict")
+    path = Path(source)
+    if not path.is_file():
+        raise JaxaeError(f"{path} does not exist (or is not a file); give a .pt/.pth state_dict or a .safetensors file")
+    kind = _file_kind(path)
+    if kind == "safetensors":
+        tensors = _read_safetensors(path)
+    elif kind == "torch":
+        tensors = _read_torch(path)
+    else:
+        raise JaxaeError(
+            f"{path} is neither a PyTorch file (written by torch.save) nor a safetensors file; "
+            "save the model with torch.save(model.state_dict(), 'model.pt')"
+        )
+    return _as_float32_arrays(tensors, str(path))
+
+
+def _file_kind(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        # torch.save writes a zip archive; its legacy format and raw pickles start with PROTO.
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len <= path.stat().st_size - 8:
+            return "safetensors"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def _read_torch(path: Path) -> Any:
+    torch = torch_reference.require_torch()
+    try:
+        with warnings.catch_warnings():
+            # e.g. "Detected pickle protocol 4": the error below says all there is to say.
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it holds pickle content beyond tensors"
+        raise JaxaeError(
+            f"refused to load {path}: {what}, which a weights-only load does not build because "
+            "unpickling it could run code; save the weights alone with torch.save(model.state_dict(), PATH)"
+        ) from None
+    except Exception as e:
+        # torch.load reports a damaged file as RuntimeError, EOFError, KeyError, ValueError, ...
+        raise JaxaeError(f"cannot read {path} as a PyTorch file (truncated or corrupt?): {_first_line(e)}") from None
+    if not isinstance(obj, Mapping):
+        raise JaxaeError(
+            f"{path} holds a {type(obj).__name__}, not a state_dict (a dict of tensors); "
+            "save one with torch.save(model.state_dict(), PATH)"
+        )
+    return _unwrap(obj)
+
+
+def _unwrap(obj: Mapping) -> Mapping:
+    """A training checkpoint ``{"epoch": ..., "model_state_dict": {...}}`` -> its state_dict."""
+    if not _all_tensors(obj):
+        for key in _SUBMODULE_KEYS:
+            if isinstance(obj.get(key), Mapping) and _all_tensors(obj[key]):
+                return obj[key]
+    return obj
+
+
+def _all_tensors(mapping: Mapping) -> bool:
+    return all(hasattr(v, "detach") or isinstance(v, np.ndarray) for v in mapping.values())
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise JaxaeError(
+            f"reading {path} needs safetensors, which is not installed: {torch_reference.INSTALL_HINT}"
+        ) from None
+    try:
+        return safetensors.numpy.load_file(path)
+    except Exception as e:
+        # SafetensorError for a bad header, TypeError/ValueError for dtypes numpy lacks.
+        raise JaxaeError(
+            f"cannot read {path} as a safetensors file (truncated or corrupt?): {_first_line(e)}"
+        ) from None
+
+
+def _as_float32_arrays(tensors: Mapping, where: str) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise JaxaeError(f"{where} has a non-string key {key!r}; a state_dict maps names to tensors")
+        if hasattr(value, "detach"):  # a torch.Tensor; no torch import needed to recognise it
+            value = value.detach().cpu()
+            if not value.is_floating_point():
+                raise JaxaeError(f"{where}: {key} holds {value.dtype} values; expected floating-point weights")
+            value = value.float().numpy()
+        elif isinstance(value, np.ndarray):
+            if not np.issubdtype(value.dtype, np.floating):
+                raise JaxaeError(f"{where}: {key} holds {value.dtype} values; expected floating-point weights")
+        else:
+            raise JaxaeError(f"{where}: {key} holds a {type(value).__name__}, not a tensor")
+        out[key] = np.array(value, dtype=np.float32, copy=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch -> flax
+
+
+def _leaf_paths(params: Any) -> dict[tuple, Any]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {tuple(k.key for k in path): leaf for path, leaf in leaves}
+
+
+def links_for(twin: TorchTwin, params: Any) -> tuple[ParamLink, ...]:
+    """The twin's key map for ``params``, checked to cover every Flax leaf exactly once."""
+    links = twin.key_map(params)
+    mapped = [link.flax_path for link in links]
+    leaves = set(_leaf_paths(params))
+    if len(set(mapped)) != len(mapped) or set(mapped) != leaves:
+        raise AssertionError(f"the {twin.variant} key map does not cover the model's parameters one to one")
+    return links
+
+
+def model_description(config: Any, input_dim: int = INPUT_DIM) -> str:
+    """``"the vanilla model (784-128-64-32)"``: the target model, for messages."""
+    sizes = "-".join(str(d) for d in (input_dim, *config.hidden_dims, config.latent_dim))
+    return f"the {config.variant} model ({sizes})"
+
+
+def _listed(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_state_dict(
+    state_dict: Mapping[str, np.ndarray], links: tuple[ParamLink, ...], params: Any, what: str, source: str
+) -> None:
+    """Raises :class:`JaxaeError` unless ``state_dict`` has exactly the links' keys and shapes.
+
+    Args:
+        state_dict: the tensors read.
+        links: the key map.
+        params: Flax params of the target model (for the shapes).
+        what: the target model, for messages (e.g. "the vanilla model (784-128-64-32)").
+        source: where the state_dict came from, for messages.
+    """
+    expected = [link.torch_key for link in links]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in set(expected)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listed(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listed(unexpected)}")
+        hint = ""
+        if unexpected and all(k.startswith("module.") for k in unexpected):
+            hint = " (keys start with 'module.': save model.module.state_dict() from the DataParallel wrapper)"
+        elif {k.split(".")[0] for k in missing + unexpected} <= {k.split(".")[0] for k in expected}:
+            hint = f"; {_SIZES_HINT}"
+        raise JaxaeError(f"{source} does not match {what}: {'; '.join(parts)}{hint}")
+    leaves = _leaf_paths(params)
+    for link in links:
+        want = link.torch_shape(tuple(leaves[link.flax_path].shape))
+        got = tuple(state_dict[link.torch_key].shape)
+        if got != want:
+            raise JaxaeError(f"{source}: {link.torch_key} has shape {got} but {what} needs {want}; {_SIZES_HINT}")
+
+
+def _config(variant: str | None, config: Any) -> Any:
+    from jaxae.train import TrainConfig
+
+    if config is None:
+        config = TrainConfig(variant=variant or "vanilla")
+    elif variant is not None and variant != config.variant:
+        config = dataclasses.replace(config, variant=variant)
+    return config
+
+
+def fresh_model(config: Any, input_dim: int = INPUT_DIM) -> nnx.Module:
+    """The Flax module ``config`` describes (weights to be overwritten)."""
+    return get_variant(config.variant).build_model(config, input_dim, nnx.Rngs(0))
+
+
+def params_from_torch(
+    state_dict: Mapping[str, np.ndarray],
+    template: Any,
+    variant: str = "vanilla",
+    *,
+    what: str | None = None,
+    source: str = "the state_dict",
+) -> Any:
+    """Flax pure-dict params shaped like ``template``, holding ``state_dict``'s values.
+
+    Checks the key sets and all shapes first; nothing is copied unless everything matches.
+    """
+    twin = get_twin(variant)
+    links = links_for(twin, template)
+    check_state_dict(state_dict, links, template, what or f"the {variant} model", source)
+    params = jax.tree.map(lambda leaf: leaf, template)  # a new tree of new dicts
+    for link in links:
+        *parents, last = link.flax_path
+        node = params
+        for key in parents:
+            node = node[key]
+        node[last] = jnp.asarray(np.ascontiguousarray(link.torch_to_flax(state_dict[link.torch_key])))
+    return params
+
+
+def from_torch(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    variant: str | None = None,
+    *,
+    config: Any = None,
+    input_dim: int = INPUT_DIM,
+) -> nnx.Module:
+    """A Flax NNX module holding a PyTorch model's weights.
+
+    Args:
+        path_or_state_dict: a ``.pt``/``.pth`` file written by ``torch.save(model.state_dict())``,
+            a ``.safetensors`` file, or a state_dict (tensors or numpy arrays).
+        variant: the variant whose module to build (default: ``config``'s, else ``"vanilla"``).
+        config: a :class:`jaxae.TrainConfig` giving the layer sizes (default: the document's).
+        input_dim: the flattened input size.
+
+    Returns:
+        The module; call it on float32 ``[N, 784]`` inputs, normalised as the PyTorch model's were.
+
+    Raises:
+        JaxaeError: an unreadable or hostile file, missing or unexpected keys, or a wrong shape.
+    """
+    config = _config(variant, config)
+    source = "the state_dict" if isinstance(path_or_state_dict, Mapping) else str(path_or_state_dict)
+    state_dict = read_state_dict(path_or_state_dict)
+    model = fresh_model(config, input_dim)
+    graphdef, state = nnx.split(model)
+    what = model_description(config, input_dim)
+    params = params_from_torch(state_dict, nnx.to_pure_dict(state), config.variant, what=what, source=source)
+    return nnx.merge(graphdef, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# flax -> torch
+
+
+def _pure_params(model_or_params: Any) -> Any:
+    if isinstance(model_or_params, nnx.Module):
+        return nnx.to_pure_dict(nnx.state(model_or_params))
+    return model_or_params
+
+
+def to_numpy_state_dict(model_or_params: Any, variant: str = "vanilla") -> dict[str, np.ndarray]:
+    """The PyTorch state_dict of a Flax model (or its pure-dict params) as numpy arrays.
+
+    Needs no torch; keys are in ``nn.Module.state_dict()`` order.
+    """
+    params = _pure_params(model_or_params)
+    leaves = _leaf_paths(params)
+    out: dict[str, np.ndarray] = {}
+    for link in links_for(get_twin(variant), params):
+        array = np.asarray(jax.device_get(leaves[link.flax_path]))
+        out[link.torch_key] = np.array(link.flax_to_torch(array), dtype=np.float32, order="C", copy=True)
+    return out
+
+
+def to_torch_state_dict(model_or_params: Any, variant: str = "vanilla") -> collections.OrderedDict:
+    """The PyTorch state_dict of a Flax model, loadable with ``load_state_dict(strict=True)``.
+
+    Args:
+        model_or_params: an NNX module (e.g. from :func:`from_torch`) or its pure-dict params
+            (``state.params``).
+        variant: the variant the module is.
+
+    Returns:
+        ``OrderedDict[str, torch.Tensor]`` of float32 CPU tensors.
+    """
+    torch = torch_reference.require_torch()
+    return collections.OrderedDict(
+        (key, torch.from_numpy(value)) for key, value in to_numpy_state_dict(model_or_params, variant).items()
+    )
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, fmt: str = "torch") -> Path:
+    """Writes a numpy state_dict as ``torch.save`` output (``fmt="torch"``) or safetensors.
+
+    The file appears complete or not at all (written to a temporary name, then renamed).
+    """
+    if fmt not in FORMATS:
+        raise JaxaeError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if fmt == "torch":
+        torch = torch_reference.require_torch()
+    else:
+        try:
+            import safetensors.numpy
+        except ImportError:
+            raise JaxaeError(f"writing safetensors needs safetensors: {torch_reference.INSTALL_HINT}") from None
+    if path.is_dir():
+        raise JaxaeError(f"--out {path} is a folder; give a file name such as {path / 'model.pt'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if fmt == "torch":
+            torch.save(collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items()), tmp)
+        else:
+            # metadata {"format": "pt"} is what Hugging Face loaders expect of a torch state_dict.
+            safetensors.numpy.save_file(dict(state_dict), tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# parity
+
+
+def torch_outputs(module: Any, x: np.ndarray, reconstruct: Callable = _call) -> np.ndarray:
+    """Runs a PyTorch module on float32 ``x`` in fp32 on the CPU."""
+    torch = torch_reference.require_torch()
+    module.eval()
+    with torch.no_grad():
+        return reconstruct(module, torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+
+def flax_outputs(model: nnx.Module, x: np.ndarray, reconstruct: Callable = _call) -> np.ndarray:
+    """Runs a Flax module on float32 ``x`` with fp32 ("highest") matmuls, as PyTorch's CPU does."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x):
+        return reconstruct(nnx.merge(graphdef, state), x)
+
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(forward(state, jnp.asarray(x)))
+
+
+def parity_report(
+    state_dict: Mapping[str, np.ndarray],
+    model: nnx.Module,
+    images_u8: np.ndarray,
+    config: Any = None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
+    """Runs the PyTorch twin (holding ``state_dict``) and ``model`` on the same images.
+
+    Args:
+        state_dict: the PyTorch weights (numpy, e.g. from :func:`read_state_dict`).
+        model: the converted Flax module.
+        images_u8: uint8 images ``[N, ...]``; both models see them normalised by
+            ``config.normalize`` exactly as torchvision's ``ToTensor`` + ``Normalize`` would.
+        config: gives the variant, the layer sizes and the normalisation.
+        tolerance: the largest max-abs difference (parameters and outputs) that passes.
+
+    Returns:
+        A JSON-ready dict: per-parameter max abs difference, the outputs' max and mean abs
+        difference, both models' MSE, and ``passed``.
+    """
+    config = _config(None, config)
+    if not (tolerance >= 0):
+        raise JaxaeError(f"--tolerance must be a non-negative number, got {tolerance}")
+    twin = get_twin(config.variant)
+    torch = torch_reference.require_torch()
+    n = images_u8.shape[0]
+    x = get_normalization(config.normalize).table[np.asarray(images_u8).reshape(n, -1).astype(np.int64)]
+    input_dim = x.shape[1]
+
+    module = twin.torch_module(config, input_dim)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+    converted = to_numpy_state_dict(model, config.variant)
+    param_diffs = {k: float(np.max(np.abs(converted[k] - state_dict[k]), initial=0.0)) for k in state_dict}
+
+    y_torch = torch_outputs(module, x, twin.reconstruct)
+    y_flax = flax_outputs(model, x, twin.reconstruct)
+    diff = np.abs(y_torch.astype(np.float64) - y_flax.astype(np.float64))
+    mse_torch = float(np.mean(np.square(y_torch.astype(np.float64) - x)))
+    mse_flax = float(np.mean(np.square(y_flax.astype(np.float64) - x)))
+    max_param = max(param_diffs.values(), default=0.0)
+    max_out = float(diff.max(initial=0.0))
+    return {
+        "variant": config.variant,
+        "normalize": config.normalize,
+        "examples": int(n),
+        "dtype": "float32",
+        "jax_matmul_precision": "highest",
+        "max_abs_diff_per_parameter": param_diffs,
+        "max_abs_diff_parameters": max_param,
+        "max_abs_diff_outputs": max_out,
+        "mean_abs_diff_outputs": float(diff.mean()),
+        "mse_torch": mse_torch,
+        "mse_flax": mse_flax,
+        "tolerance": tolerance,
+        "passed": bool(max_param <= tolerance and max_out <= tolerance),
+    }

@@ -1,0 +1,646 @@
+"""The PyTorch converter: numerical parity against real PyTorch, round trips, and safe loading.
+
+Parity runs in fp32 on the CPU on both sides, with JAX's matmuls at "highest" precision.
+Every variant with a PyTorch twin (jaxae.TWINS) gets the parity and round-trip tests.
+"""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+import jaxae
+from jaxae import checkpoint, cli, convert, torch_reference
+from jaxae.data import NORMALIZATIONS
+from jaxae.train import TrainConfig, build, init_params_from
+
+TWIN_VARIANTS = sorted(jaxae.TWINS)
+DOCUMENT_KEYS = [
+    f"{part}.{i}.{kind}" for part in ("encoder", "decoder") for i in (0, 2, 4) for kind in ("weight", "bias")
+]
+
+
+@pytest.fixture(autouse=True)
+def fp32_torch():
+    torch.set_default_dtype(torch.float32)
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def torch_twin(variant, seed=0, config=None):
+    torch.manual_seed(seed)
+    return jaxae.TWINS[variant].torch_module(config or TrainConfig(variant=variant), 784)
+
+
+def normalized(images_u8, preset):
+    """What torchvision's ToTensor + Normalize give, flattened: float32 [N, 784]."""
+    return NORMALIZATIONS[preset].table[images_u8.reshape(len(images_u8), -1)]
+
+
+def numpy_state_dict(module):
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def max_abs_diffs(a, b):
+    assert list(a) == list(b)
+    return {k: float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a}
+
+
+def batch_order(n, steps, batch_size, seed=0):
+    """A fixed batch order both frameworks follow: per-epoch permutations, as a DataLoader draws them."""
+    rng = np.random.default_rng(seed)
+    epochs = -(-steps * batch_size // n)
+    return np.concatenate([rng.permutation(n) for _ in range(epochs)])[: steps * batch_size].reshape(steps, batch_size)
+
+
+# --- the reference model ------------------------------------------------------------------------
+
+
+def test_reference_model_is_the_document_s():
+    model = torch_reference.Autoencoder()
+    assert list(model.state_dict()) == DOCUMENT_KEYS
+    kinds = [type(m).__name__ for m in (*model.encoder, *model.decoder)]
+    assert kinds == ["Linear", "ReLU", "Linear", "ReLU", "Linear"] + [
+        "Linear",
+        "ReLU",
+        "Linear",
+        "ReLU",
+        "Linear",
+        "Sigmoid",
+    ]
+    shapes = [tuple(v.shape) for k, v in model.state_dict().items() if k.endswith("weight")]
+    assert shapes == [(128, 784), (64, 128), (32, 64), (64, 32), (128, 64), (784, 128)]
+    # the sized twin builds the same layers in the same order: same seed, same weights
+    torch.manual_seed(3)
+    a = torch_reference.Autoencoder().state_dict()
+    torch.manual_seed(3)
+    b = torch_reference.MLPAutoencoder().state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert isinstance(torch_twin("vanilla"), torch_reference.Autoencoder)
+
+
+def test_import_jaxae_does_not_import_torch_and_says_how_to_install_it(tmp_path):
+    torch.save(torch_reference.Autoencoder().state_dict(), tmp_path / "m.pt")
+    convert.save_state_dict(numpy_state_dict(torch_reference.Autoencoder()), tmp_path / "m.safetensors", "safetensors")
+    code = f"""
+import sys
+import jaxae, jaxae.cli, jaxae.convert, jaxae.torch_reference
+assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")], "torch imported"
+sys.modules["torch"] = None  # from here on, `import torch` fails as if it were not installed
+model = jaxae.from_torch({str(tmp_path / "m.safetensors")!r})  # safetensors needs no torch
+assert model(jaxae.load_dataset("mnist-sample", "test").images[:3].reshape(3, -1) / 255.0).shape == (3, 784)
+for call in (lambda: jaxae.from_torch({str(tmp_path / "m.pt")!r}), lambda: jaxae.torch_reference.Autoencoder):
+    try:
+        call()
+    except jaxae.JaxaeError as e:
+        print(e)
+    else:
+        raise SystemExit("no error")
+sys.exit(jaxae.cli.main(["convert", {str(tmp_path / "m.pt")!r}, "--out", {str(tmp_path / "out")!r}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.count("pip install 'jaxae[torch]'") == 2, proc.stdout
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "pip install 'jaxae[torch]'" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- parity with real PyTorch -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_pair(sample_train):
+    """100 steps of Adam(1e-3) on MSE in both frameworks from the same weights and batch order."""
+    with jax.default_matmul_precision("highest"):
+        return _train_both(sample_train, "unit")
+
+
+def _adam_state_from_torch(opt_state, reference, optimizer, template):
+    """optax.adam's state holding torch.optim.Adam's moments and step count."""
+    names = {p: k for k, p in reference.named_parameters()}
+    moments = {"exp_avg": {}, "exp_avg_sq": {}}
+    count = 0
+    for p, name in names.items():
+        state = optimizer.state.get(p, {})
+        count = int(state["step"]) if state else 0
+        for key in moments:
+            moments[key][name] = state[key].numpy() if state else np.zeros(tuple(p.shape), np.float32)
+    mu, nu = (convert.params_from_torch(moments[key], template) for key in ("exp_avg", "exp_avg_sq"))
+    return (opt_state[0]._replace(count=jnp.asarray(count, jnp.int32), mu=mu, nu=nu), *opt_state[1:])
+
+
+def _train_both(sample_train, preset, steps=100, batch_size=256):
+    order = batch_order(len(sample_train), steps, batch_size)
+    reference = torch_twin("vanilla", seed=1)
+    initial = numpy_state_dict(reference)
+    # jaxae's own train step: uint8 batch in, normalisation inside, optax.adam.
+    trainer, start = jaxae.create_train_state(jaxae.from_torch(initial), optax.adam(1e-3), "vanilla", preset)
+    images = jnp.asarray(sample_train.images.reshape(len(sample_train), -1))
+    step_without_donation = jax.jit(trainer.train_step)
+
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    torch_losses, forced_diffs = [], []
+    for ids in order:
+        # jaxae's step taken from exactly torch's current weights and Adam moments
+        params = convert.params_from_torch(numpy_state_dict(reference), start.params)
+        forced = start.replace(
+            params=params, opt_state=_adam_state_from_torch(start.opt_state, reference, opt, start.params)
+        )
+        forced, _ = step_without_donation(forced, images[ids])
+
+        x = torch.from_numpy(normalized(sample_train.images[ids], preset))
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(reference(x), x)
+        loss.backward()
+        opt.step()
+        torch_losses.append(loss.item())
+        forced_diffs.append(
+            max(max_abs_diffs(convert.to_numpy_state_dict(forced.params), numpy_state_dict(reference)).values())
+        )
+
+    state, jax_losses = start, []
+    for ids in order:
+        state, metrics = trainer.jit_train_step(state, images[ids])
+        jax_losses.append(float(metrics["loss"]))
+    return {
+        "initial": initial,
+        "torch_final": numpy_state_dict(reference),
+        "jax_final": convert.to_numpy_state_dict(state.params),
+        "torch_losses": np.array(torch_losses),
+        "jax_losses": np.array(jax_losses),
+        "forced_step_diffs": np.array(forced_diffs),
+    }
+
+
+@pytest.mark.parametrize("preset", ["unit", "seed"])
+@pytest.mark.parametrize("weights", ["fresh", "trained"])
+@pytest.mark.parametrize("variant", TWIN_VARIANTS)
+def test_forward_outputs_match_on_the_whole_test_split(variant, weights, preset, sample_test, trained_pair):
+    reference = torch_twin(variant)
+    if weights == "trained":
+        # trained on [0, 1] inputs: trained on [-1, 1] the outputs collapse to ~0 (see README)
+        reference.load_state_dict({k: torch.from_numpy(v) for k, v in trained_pair["torch_final"].items()})
+    x = normalized(sample_test.images, preset)
+    assert x.shape == (1000, 784) and x.dtype == np.float32
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    model = jaxae.from_torch(reference.state_dict(), variant)
+    got = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
+    assert got.shape == expected.shape == (1000, 784) and got.dtype == np.float32
+    assert np.max(np.abs(got - expected)) <= 1e-6
+    # the outputs are not trivially equal (saturated, constant): the models really compute
+    assert np.std(expected) > 0.01
+
+    report = jaxae.parity_report(
+        numpy_state_dict(reference), model, sample_test.images, TrainConfig(variant=variant, normalize=preset)
+    )
+    assert report["passed"] and report["examples"] == 1000
+    assert report["max_abs_diff_outputs"] == pytest.approx(float(np.max(np.abs(got - expected))), abs=1e-9)
+    assert report["max_abs_diff_parameters"] == 0.0 and list(report["max_abs_diff_per_parameter"]) == list(
+        reference.state_dict()
+    )
+    assert report["mse_torch"] == pytest.approx(report["mse_flax"], rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["unit", "seed"])
+@pytest.mark.parametrize("variant", TWIN_VARIANTS)
+def test_gradients_of_the_mse_match(variant, preset, sample_train):
+    reference = torch_twin(variant, seed=2)
+    x = normalized(sample_train.images[:256], preset)
+    xt = torch.from_numpy(x)
+    torch.nn.functional.mse_loss(reference(xt), xt).backward()
+    expected = {k: p.grad.numpy() for k, p in reference.named_parameters()}
+
+    model = jaxae.from_torch(reference.state_dict(), variant)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def grads(params, x):
+        return jax.grad(lambda p: jnp.mean(jnp.square(nnx.merge(graphdef, p)(x) - x)))(params)
+
+    got = convert.to_numpy_state_dict(nnx.to_pure_dict(grads(params, jnp.asarray(x))), variant)
+    diffs = max_abs_diffs(got, expected)
+    assert max(diffs.values()) <= 1e-5, diffs
+    assert all(np.abs(g).max() > 0 for g in expected.values())  # every parameter gets a gradient
+
+
+@pytest.mark.parametrize("preset", ["unit", "seed"])
+@pytest.mark.parametrize("variant", TWIN_VARIANTS)
+def test_one_adam_step_matches_torch_optim_adam(variant, preset, sample_train):
+    reference = torch_twin(variant, seed=4)
+    before = numpy_state_dict(reference)
+    batch = sample_train.images[256:512]
+    x = torch.from_numpy(normalized(batch, preset))
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    loss = torch.nn.functional.mse_loss(reference(x), x)
+    loss.backward()
+    opt.step()
+
+    trainer, state = jaxae.create_train_state(jaxae.from_torch(before, variant), optax.adam(1e-3), "vanilla", preset)
+    state, metrics = trainer.jit_train_step(state, jnp.asarray(batch))
+    diffs = max_abs_diffs(convert.to_numpy_state_dict(state.params, variant), numpy_state_dict(reference))
+    assert max(diffs.values()) <= 1e-6, diffs
+    assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-6)
+    # the step really moved the weights (by about lr), so the comparison means something
+    moved = max_abs_diffs(numpy_state_dict(reference), before)
+    assert min(moved.values()) > 5e-4
+
+
+def test_100_step_training_trajectories_match(trained_pair):
+    run = trained_pair
+    rel = np.abs(run["jax_losses"] - run["torch_losses"]) / run["torch_losses"]
+    assert rel.max() <= 1e-4, rel.max()
+    # Every one of the 100 steps, taken from torch's weights and Adam moments, lands where torch's does.
+    assert run["forced_step_diffs"].max() <= 1e-6, run["forced_step_diffs"].max()
+    # Run freely, the two trajectories stay within 1e-4 except where a ReLU input sits within
+    # rounding of 0 and flips: a few weights then differ more, as they do between two PyTorch
+    # runs from weights 1 ulp apart (README, "Coming from PyTorch").
+    diff = np.concatenate([np.abs(run["jax_final"][k] - run["torch_final"][k]).ravel() for k in run["torch_final"]])
+    assert np.mean(diff <= 1e-4) >= 0.99, np.mean(diff <= 1e-4)
+    assert diff.max() <= 1e-2, diff.max()
+    travelled = np.sqrt(sum(np.sum(np.square(run["torch_final"][k] - run["initial"][k])) for k in run["initial"]))
+    assert np.sqrt(np.sum(np.square(diff))) <= 1e-2 * travelled
+    # training happened: the loss fell and the weights moved far beyond the tolerance
+    assert run["torch_losses"][-1] < 0.7 * run["torch_losses"][0]
+    assert max(max_abs_diffs(run["torch_final"], run["initial"]).values()) > 1e-2
+
+
+# --- round trips ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", TWIN_VARIANTS)
+def test_torch_to_flax_to_torch_is_exact(variant, tmp_path):
+    reference = torch_twin(variant, seed=5)
+    original = reference.state_dict()
+    back = jaxae.to_torch_state_dict(jaxae.from_torch(original, variant), variant)
+    assert list(back) == list(original)
+    for k in original:
+        assert back[k].dtype == torch.float32 and back[k].is_contiguous()
+        assert torch.equal(back[k], original[k]), k
+    fresh = torch_twin(variant, seed=6)
+    assert str(fresh.load_state_dict(back, strict=True)) == "<All keys matched successfully>"
+
+    # and through files of each kind
+    for name, save in (
+        ("m.pt", lambda p: torch.save(original, p)),
+        ("m.pth", lambda p: torch.save(original, p)),
+        ("m.safetensors", lambda p: convert.save_state_dict(numpy_state_dict(reference), p, "safetensors")),
+    ):
+        save(tmp_path / name)
+        again = jaxae.to_torch_state_dict(jaxae.from_torch(tmp_path / name, variant), variant)
+        assert all(torch.equal(again[k], original[k]) for k in original), name
+
+
+@pytest.mark.parametrize("variant", TWIN_VARIANTS)
+def test_flax_to_torch_to_flax_is_exact(variant):
+    model = jaxae.get_variant(variant).build_model(TrainConfig(variant=variant), 784, nnx.Rngs(7))
+    restored = jaxae.from_torch(jaxae.to_torch_state_dict(model, variant), variant)
+    a, b = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(restored))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_from_torch_accepts_dicts_checkpoints_and_other_sizes(tmp_path, sample_test):
+    reference = torch_reference.Autoencoder()
+    x = sample_test.images[:7].reshape(7, -1).astype(np.float32) / 255
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    sources = [numpy_state_dict(reference), {"epoch": 3, "model_state_dict": reference.state_dict()}]
+    torch.save(sources[1], tmp_path / "ckpt.pt")
+    for source in [*sources, tmp_path / "ckpt.pt", str(tmp_path / "ckpt.pt")]:
+        model = jaxae.from_torch(source)
+        assert isinstance(model, jaxae.Autoencoder)
+        np.testing.assert_allclose(model(jnp.asarray(x)), expected, atol=1e-6)
+
+    config = TrainConfig(hidden_dims=(256, 100, 48), latent_dim=16)
+    other = torch_twin("vanilla", config=config)
+    assert list(other.state_dict())[-1] == "decoder.6.bias"
+    model = jaxae.from_torch(other.state_dict(), config=config)
+    assert model.encode(jnp.asarray(x)).shape == (7, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(jnp.asarray(x)), other(torch.from_numpy(x)).numpy(), atol=1e-6)
+    with pytest.raises(jaxae.JaxaeError, match=r"unexpected keys: encoder.6.weight, .*--hidden-dims/--latent-dim"):
+        jaxae.from_torch(other.state_dict())
+    wider = torch_twin("vanilla", config=TrainConfig(hidden_dims=(256, 64)))
+    with pytest.raises(
+        jaxae.JaxaeError,
+        match=r"encoder.0.weight has shape \(256, 784\) but the vanilla model \(784-128-64-32\) needs \(128, 784\); .*--hidden-dims",
+    ):
+        jaxae.from_torch(wider.state_dict())
+
+
+def test_key_map_registry():
+    with pytest.raises(jaxae.JaxaeError, match="unknown variant 'gan'"):
+        jaxae.from_torch({}, "gan")
+    params = nnx.to_pure_dict(nnx.state(jaxae.Autoencoder(rngs=nnx.Rngs(0))))
+    links = convert.links_for(jaxae.TWINS["vanilla"], params)
+    assert [link.torch_key for link in links] == DOCUMENT_KEYS
+    assert links[0].flax_path == ("encoder", "layers", 0, "kernel") and links[0].to_flax == (1, 0)
+    broken = convert.TorchTwin("vanilla", lambda p: links[:-1], convert.TWINS["vanilla"].torch_module)
+    with pytest.raises(AssertionError, match="does not cover"):
+        convert.links_for(broken, params)
+
+
+def test_init_params_from_a_checkpoint_with_a_fresh_optimizer(tmp_path):
+    trainer, state = build(TrainConfig(seed=1), 784)
+    trainer0, trained = build(TrainConfig(seed=9), 784)
+    trained, _ = trainer0.jit_train_step(trained, jnp.zeros((8, 784), jnp.uint8))
+    checkpoint.save(tmp_path, trained, TrainConfig(seed=9))
+    started = init_params_from(tmp_path, trainer, state)
+    for a, b in zip(jax.tree.leaves(started.params), jax.tree.leaves(trained.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(started.step) == 0 and int(trained.step) == 1
+    assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(started.opt_state) if leaf.ndim)
+    trainer2, other = build(TrainConfig(hidden_dims=(128, 48)), 784)
+    with pytest.raises(
+        jaxae.JaxaeError, match=r"\['decoder'\]\['layers'\]\[0\]\['bias'\]: \(64,\) there, \(48,\) here"
+    ):
+        init_params_from(tmp_path, trainer2, other)
+
+
+# --- the command line -------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, code, pattern):
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("jaxae: error: ") and pattern in lines[0], lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_cli_convert_check_evaluate_export_and_fine_tune(tmp_path, capsys, trained_pair, sample_test, idx_folder):
+    weights = trained_pair["torch_final"]
+    reference = torch_reference.Autoencoder()
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "converted"
+
+    assert cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out), "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["dataset"] == "mnist-sample" and report["examples"] == 1000
+    assert report["max_abs_diff_outputs"] <= 1e-6 and report["max_abs_diff_parameters"] == 0
+    assert set(report["max_abs_diff_per_parameter"]) == set(DOCUMENT_KEYS)
+    assert json.loads((out / "parity.json").read_text())["passed"]
+
+    # evaluate sees the torch model's test MSE
+    assert cli.main(["evaluate", "--workdir", str(out)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    x = torch.from_numpy(normalized(sample_test.images, "unit"))
+    with torch.no_grad():
+        torch_mse = torch.nn.functional.mse_loss(reference(x), x).item()
+    assert evaluated["test_mse"] == pytest.approx(torch_mse, rel=1e-5)
+    assert evaluated["step"] == 0
+
+    # export gives back the same state_dict, in both formats, loadable with strict=True
+    for name, extra in (("back.pt", []), ("back.safetensors", []), ("st.bin", ["--format", "safetensors"])):
+        assert cli.main(["export", "--workdir", str(out), "--out", str(tmp_path / name), *extra]) == 0
+        capsys.readouterr()
+        loaded = jaxae.read_state_dict(tmp_path / name)
+        assert sorted(loaded) == sorted(DOCUMENT_KEYS)  # safetensors stores keys sorted
+        fresh = torch_reference.Autoencoder()
+        fresh.load_state_dict({k: torch.from_numpy(v) for k, v in loaded.items()}, strict=True)
+        assert all(torch.equal(fresh.state_dict()[k], reference.state_dict()[k]) for k in DOCUMENT_KEYS), name
+    assert list(torch.load(tmp_path / "back.pt", weights_only=True)) == DOCUMENT_KEYS
+
+    # fine-tuning starts from the converted weights: with a negligible lr nothing moves
+    run = tmp_path / "finetune"
+    args = ["train", "--init-from", str(out), "--dataset", "mnist-sample", "--epochs", "1", "--no-progress"]
+    assert cli.main([*args, "--lr", "1e-12", "--workdir", str(run)]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert tuned["test_mse"] == pytest.approx(torch_mse, rel=1e-5)
+    # and with the document's lr it keeps improving on them, far below a fresh start
+    assert (
+        cli.main(
+            [
+                "train",
+                "--init-from",
+                str(out),
+                "--dataset",
+                str(idx_folder),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--no-progress",
+                "--workdir",
+                str(tmp_path / "ft2"),
+            ]
+        )
+        == 0
+    )
+    tuned = json.loads(capsys.readouterr().out)
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                str(idx_folder),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--no-progress",
+                "--workdir",
+                str(tmp_path / "scratch"),
+            ]
+        )
+        == 0
+    )
+    scratch = json.loads(capsys.readouterr().out)
+    assert tuned["test_mse"] < 0.8 * scratch["test_mse"]
+
+
+def test_cli_check_failure_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    torch.save(torch_reference.Autoencoder().state_dict(), tmp_path / "model.pt")
+    real = convert.torch_outputs
+    monkeypatch.setattr(convert, "torch_outputs", lambda *a, **k: real(*a, **k) + np.float32(1e-3))
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--check"])
+    captured = capsys.readouterr()
+    assert code == 1
+    report = json.loads(captured.out)
+    assert not report["passed"] and report["max_abs_diff_outputs"] == pytest.approx(1e-3, rel=1e-3)
+    assert captured.err.startswith("jaxae: parity check failed") and "nothing written" in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_convert_refuses_an_existing_checkpoint_folder_and_bad_flags(tmp_path, capsys):
+    torch.save(torch_reference.Autoencoder().state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tensors"] == 12 and summary["variant"] == "vanilla"
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out)])
+    _one_line_error(capsys, code, "already holds checkpoints")
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(tmp_path / "o2"), "--tolerance", "-1"])
+    _one_line_error(capsys, code, "--tolerance must be a non-negative number")
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(tmp_path / "o2"), "--variant", "gan"])
+    _one_line_error(capsys, code, "unknown variant 'gan'")
+    assert not (tmp_path / "o2").exists()
+    code = cli.main(["export", "--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.pt")])
+    _one_line_error(capsys, code, "no checkpoints in")
+    code = cli.main(["export", "--workdir", str(out), "--out", str(tmp_path)])
+    _one_line_error(capsys, code, "is a folder")
+    code = cli.main(
+        ["train", "--init-from", str(tmp_path / "nothing"), "--epochs", "1", "--workdir", str(tmp_path / "t")]
+    )
+    _one_line_error(capsys, code, "no checkpoints in")
+    code = cli.main(
+        ["train", "--init-from", str(out), "--latent-dim", "8", "--epochs", "1", "--workdir", str(tmp_path / "t")]
+    )
+    _one_line_error(capsys, code, "(32, 64) there, (8, 64) here")
+    assert not (tmp_path / "t").exists()
+
+
+# --- bad and hostile files ------------------------------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def _document_state_dict():
+    return torch_reference.Autoencoder().state_dict()
+
+
+def _write(tmp_path, name, make):
+    path = tmp_path / name
+    make(path)
+    return path
+
+
+def _hostile_zip(path, marker):
+    torch.save({**_document_state_dict(), "payload": _RunsCode(marker)}, path)
+
+
+def _hostile_pickle(path, marker):
+    with open(path, "wb") as f:
+        pickle.dump({"encoder.0.weight": _RunsCode(marker)}, f, protocol=2)
+
+
+@pytest.mark.parametrize("make_hostile", [_hostile_zip, _hostile_pickle])
+def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path, capsys, make_hostile):
+    # The payload is live: an unsafe load does run it.
+    live = tmp_path / "live-marker"
+    make_hostile(tmp_path / "live.pt", live)
+    try:
+        torch.load(tmp_path / "live.pt", weights_only=False)
+    except RuntimeError:
+        pass  # torch's legacy reader runs the payload, then finds no magic number
+    assert live.exists()
+
+    marker = tmp_path / "marker"
+    make_hostile(tmp_path / "hostile.pt", marker)
+    code = cli.main(["convert", str(tmp_path / "hostile.pt"), "--out", str(tmp_path / "out"), "--check"])
+    _one_line_error(capsys, code, "refused to load")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(jaxae.JaxaeError, match="refused to load"):
+        jaxae.from_torch(tmp_path / "hostile.pt")
+    assert not marker.exists()
+
+
+def test_hostile_file_in_a_real_process(tmp_path):
+    marker = tmp_path / "marker"
+    _hostile_zip(tmp_path / "hostile.pt", marker)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxae", "convert", str(tmp_path / "hostile.pt"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "refused to load" in proc.stderr and "exec" in proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def _truncated(path):
+    torch.save(_document_state_dict(), path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def _without(key):
+    return lambda p: torch.save({k: v for k, v in _document_state_dict().items() if k != key}, p)
+
+
+def _with_extra(p):
+    torch.save({**_document_state_dict(), "encoder.6.weight": torch.zeros(3, 3)}, p)
+
+
+def _wrong_shape(p):
+    sd = _document_state_dict()
+    sd["decoder.2.weight"] = torch.zeros(128, 60)
+    torch.save(sd, p)
+
+
+def _ints(p):
+    sd = _document_state_dict()
+    sd["encoder.0.bias"] = torch.zeros(128, dtype=torch.int64)
+    torch.save(sd, p)
+
+
+def _truncated_safetensors(p):
+    convert.save_state_dict(numpy_state_dict(torch_reference.Autoencoder()), p, "safetensors")
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) - 1000])
+
+
+@pytest.mark.parametrize(
+    "name, make, pattern",
+    [
+        ("missing.pt", None, "does not exist"),
+        ("empty.pt", lambda p: p.write_bytes(b""), "neither a PyTorch file"),
+        ("text.pt", lambda p: p.write_text("not a model at all\n"), "neither a PyTorch file"),
+        ("image.pth", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100)), "neither a PyTorch file"),
+        ("truncated.pt", _truncated, "cannot read"),
+        ("truncated.safetensors", _truncated_safetensors, "cannot read"),
+        (
+            "whole-model.pt",
+            lambda p: torch.save(torch.nn.Linear(2, 2), p),
+            "it references torch.nn.modules.linear.Linear",
+        ),
+        ("list.pt", lambda p: torch.save([torch.zeros(2)], p), "holds a list, not a state_dict"),
+        ("missing-key.pt", _without("decoder.4.bias"), "missing keys: decoder.4.bias"),
+        ("extra-key.pt", _with_extra, "unexpected keys: encoder.6.weight"),
+        (
+            "wrong-shape.pt",
+            _wrong_shape,
+            "decoder.2.weight has shape (128, 60) but the vanilla model (784-128-64-32) needs (128, 64)",
+        ),
+        ("ints.pt", _ints, "encoder.0.bias holds torch.int64 values"),
+        (
+            "data-parallel.pt",
+            lambda p: torch.save({f"module.{k}": v for k, v in _document_state_dict().items()}, p),
+            "save model.module.state_dict()",
+        ),
+    ],
+)
+def test_bad_files_are_one_line_errors_and_write_nothing(tmp_path, capsys, name, make, pattern):
+    path = tmp_path / name
+    if make is not None:
+        make(path)
+    code = cli.main(["convert", str(path), "--out", str(tmp_path / "out"), "--check"])
+    _one_line_error(capsys, code, pattern)
+    assert not (tmp_path / "out").exists()
