@@ -21,6 +21,10 @@ train:
 test:
 	$(PY) -m pytest -q tests
 
+# jaxae vs the document's PyTorch loop on this machine, one run; figures to stdout and bench.json.
+bench:
+	$(PY) -m jaxae bench --json bench.json
+
 lint:
 	$(PY) -m ruff check jaxae tests experiments
 	$(PY) -m ruff format --check jaxae tests experiments

@@ -300,6 +300,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from jaxae import bench, torch_reference
+
+    torch_reference.require_torch()
+    if any(b <= 0 for b in args.batch_sizes):
+        raise JaxaeError(f"--batch-sizes must be positive, got {args.batch_sizes}")
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxae", description="JAX/Flax autoencoders: the PyTorch MNIST tutorial and its variants."
@@ -393,6 +402,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
+        "bench",
+        help="time jaxae's training against the document's PyTorch loop on this machine, in one run",
+    )
+    p.add_argument(
+        "--dataset",
+        default="mnist-sample",
+        help="train split to time on, e.g. ../shared/data/fashion-mnist (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[256, 1024, 4096],
+        help="comma-separated; the first is the headline (default: 256,1024,4096)",
+    )
+    p.add_argument("--epochs", type=int, default=0, help="epochs per method per round (default: 2; 3 with --quick)")
+    p.add_argument(
+        "--rounds", type=int, default=0, help="interleaved rounds, medians reported (default: 5; 3 with --quick)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="fewer rounds, no torch.compile: under a minute on a 2-core CPU"
+    )
+    p.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
