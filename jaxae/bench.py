@@ -129,7 +129,7 @@ class TorchMethod:
         self.model = torch_reference.Autoencoder().to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.criterion = torch.nn.MSELoss()
-        self.data = torch.from_numpy(images.reshape(len(images), -1)).to(self.device).float().div(255)
+        self.data = torch.tensor(images.reshape(len(images), -1)).to(self.device).float().div(255)
         self.batch_size = batch_size
         self.compile_seconds = 0.0
         self.step = self._step
