@@ -158,7 +158,9 @@ def _manager(workdir: str | Path, *, keep: int | None = 3, read_only: bool = Fal
 
 
 def _best_metric(metrics: dict[str, Any]) -> float:
-    return float(metrics[BEST_METRIC])
+    # A save whose metrics lack a test loss never counts as the best.
+    value = metrics.get(BEST_METRIC) if isinstance(metrics, dict) else None
+    return float(value) if value is not None else float("inf")
 
 
 def _reason(e: BaseException) -> str:
@@ -216,7 +218,8 @@ class Checkpoints:
             "metrics": metrics,
         }
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._mngr.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
+        # Always some metrics (Orbax warns without), an empty dict never being the best.
+        self._mngr.save(step, args=args, metrics=dict(metrics or {}), force=True)
         return step
 
     def wait(self) -> None:

@@ -101,10 +101,10 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, idx_folde
 def test_keep_latest_plus_best(tmp_path):
     cfg = TrainConfig(hidden_dims=(8,), latent_dim=2)
     _, state = build(cfg, 16)
-    losses = {1: 0.5, 2: 0.1, 3: 0.4, 4: 0.3, 5: 0.2}
+    metrics = {1: {"test_loss": 0.5}, 2: {"test_loss": 0.1}, 3: {"other": 0.0}, 4: None, 5: {"test_loss": 0.2}}
     with checkpoint.Checkpoints(tmp_path / "own", keep=2) as ckpts:
-        for step, loss in losses.items():
-            ckpts.save(state.replace(step=jnp.int32(step)), cfg, metrics={"test_loss": loss})
+        for step, m in metrics.items():
+            ckpts.save(state.replace(step=jnp.int32(step)), cfg, metrics=m)
     assert checkpoint.complete_steps(tmp_path / "own") == [2, 4, 5]  # the best (2) and the 2 latest
     with checkpoint.Checkpoints(tmp_path / "own", keep=2) as ckpts:
         assert ckpts.best_step() == 2
