@@ -5,7 +5,9 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,meta}``. ``state`` is the pytree (pa
 state, step, epoch and the two random keys, which fix the data order of every later epoch);
 ``meta`` is JSON: the run's config and input size (enough to rebuild the model before
 restoring into it), the epoch, and a SHA-256 of the state, checked on every restore because a
-damaged file can otherwise restore silently as wrong numbers.
+damaged file can otherwise restore silently as wrong numbers. Once a save is complete,
+``jaxae_files.json`` beside them lists every file's size, so a deleted or truncated file is
+reported before anything is read.
 
 Orbax writes each save into ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a
 process killed mid-save leaves only a temporary folder, which is never read (and is removed
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -45,6 +48,10 @@ from jaxae.errors import JaxaeError
 from jaxae.train import TrainConfig, Trainer, TrainState, build
 
 CHECKPOINT_DIR = "checkpoints"
+# Written into each step folder once its save is complete: every file's size, so a deleted or
+# truncated file is found before Orbax reads it (a read failing halfway leaves Orbax's
+# background reads behind, which print pages of errors when the process exits).
+FILE_LIST = "jaxae_files.json"
 FORMAT_VERSION = 1
 BEST_METRIC = "test_loss"
 
@@ -85,6 +92,32 @@ def unfinished_saves(workdir: str | Path) -> list[Path]:
     """Temporary folders of saves that never completed (e.g. the process was killed)."""
     root = checkpoint_dir(workdir)
     return sorted(root.glob(f"*{atomicity.TMP_DIR_SUFFIX}*")) if root.is_dir() else []
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(FILE_LIST)
+    }
+
+
+def _check_files(workdir: str | Path, step: int, steps: list[int]) -> None:
+    """Raises :class:`DamagedCheckpointError` if a file of the step's file list is gone or resized."""
+    folder = step_dir(workdir, step)
+    listing = folder / FILE_LIST
+    if not listing.is_file():
+        return  # a save from before file lists, or one killed right after its commit
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise _damaged(workdir, step, steps, f"its file list {FILE_LIST} is unreadable") from e
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise _damaged(workdir, step, steps, f"{name} is missing")
+        if path.stat().st_size != size:
+            raise _damaged(workdir, step, steps, f"{name} has {path.stat().st_size} bytes, {size} when saved")
 
 
 def input_dim_of(state: TrainState) -> int:
@@ -186,6 +219,7 @@ class Checkpoints:
         self.workdir = Path(workdir)
         self.keep = keep
         self._mngr = _manager(workdir, keep=keep)
+        self._unlisted: list[int] = []  # saved steps whose file list is not written yet
 
     def save(self, state: TrainState, config: TrainConfig, *, metrics: dict[str, float] | None = None) -> int:
         """Starts saving ``state`` (one ordinary copy, e.g. ``strategy.host_state(state)``).
@@ -219,12 +253,28 @@ class Checkpoints:
         }
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         # Always some metrics (Orbax warns without), an empty dict never being the best.
+        self._list_files_of_finished_saves()  # Orbax would wait for the previous save here anyway
         self._mngr.save(step, args=args, metrics=dict(metrics or {}), force=True)
+        self._unlisted.append(step)
         return step
 
     def wait(self) -> None:
         """Blocks until the save in flight, if any, is complete on disk."""
         self._mngr.wait_until_finished()
+        self._list_files_of_finished_saves()
+
+    def _list_files_of_finished_saves(self) -> None:
+        if not self._unlisted:
+            return
+        self._mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._unlisted:
+                folder = step_dir(self.workdir, step)
+                if folder.is_dir():  # not already pruned
+                    tmp = folder / (FILE_LIST + ".tmp")
+                    tmp.write_text(json.dumps({"files": _file_sizes(folder)}, indent=0))
+                    os.replace(tmp, folder / FILE_LIST)
+        self._unlisted = []
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints (and the one in flight), oldest first."""
@@ -239,6 +289,7 @@ class Checkpoints:
 
     def close(self) -> None:
         """Waits for the save in flight and releases the manager."""
+        self.wait()
         self._mngr.close()
 
     def __enter__(self) -> Checkpoints:
@@ -329,6 +380,7 @@ def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, dict[s
     mngr = _open(workdir)
     try:
         step, steps = _pick_step(mngr, workdir, step)
+        _check_files(workdir, step, steps)
         return step, _read_meta(mngr, workdir, step, steps)
     finally:
         mngr.close()
@@ -357,6 +409,7 @@ def restore_state(
     mngr = _open(workdir)
     try:
         step, steps = _pick_step(mngr, workdir, step)
+        _check_files(workdir, step, steps)
         meta = _read_meta(mngr, workdir, step, steps)
         try:
             state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state

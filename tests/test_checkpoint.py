@@ -5,7 +5,6 @@ epoch at batch 64) and signal it at chosen moments.
 """
 
 import dataclasses
-import gc
 import json
 import os
 import shutil
@@ -53,6 +52,12 @@ def _step_dirs(workdir):
         return [], []
     names = [p.name for p in root.iterdir()]
     return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if "orbax-checkpoint-tmp" in n)
+
+
+def _subprocess_env(**extra):
+    """This checkout first on the path, whatever jaxae the interpreter has installed."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def _assert_one_line_error(capsys, code, *patterns):
@@ -201,12 +206,7 @@ def test_restore_across_device_counts_and_layouts(tmp_path, idx_folder):
     np.savez(tmp_path / "expected.npz", **{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(one.state))})
     script = tmp_path / "multi.py"
     script.write_text(_MULTI_DEVICE)
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     args = [tmp_path / "one", tmp_path / "four", tmp_path / "expected.npz"]
     proc = subprocess.run(
         [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=600
@@ -289,20 +289,21 @@ _DAMAGE = {
     "deleted file": lambda d, older: _largest_data_file(d).unlink(),
     "truncated file": lambda d, older: os.truncate(_largest_data_file(d), 100),
     "deleted metadata": lambda d, older: (d / "meta" / "metadata").unlink(),
-    # Readable, but not what was saved at this step: only the saved digest can tell.
+    # Readable, but not what was saved at this step, and no file list (as when killed right after
+    # the commit): only the saved digest can tell.
     "arrays of another step": lambda d, older: (
         shutil.rmtree(d / "state"),
         shutil.copytree(older / "state", d / "state"),
+        (d / checkpoint.FILE_LIST).unlink(),
     ),
 }
 
 
-# Orbax leaves the coroutines of a failed read unawaited; they are collected (and ignored) here.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_checkpoint_is_a_clear_error_offering_older_ones(tmp_path, idx_folder, capsys):
     pristine = tmp_path / "pristine"
     fit(_config(idx_folder, epochs=3), pristine, progress=False)
     assert checkpoint.complete_steps(pristine) == [8, 16, 24]
+    assert all((checkpoint.step_dir(pristine, s) / checkpoint.FILE_LIST).is_file() for s in (8, 16, 24))
     _, final, _ = checkpoint.restore(pristine)
 
     for name, damage in _DAMAGE.items():
@@ -317,15 +318,33 @@ def test_damaged_checkpoint_is_a_clear_error_offering_older_ones(tmp_path, idx_f
         _assert_one_line_error(capsys, code, f"checkpoint {checkpoint.step_dir(workdir, 24)} is damaged")
         with pytest.raises(JaxaeError, match=r"older complete checkpoints: steps 8, 16; read one with --step 16"):
             fit(_config(idx_folder, epochs=4), workdir, progress=False, resume=True)
+    assert "do not match the digest" in str(info.value)  # the last case: only the digest can tell
 
+    # As offered: --step 16 reads the older one; delete the damaged one and resume from it.
     assert cli.main(["evaluate", "--workdir", str(workdir), "--step", "16"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epoch"] == 2
-    # As offered: delete the damaged one and resume from the one before; nothing is lost.
     shutil.rmtree(checkpoint.step_dir(workdir, 24))
     resumed = fit(_config(idx_folder, epochs=3), workdir, progress=False, resume=True)
     assert resumed.start_epoch == 2
-    _assert_same_tree(resumed.state, final)
-    gc.collect()
+    _assert_same_tree(resumed.state, final)  # nothing lost: the same state as before the damage
+
+
+def test_damaged_checkpoint_from_the_command_line_is_one_line(tmp_path, idx_folder):
+    """A real process, so nothing printed at exit can hide among pytest's output."""
+    workdir = tmp_path / "run"
+    fit(_config(idx_folder, epochs=2), workdir, progress=False)
+    os.truncate(_largest_data_file(checkpoint.step_dir(workdir, 16)), 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxae", "evaluate", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"jaxae: error: checkpoint {checkpoint.step_dir(workdir, 16)} is damaged (")
+    assert "older complete checkpoints: steps 8; read one with --step 8" in proc.stderr
 
 
 # -- NaN / Inf --------------------------------------------------------------------------------
@@ -371,13 +390,7 @@ def test_nan_loss_stops_naming_the_epoch_and_keeps_the_last_good_checkpoint(tmp_
 
 
 def _spawn(tmp_path, workdir, idx_folder, *extra, slow_save=0.0):
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    if slow_save:
-        env[checkpoint.SLOW_SAVE_ENV] = str(slow_save)
+    env = _subprocess_env(**({checkpoint.SLOW_SAVE_ENV: str(slow_save)} if slow_save else {}))
     args = ["train", "--dataset", str(idx_folder), "--batch-size", "64", "--epochs", "100000"]
     args += ["--workdir", str(workdir), "--no-progress", *extra]
     # A child inherits an ignored SIGINT (a test runner may be started so); a handled one it does not.
