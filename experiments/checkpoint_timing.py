@@ -4,8 +4,8 @@ Command:   .venv/bin/python experiments/checkpoint_timing.py
 Runtime:   about 15 seconds on a 2-core CPU.
 Expected:  the document's model with its Adam state is 2.7 MB of arrays (2.2 MB on disk). On
            this project's 2-core CPU (shared, busy) an asynchronous save blocked training for
-           27 ms and was complete on disk after 0.17 s; a restore, checked against the saved
-           digest, took 55 ms (71 ms including rebuilding the model from the saved config).
+           20-30 ms and was complete on disk after 0.1-0.2 s; a restore, checked against the
+           saved digest, took about 50 ms (70 ms including rebuilding the model from the config).
 Writes:    experiments/results/checkpoint_timing.json
 """
 
