@@ -397,7 +397,7 @@ def fit(
         state = checkpoint.restore_state(out, state, strategy=strategy)
     else:
         state = strategy.put_state(state)
-    start_epoch = int(_host_copy(strategy, state).epoch)
+    start_epoch = int(strategy.host_state(state).epoch)
     history = _previous_records(out, start_epoch) if resume else []
     if start_epoch >= config.epochs:
         return FitResult(trainer, strategy.host_state(state), history, 0.0, start_epoch)
@@ -441,7 +441,7 @@ def fit(
             _check_finite(epoch + 1, train_metrics, test_metrics, ckpts)
             record = {
                 "epoch": epoch + 1,
-                "step": int(_host_copy(strategy, state).step),
+                "step": int(strategy.host_state(state).step),
                 **{f"train_{k}": v for k, v in train_metrics.items()},
                 **{f"test_{k}": v for k, v in test_metrics.items()},
                 "samples_per_s": len(train) / t_train,
@@ -487,12 +487,14 @@ def _check_finite(epoch: int, train_metrics: dict[str, float], test_metrics: dic
     if not bad:
         return
     # The diverged state is never saved; the last good checkpoint stays the latest.
+    from jaxae import checkpoint
+
     where = "there is no earlier checkpoint"
     if ckpts is not None:
         ckpts.wait()
         step = ckpts.latest_step()
         if step is not None:
-            where = f"the last good checkpoint is {ckpts.workdir / 'checkpoints' / str(step)} (step {step})"
+            where = f"the last good checkpoint is {checkpoint.step_dir(ckpts.workdir, step)} (step {step})"
     values = ", ".join(f"{k} = {v}" for k, v in bad.items())
     raise JaxaeError(
         f"training diverged at epoch {epoch} ({values}); that state was not saved, {where}. Try a smaller --lr"
@@ -524,6 +526,7 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
 def _interrupted(signum: int, config: TrainConfig, state: TrainState, ckpts: Any) -> Exception:
     import signal
 
+    from jaxae import checkpoint
     from jaxae.errors import TrainingInterrupted
 
     epoch = int(state.epoch)
@@ -538,7 +541,7 @@ def _interrupted(signum: int, config: TrainConfig, state: TrainState, ckpts: Any
             step=None,
             checkpoint=None,
         )
-    path = str(ckpts.workdir / "checkpoints" / str(step))
+    path = str(checkpoint.step_dir(ckpts.workdir, step))
     return TrainingInterrupted(
         f"interrupted by {name} after epoch {epoch} of {config.epochs}; checkpoint saved in {path} (step {step})",
         signum=signum,
