@@ -16,6 +16,7 @@ setup:
 
 # The document's experiment on the embedded MNIST sample: writes $(WORKDIR)/reconstructions.png.
 train:
+	rm -rf $(WORKDIR)
 	$(PY) -m jaxae train --variant vanilla --dataset mnist-sample --epochs 20 --workdir $(WORKDIR)
 
 test:

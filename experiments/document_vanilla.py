@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def main() -> None:
             for normalize in ("unit", "seed"):
                 config = TrainConfig(dataset=dataset, init=init, normalize=normalize, epochs=args.epochs)
                 workdir = HERE / "results" / f"vanilla-{label}-{init}-{normalize}"
+                shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # a rerun replaces the last one
                 t0 = time.perf_counter()
                 result = fit(config, workdir, progress=False)
                 last = result.history[-1]

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jaxae.errors import JaxaeError
+from jaxae.errors import JaxaeError, TrainingInterrupted
 
 
 def _defaults():
@@ -180,13 +180,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     config.validate()
     strategy = _strategy_from_args(args)
-    result = fit(config, args.workdir, progress=not args.no_progress, strategy=strategy, init_from=args.init_from)
-    if strategy.is_primary:
-        last = result.history[-1]
-        summary = {k: last[k] for k in last if k.startswith("test_")}
+    result = fit(
+        config,
+        args.workdir,
+        progress=not args.no_progress,
+        strategy=strategy,
+        init_from=args.init_from,
+        resume=args.resume,
+        save_every=args.save_every,
+        keep=args.keep,
+    )
+    if not strategy.is_primary:
+        return 0
+    if result.start_epoch >= config.epochs:
         print(
-            json.dumps({"workdir": args.workdir, "epochs": last["epoch"], "devices": strategy.device_count, **summary})
+            f"jaxae: {args.workdir} is already at epoch {result.start_epoch} (--epochs {config.epochs}); "
+            "nothing to train. Raise --epochs to train longer",
+            file=sys.stderr,
         )
+    last = result.history[-1] if result.history else {"epoch": result.start_epoch}
+    summary = {k: last[k] for k in last if k.startswith("test_")}
+    print(json.dumps({"workdir": args.workdir, "epochs": last["epoch"], "devices": strategy.device_count, **summary}))
     return 0
 
 
@@ -327,11 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from the parameters of the checkpoint in DIR (e.g. written by 'jaxae convert'), "
         "with a fresh optimizer state",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --workdir from its latest complete checkpoint; --epochs is the total",
+    )
+    p.add_argument("--save-every", type=int, default=1, help="save a checkpoint every N epochs (default: %(default)s)")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=3,
+        help="keep the K latest checkpoints, plus the best by test loss (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="print a trained model's test metrics as JSON")
     p.add_argument("--workdir", required=True, help="a folder written by 'jaxae train'")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
     p.add_argument(
         "--iw-samples",
         type=int,
@@ -430,10 +456,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_command(argv: Sequence[str]) -> str:
+    import shlex
+
+    return shlex.join(["jaxae", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except TrainingInterrupted as e:
+        how = f"; resume with: {_resume_command(argv)}" if e.checkpoint else ""
+        print(f"jaxae: {e}{how}", file=sys.stderr)
+        return e.exit_status
     except JaxaeError as e:
         print(f"jaxae: error: {e}", file=sys.stderr)
         return 2

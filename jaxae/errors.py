@@ -11,3 +11,28 @@ class JaxaeError(Exception):
 
 class DataError(JaxaeError):
     """A dataset that cannot be found, read or used as asked."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped cleanly on SIGINT or SIGTERM, after saving a checkpoint.
+
+    Not a :class:`JaxaeError`: nothing was wrong with the input. The CLI exits with
+    :attr:`exit_status` (130 for SIGINT, 143 for SIGTERM, as a shell reports them).
+
+    Attributes:
+        signum: the signal received.
+        epoch: epochs completed when training stopped.
+        step: the step of the latest complete checkpoint (None if there is none).
+        checkpoint: that checkpoint's folder (None if there is none).
+    """
+
+    def __init__(self, message: str, *, signum: int, epoch: int, step: int | None, checkpoint: str | None):
+        super().__init__(message)
+        self.signum = signum
+        self.epoch = epoch
+        self.step = step
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum

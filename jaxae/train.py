@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -422,6 +423,7 @@ class FitResult:
     state: TrainState
     history: list[dict[str, Any]]
     compile_seconds: float
+    start_epoch: int = 0  # epochs already done when this call began (non-zero on resume)
 
 
 def fit(
@@ -432,23 +434,58 @@ def fit(
     callbacks: Iterable[Callable[[dict[str, Any]], None]] = (),
     strategy: Any = None,
     init_from: str | Path | None = None,
+    resume: bool = False,
+    save_every: int = 1,
+    keep: int = 3,
 ) -> FitResult:
     """Trains ``config``'s model on its dataset and evaluates on the test split every epoch.
 
     With a ``workdir`` it writes ``config.json``, ``metrics.jsonl`` (one line per epoch, flushed
-    as it goes), a checkpoint of the final state, ``reconstructions.png`` and ``loss.png``.
-    ``strategy`` is a :class:`jaxae.parallel.Strategy` or its name (default ``"none"``). In a
-    multi-process run every process calls ``fit``; only the primary one (process 0) writes
-    files and shows progress, and all of them take part in saving the checkpoint.
-    With ``init_from`` (a folder holding a checkpoint, e.g. from ``jaxae convert``) training
-    starts from that checkpoint's parameters instead of a fresh init (see :func:`init_params_from`).
+    as it goes), Orbax checkpoints under ``checkpoints/`` (asynchronously, every ``save_every``
+    epochs and after the last; the ``keep`` latest plus the best by test loss are kept),
+    ``reconstructions.png`` and ``loss.png``. The first SIGINT or SIGTERM finishes the epoch,
+    saves a checkpoint and raises :class:`~jaxae.errors.TrainingInterrupted`.
+
+    Args:
+        config: the run; ``config.epochs`` is the total, counting epochs done before a resume.
+        workdir: output folder (None: train in memory only).
+        progress: show a progress bar.
+        callbacks: each gets every epoch's metrics record.
+        strategy: a :class:`~jaxae.parallel.Strategy` or its name (default ``"none"``). In a
+            multi-process run every process calls ``fit``; only the primary one (process 0)
+            writes files and shows progress, and all of them take part in checkpointing.
+        resume: continue the run in ``workdir`` from its latest complete checkpoint; the result
+            is the one an uninterrupted run gives. A run already at ``config.epochs`` returns
+            at once (``start_epoch >= config.epochs``).
+        save_every: save a checkpoint every this many epochs.
+        keep: how many of the latest checkpoints to keep (the best is kept besides).
+        init_from: a folder holding a checkpoint (e.g. from ``jaxae convert``): start from its
+            parameters with a fresh optimizer (see :func:`init_params_from`); ignored on resume.
 
     Raises:
-        JaxaeError: bad settings or data (e.g. a batch larger than the split).
+        JaxaeError: bad settings or data (e.g. a batch larger than the split), nothing to
+            resume or a checkpoint of a different run, or a non-finite loss (the last good
+            checkpoint stays the latest).
+        TrainingInterrupted: a SIGINT or SIGTERM stopped training after a checkpoint was saved.
     """
     from tqdm.auto import tqdm
 
     config.validate()
+    if save_every < 1:
+        raise JaxaeError(f"--save-every must be at least 1, got {save_every}")
+    if keep < 1:
+        raise JaxaeError(f"--keep must be at least 1, got {keep}")
+    if resume and workdir is None:
+        raise JaxaeError("resuming needs the workdir of the run to continue")
+    out = Path(workdir) if workdir is not None else None
+    if out is not None:
+        from jaxae import checkpoint
+
+        # Before loading anything: a wrong --resume or a taken workdir fails fast.
+        if resume:
+            checkpoint.check_resumable(out, config)
+        else:
+            checkpoint.check_fresh(out)
     train = load_dataset(config.dataset, "train", config.tfds_data_dir)
     test = load_dataset(config.dataset, "test", config.tfds_data_dir)
     if config.batch_size > len(train):
@@ -460,9 +497,16 @@ def fit(
     progress = progress and strategy.is_primary
     input_dim = math.prod(train.image_shape)
     trainer, state = build(config, train.image_shape)
-    if init_from is not None:
-        state = init_params_from(init_from, trainer, state)
-    state = strategy.put_state(state)
+    if resume:
+        state = checkpoint.restore_state(out, state, strategy=strategy)
+    else:
+        if init_from is not None:
+            state = init_params_from(init_from, trainer, state)
+        state = strategy.put_state(state)
+    start_epoch = int(strategy.host_state(state).epoch)
+    history = _previous_records(out, start_epoch) if resume else []
+    if start_epoch >= config.epochs:
+        return FitResult(trainer, strategy.host_state(state), history, 0.0, start_epoch)
     train_images = strategy.put_data(train.images.reshape(len(train), input_dim))
     test_images = strategy.put_data(test.images.reshape(len(test), input_dim))
     eval_batch = min(config.eval_batch_size, len(test))
@@ -472,22 +516,36 @@ def fit(
     evaluate = strategy.compile_evaluate(trainer, state, test_images, eval_batch)
     compile_seconds = time.perf_counter() - t0
 
-    out = Path(workdir) if workdir is not None else None
     metrics_file = None
-    if out is not None and strategy.is_primary:
+    ckpts = None
+    stop = None
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        metrics_file = open(out / "metrics.jsonl", "w")
+        if strategy.is_primary:
+            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            _write_records(out / "metrics.jsonl", history)  # on resume: drops epochs past the checkpoint
+            metrics_file = open(out / "metrics.jsonl", "a")
+        ckpts = checkpoint.Checkpoints(out, keep=keep)
+        stop = checkpoint.StopOnSignal().__enter__()
 
-    history: list[dict[str, Any]] = []
-    bar = tqdm(range(config.epochs), desc=f"{config.variant} on {config.dataset}", unit="epoch", disable=not progress)
+    bar = tqdm(
+        range(start_epoch, config.epochs),
+        initial=start_epoch,
+        total=config.epochs,
+        desc=f"{config.variant} on {config.dataset}",
+        unit="epoch",
+        disable=not progress,
+    )
     try:
         for epoch in bar:
+            if stop is not None and stop.signum is not None:
+                break
             t_start = time.perf_counter()
             state, step_metrics = train_epoch(state, train_images)
             train_metrics = summarize_epoch(jax.device_get(step_metrics))
             t_train = time.perf_counter() - t_start
             test_metrics = {k: float(v) for k, v in jax.device_get(evaluate(state, test_images)).items()}
+            _check_finite(epoch + 1, train_metrics, test_metrics, ckpts)
             record = {
                 "epoch": epoch + 1,
                 "step": int(strategy.host_state(state).step),
@@ -500,17 +558,102 @@ def fit(
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+            if ckpts is not None and ((epoch + 1) % save_every == 0 or epoch + 1 == config.epochs):
+                ckpts.save(_host_copy(strategy, state), config, metrics={"test_loss": test_metrics["loss"]})
             for callback in callbacks:
                 callback(record)
             bar.set_postfix(train_loss=f"{record['train_loss']:.4f}", test_loss=f"{record['test_loss']:.4f}")
+        if stop is not None and stop.signum is not None:
+            final = _host_copy(strategy, state)
+            if int(final.epoch) > start_epoch and int(final.step) != ckpts.latest_step():
+                ckpts.save(final, config, metrics={"test_loss": history[-1]["test_loss"]})
+            raise _interrupted(stop.signum, config, final, ckpts)
     finally:
+        if stop is not None:
+            stop.__exit__()
         if metrics_file is not None:
             metrics_file.close()
+        if ckpts is not None:
+            ckpts.close()  # completes the save in flight
 
     if out is not None:
-        from jaxae import checkpoint, plots
+        from jaxae import plots
 
-        checkpoint.save(out, strategy.checkpoint_state(state), config)
         if strategy.is_primary:
             plots.write_run_figures(out, trainer, strategy.host_state(state), test, history)
-    return FitResult(trainer, strategy.host_state(state), history, compile_seconds)
+    return FitResult(trainer, strategy.host_state(state), history, compile_seconds, start_epoch)
+
+
+def _host_copy(strategy: Any, state: TrainState) -> TrainState:
+    """The state as a checkpoint holds it (a strategy may say how; else its host copy)."""
+    return getattr(strategy, "checkpoint_state", strategy.host_state)(state)
+
+
+def _check_finite(epoch: int, train_metrics: dict[str, float], test_metrics: dict[str, float], ckpts: Any) -> None:
+    bad = {f"train {k}": v for k, v in train_metrics.items() if not math.isfinite(v)}
+    bad.update({f"test {k}": v for k, v in test_metrics.items() if not math.isfinite(v)})
+    if not bad:
+        return
+    # The diverged state is never saved; the last good checkpoint stays the latest.
+    from jaxae import checkpoint
+
+    where = "there is no earlier checkpoint"
+    if ckpts is not None:
+        ckpts.wait()
+        step = ckpts.latest_step()
+        if step is not None:
+            where = f"the last good checkpoint is {checkpoint.step_dir(ckpts.workdir, step)} (step {step})"
+    values = ", ".join(f"{k} = {v}" for k, v in bad.items())
+    raise JaxaeError(
+        f"training diverged at epoch {epoch} ({values}); that state was not saved, {where}. Try a smaller --lr"
+    )
+
+
+def _previous_records(out: Path, epochs_done: int) -> list[dict[str, Any]]:
+    """The metrics of the epochs a resumed checkpoint holds (later lines are re-run)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed process
+        if isinstance(record, dict) and record.get("epoch", epochs_done + 1) <= epochs_done:
+            records.append(record)
+    return records
+
+
+def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def _interrupted(signum: int, config: TrainConfig, state: TrainState, ckpts: Any) -> Exception:
+    import signal
+
+    from jaxae import checkpoint
+    from jaxae.errors import TrainingInterrupted
+
+    epoch = int(state.epoch)
+    ckpts.wait()
+    step = ckpts.latest_step()
+    name = signal.Signals(signum).name
+    if step is None:
+        return TrainingInterrupted(
+            f"interrupted by {name} before the first epoch ended; no checkpoint was written",
+            signum=signum,
+            epoch=epoch,
+            step=None,
+            checkpoint=None,
+        )
+    path = str(checkpoint.step_dir(ckpts.workdir, step))
+    return TrainingInterrupted(
+        f"interrupted by {name} after epoch {epoch} of {config.epochs}; checkpoint saved in {path} (step {step})",
+        signum=signum,
+        epoch=epoch,
+        step=step,
+        checkpoint=path,
+    )

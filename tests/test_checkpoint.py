@@ -1,0 +1,488 @@
+"""Checkpoints, exact resume, and training that survives SIGINT, SIGTERM, SIGKILL and NaNs.
+
+The kill tests run ``jaxae train`` in a subprocess on a 512-image IDX folder (8 steps per
+epoch at batch 64) and signal it at chosen moments.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxae import checkpoint, cli
+from jaxae.errors import JaxaeError, TrainingInterrupted
+from jaxae.parallel import Strategy
+from jaxae.train import TrainConfig, build, fit
+
+STEPS_PER_EPOCH = 8  # 512 train images, batch 64
+TIMING = ("samples_per_s", "seconds")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(idx_folder, **changes):
+    return TrainConfig(dataset=str(idx_folder), batch_size=64, **changes)
+
+
+def _records(workdir):
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def _assert_same_tree(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _step_dirs(workdir):
+    """(complete steps, unfinished temporary folders) as they lie on disk."""
+    root = checkpoint.checkpoint_dir(workdir)
+    if not root.is_dir():
+        return [], []
+    names = [p.name for p in root.iterdir()]
+    return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if "orbax-checkpoint-tmp" in n)
+
+
+def _subprocess_env(**extra):
+    """This checkout first on the path, whatever jaxae the interpreter has installed."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _assert_one_line_error(capsys, code, *patterns):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("jaxae: error: ")
+    for pattern in patterns:
+        assert pattern in err, err
+
+
+# -- exact resume -----------------------------------------------------------------------------
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, idx_folder, capsys):
+    full = fit(_config(idx_folder, epochs=4), tmp_path / "full", progress=False, save_every=3)
+    assert checkpoint.complete_steps(tmp_path / "full") == [24, 32]  # every 3rd epoch and the last
+    first = fit(_config(idx_folder, epochs=2), tmp_path / "split", progress=False)
+    assert first.start_epoch == 0 and _step_dirs(tmp_path / "split")[0] == [8, 16]
+    resumed = fit(_config(idx_folder, epochs=4), tmp_path / "split", progress=False, resume=True)
+
+    assert resumed.start_epoch == 2
+    _assert_same_tree(resumed.state, full.state)  # params, optimizer state, step, epoch, both keys
+    assert int(resumed.state.step) == 4 * STEPS_PER_EPOCH and int(resumed.state.epoch) == 4
+    assert _records(tmp_path / "split") == _records(tmp_path / "full")  # appended: epochs 1..4 once
+    assert [r["epoch"] for r in _records(tmp_path / "split")] == [1, 2, 3, 4]
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in resumed.history]
+    assert strip == _records(tmp_path / "full")
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["epochs"] == 4
+
+    # At (or past) --epochs: nothing to do, exit 0 saying so, nothing rewritten.
+    before = (tmp_path / "split" / "metrics.jsonl").read_text()
+    for epochs in ("4", "3"):
+        code = cli.main(
+            ["train", "--dataset", str(idx_folder), "--batch-size", "64", "--epochs", epochs]
+            + ["--workdir", str(tmp_path / "split"), "--resume", "--no-progress"]
+        )
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert f"is already at epoch 4 (--epochs {epochs}); nothing to train" in captured.err
+        assert json.loads(captured.out.splitlines()[-1])["epochs"] == 4
+    assert (tmp_path / "split" / "metrics.jsonl").read_text() == before
+    assert _step_dirs(tmp_path / "split")[0] == [16, 24, 32]
+
+
+def test_keep_latest_plus_best(tmp_path):
+    cfg = TrainConfig(hidden_dims=(8,), latent_dim=2)
+    _, state = build(cfg, 16)
+    metrics = {1: {"test_loss": 0.5}, 2: {"test_loss": 0.1}, 3: {"other": 0.0}, 4: None, 5: {"test_loss": 0.2}}
+    with checkpoint.Checkpoints(tmp_path / "own", keep=2) as ckpts:
+        for step, m in metrics.items():
+            ckpts.save(state.replace(step=jnp.int32(step)), cfg, metrics=m)
+    assert checkpoint.complete_steps(tmp_path / "own") == [2, 4, 5]  # the best (2) and the 2 latest
+    with checkpoint.Checkpoints(tmp_path / "own", keep=2) as ckpts:
+        assert ckpts.best_step() == 2
+        with pytest.raises(JaxaeError, match="step 5 exists already"):
+            ckpts.save(state.replace(step=jnp.int32(5)), cfg)
+    _, restored, restored_cfg = checkpoint.restore(tmp_path / "own", 2)
+    assert int(restored.step) == 2 and restored_cfg == cfg
+    _assert_same_tree(restored.params, state.params)
+
+
+class _Stacked(Strategy):
+    """pmap's layout on one device: every leaf gets a leading device axis."""
+
+    def put_state(self, state):
+        return jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+
+    def host_state(self, state):
+        return jax.tree.map(lambda x: x[0], state)
+
+
+def test_library_save_restore_from_a_users_loop(tmp_path, sample_train):
+    cfg = TrainConfig(epochs=2)
+    trainer, state = build(cfg, 784)
+    images = jnp.asarray(sample_train.images[:512].reshape(512, -1))
+    state, _ = trainer.jit_train_epoch(state, images, batch_size=64)
+    expected = jax.device_get(state)
+
+    with checkpoint.Checkpoints(tmp_path / "run") as ckpts:
+        assert ckpts.save(state, cfg, metrics={"test_loss": 0.5}) == 8
+        # The next epoch donates `state` while the save may still be writing.
+        state, _ = trainer.jit_train_epoch(state, images, batch_size=64)
+    trainer2, restored, cfg2 = checkpoint.restore(tmp_path / "run")
+    assert cfg2 == cfg
+    _assert_same_tree(restored, expected)
+    again, _ = trainer2.jit_train_epoch(restored, images, batch_size=64)
+    _assert_same_tree(again, state)  # a restored state trains on exactly as the original
+
+    assert checkpoint.save(tmp_path / "run", state, cfg) == 16  # the one-shot helper
+    _, meta = checkpoint.read_meta(tmp_path / "run")
+    assert meta["epoch"] == 2 and meta["config"] == cfg.to_dict() and meta["input_dim"] == 784
+    _, stacked, _ = checkpoint.restore(tmp_path / "run", 8, strategy=_Stacked())
+    assert stacked.params["encoder"]["layers"][0]["kernel"].shape == (1, 784, 128)
+    _assert_same_tree(_Stacked().host_state(stacked), expected)
+
+
+_MULTI_DEVICE = """
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxae import checkpoint
+from jaxae.parallel import Strategy
+
+assert jax.device_count() == 4, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("d",))
+
+class Replicated(Strategy):
+    # The 'shard' strategy's state layout: replicated over a 4-device mesh.
+    def put_state(self, state):
+        return jax.device_put(state, NamedSharding(mesh, P()))
+    def put_data(self, images):
+        return jax.device_put(images, NamedSharding(mesh, P()))
+
+class Stacked(Strategy):
+    # The 'pmap' strategy's state layout: a leading axis over the 4 devices.
+    def put_state(self, state):
+        return jax.tree.map(
+            lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (4, *np.shape(x))), NamedSharding(mesh, P("d"))),
+            state,
+        )
+    def host_state(self, state):
+        return jax.tree.map(lambda x: x.addressable_data(0)[0], state)
+
+saved_on_one, new_workdir, expected_npz = sys.argv[1:]
+expected = np.load(expected_npz)
+_, state, config = checkpoint.restore(saved_on_one, strategy=Replicated())
+for i, leaf in enumerate(jax.tree.leaves(state)):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4, leaf.sharding
+    np.testing.assert_array_equal(np.asarray(leaf), expected[str(i)])
+_, stacked, _ = checkpoint.restore(saved_on_one, strategy=Stacked())
+for i, leaf in enumerate(jax.tree.leaves(stacked)):
+    assert leaf.shape[0] == 4 and len(leaf.sharding.device_set) == 4
+    for d in range(4):
+        np.testing.assert_array_equal(np.asarray(leaf.addressable_data(d)[0]), expected[str(i)])
+
+# Save from the 4-device layout; the 1-device process resumes from it.
+checkpoint.save(new_workdir, state, config)
+print("ok")
+"""
+
+
+def test_restore_across_device_counts_and_layouts(tmp_path, idx_folder):
+    """Saved on 1 device, restored replicated and stacked on 4; saved from 4, resumed on 1."""
+    one = fit(_config(idx_folder, epochs=1), tmp_path / "one", progress=False)
+    np.savez(tmp_path / "expected.npz", **{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(one.state))})
+    script = tmp_path / "multi.py"
+    script.write_text(_MULTI_DEVICE)
+    env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    args = [tmp_path / "one", tmp_path / "four", tmp_path / "expected.npz"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+    _, state, _ = checkpoint.restore(tmp_path / "four")
+    for leaf in jax.tree.leaves(state):
+        assert leaf.sharding.device_set == {jax.devices()[0]}
+    _assert_same_tree(state, one.state)
+    from_four = fit(_config(idx_folder, epochs=2), tmp_path / "four", progress=False, resume=True)
+    from_one = fit(_config(idx_folder, epochs=2), tmp_path / "one", progress=False, resume=True)
+    assert from_four.start_epoch == 1
+    _assert_same_tree(from_four.state, from_one.state)
+
+
+# -- refusing to resume the wrong thing -------------------------------------------------------
+
+
+def test_resume_refuses_another_model_and_lists_every_difference(tmp_path, idx_folder, capsys):
+    workdir = tmp_path / "run"
+    fit(_config(idx_folder, epochs=1), workdir, progress=False)
+    code = cli.main(
+        ["train", "--dataset", str(idx_folder), "--batch-size", "64", "--epochs", "3", "--latent-dim", "16"]
+        + ["--hidden-dims", "64", "--workdir", str(workdir), "--resume", "--no-progress"]
+    )
+    _assert_one_line_error(
+        capsys, code, "was saved by a different run", "hidden_dims: checkpoint [128, 64], now [64]", "latent_dim"
+    )
+    assert "epochs" not in capsys.readouterr().err  # the total length may change on resume
+    # The same folder written another way is the same dataset.
+    relative = os.path.relpath(idx_folder)
+    _, meta = checkpoint.check_resumable(workdir, _config(relative, epochs=5))
+    assert meta["epoch"] == 1
+
+    code = cli.main(["train", "--workdir", str(workdir), "--no-progress"])
+    _assert_one_line_error(capsys, code, "already holds checkpoints", "--resume")
+    code = cli.main(["train", "--workdir", str(tmp_path / "empty"), "--resume", "--no-progress"])
+    _assert_one_line_error(capsys, code, "no checkpoints in")
+    code = cli.main(["train", "--workdir", str(tmp_path / "x"), "--save-every", "0", "--no-progress"])
+    _assert_one_line_error(capsys, code, "--save-every must be at least 1")
+
+
+def _other_value(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, tuple):
+        return (*value, 7)
+    if value is None:
+        return "other"
+    raise AssertionError(f"no other value for {value!r}")
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(TrainConfig)])
+def test_every_config_field_but_run_length_must_match(field):
+    """Fields added to TrainConfig later are compared too, unless declared changeable."""
+    base = TrainConfig()
+    changed = dataclasses.replace(base, **{field: _other_value(getattr(base, field))})
+    diffs = checkpoint.config_differences(base, changed)
+    if field in checkpoint.RESUME_MAY_CHANGE:
+        assert diffs == []
+    else:
+        assert len(diffs) == 1 and diffs[0].startswith(f"{field}: checkpoint "), diffs
+
+
+# -- damaged checkpoints ----------------------------------------------------------------------
+
+
+def _largest_data_file(step_dir):
+    return max(
+        (p for p in (step_dir / "state").rglob("*") if p.is_file() and "d" == p.parent.name), key=os.path.getsize
+    )
+
+
+_DAMAGE = {
+    "deleted file": lambda d, older: _largest_data_file(d).unlink(),
+    "truncated file": lambda d, older: os.truncate(_largest_data_file(d), 100),
+    "deleted metadata": lambda d, older: (d / "meta" / "metadata").unlink(),
+    # Readable, but not what was saved at this step, and no file list (as when killed right after
+    # the commit): only the saved digest can tell.
+    "arrays of another step": lambda d, older: (
+        shutil.rmtree(d / "state"),
+        shutil.copytree(older / "state", d / "state"),
+        (d / checkpoint.FILE_LIST).unlink(),
+    ),
+}
+
+
+def test_damaged_checkpoint_is_a_clear_error_offering_older_ones(tmp_path, idx_folder, capsys):
+    pristine = tmp_path / "pristine"
+    fit(_config(idx_folder, epochs=3), pristine, progress=False)
+    assert checkpoint.complete_steps(pristine) == [8, 16, 24]
+    assert all((checkpoint.step_dir(pristine, s) / checkpoint.FILE_LIST).is_file() for s in (8, 16, 24))
+    _, final, _ = checkpoint.restore(pristine)
+
+    for name, damage in _DAMAGE.items():
+        workdir = tmp_path / name.replace(" ", "-")
+        shutil.copytree(pristine, workdir)
+        damage(checkpoint.step_dir(workdir, 24), checkpoint.step_dir(workdir, 16))
+
+        with pytest.raises(checkpoint.DamagedCheckpointError) as info:
+            checkpoint.restore(workdir)
+        assert info.value.step == 24 and info.value.older_steps == [8, 16], name
+        code = cli.main(["evaluate", "--workdir", str(workdir)])
+        _assert_one_line_error(capsys, code, f"checkpoint {checkpoint.step_dir(workdir, 24)} is damaged")
+        with pytest.raises(JaxaeError, match=r"older complete checkpoints: steps 8, 16; read one with --step 16"):
+            fit(_config(idx_folder, epochs=4), workdir, progress=False, resume=True)
+    assert "do not match the digest" in str(info.value)  # the last case: only the digest can tell
+
+    # As offered: --step 16 reads the older one; delete the damaged one and resume from it.
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--step", "16"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epoch"] == 2
+    shutil.rmtree(checkpoint.step_dir(workdir, 24))
+    resumed = fit(_config(idx_folder, epochs=3), workdir, progress=False, resume=True)
+    assert resumed.start_epoch == 2
+    _assert_same_tree(resumed.state, final)  # nothing lost: the same state as before the damage
+
+
+def test_damaged_checkpoint_from_the_command_line_is_one_line(tmp_path, idx_folder):
+    """A real process, so nothing printed at exit can hide among pytest's output."""
+    workdir = tmp_path / "run"
+    fit(_config(idx_folder, epochs=2), workdir, progress=False)
+    os.truncate(_largest_data_file(checkpoint.step_dir(workdir, 16)), 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxae", "evaluate", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"jaxae: error: checkpoint {checkpoint.step_dir(workdir, 16)} is damaged (")
+    assert "older complete checkpoints: steps 8; read one with --step 8" in proc.stderr
+
+
+# -- NaN / Inf --------------------------------------------------------------------------------
+
+
+class _PoisonAt(Strategy):
+    """Makes the parameters NaN just before epoch ``epoch`` (1-based) trains."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def compile_epoch(self, trainer, state, images, batch_size):
+        train_epoch = super().compile_epoch(trainer, state, images, batch_size)
+
+        def run(state, images):
+            if int(state.epoch) + 1 == self.epoch:
+                state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+            return train_epoch(state, images)
+
+        return run
+
+
+def test_nan_loss_stops_naming_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path, idx_folder, capsys):
+    workdir = tmp_path / "run"
+    with pytest.raises(JaxaeError, match=r"training diverged at epoch 3 \(train loss = nan") as info:
+        fit(_config(idx_folder, epochs=6), workdir, progress=False, strategy=_PoisonAt(3))
+    assert f"last good checkpoint is {checkpoint.step_dir(workdir, 16)}" in str(info.value)
+    assert _step_dirs(workdir) == ([8, 16], [])
+    assert [r["epoch"] for r in _records(workdir)] == [1, 2]
+    _, state, _ = checkpoint.restore(workdir)
+    assert int(state.epoch) == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+    # A learning rate that blows up in the first epoch: nothing is saved at all.
+    code = cli.main(
+        ["train", "--dataset", str(idx_folder), "--batch-size", "64", "--epochs", "3", "--lr", "1e30"]
+        + ["--workdir", str(tmp_path / "lr"), "--no-progress"]
+    )
+    _assert_one_line_error(capsys, code, "training diverged at epoch 1", "there is no earlier checkpoint", "--lr")
+    assert _step_dirs(tmp_path / "lr") == ([], [])
+
+
+# -- signals (a real process) -----------------------------------------------------------------
+
+
+def _spawn(tmp_path, workdir, idx_folder, *extra, slow_save=0.0):
+    env = _subprocess_env(**({checkpoint.SLOW_SAVE_ENV: str(slow_save)} if slow_save else {}))
+    args = ["train", "--dataset", str(idx_folder), "--batch-size", "64", "--epochs", "100000"]
+    args += ["--workdir", str(workdir), "--no-progress", *extra]
+    # A child inherits an ignored SIGINT (a test runner may be started so); a handled one it does not.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with open(tmp_path / "stderr.txt", "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "jaxae", *args], stdout=subprocess.DEVNULL, stderr=err, env=env
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return proc, args
+
+
+def _wait_for(proc, condition, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_save_loses_nothing_saved_and_resume_is_exact(tmp_path, idx_folder):
+    workdir = tmp_path / "run"
+    # Every save holds its commit 2 s, so the kill lands inside the second save.
+    proc, _ = _spawn(tmp_path, workdir, idx_folder, slow_save=2)
+    _wait_for(proc, lambda: (lambda c, t: len(c) >= 1 and len(t) >= 1)(*_step_dirs(workdir)))
+    proc.kill()
+    proc.wait(timeout=60)
+    complete, partial = _step_dirs(workdir)
+    assert complete == [8] and partial == ["16.orbax-checkpoint-tmp"], (complete, partial)
+
+    assert checkpoint.complete_steps(workdir) == [8]  # the partial save is not a checkpoint
+    _, meta = checkpoint.read_meta(workdir)
+    assert meta["epoch"] == 1
+    resumed = fit(_config(idx_folder, epochs=3), workdir, progress=False, resume=True)
+    uninterrupted = fit(_config(idx_folder, epochs=3), tmp_path / "uninterrupted", progress=False)
+    assert resumed.start_epoch == 1
+    _assert_same_tree(resumed.state, uninterrupted.state)
+    assert _records(workdir) == _records(tmp_path / "uninterrupted")
+    assert _step_dirs(workdir) == ([8, 16, 24], [])  # the partial folder was cleaned up
+
+
+@pytest.mark.parametrize(
+    "sig, status, slow_save",
+    [(signal.SIGINT, 130, 0.0), (signal.SIGTERM, 143, 1.0)],  # SIGTERM lands during a save
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_sigint_sigterm_save_a_final_checkpoint_and_exit(tmp_path, idx_folder, sig, status, slow_save):
+    workdir = tmp_path / "run"
+    proc, args = _spawn(tmp_path, workdir, idx_folder, "--keep", "2", slow_save=slow_save)
+    _wait_for(proc, lambda: len(_step_dirs(workdir)[0]) >= 1)
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == status, err[-3000:]
+
+    complete, partial = _step_dirs(workdir)
+    assert partial == [], partial  # the save in flight was finished, not left half-written
+    records = _records(workdir)
+    epochs = [r["epoch"] for r in records]
+    assert epochs == list(range(1, len(epochs) + 1))
+    assert complete[-1] == records[-1]["step"] == epochs[-1] * STEPS_PER_EPOCH  # the final checkpoint
+    name = signal.Signals(sig).name
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"jaxae: interrupted by {name} after epoch {epochs[-1]} of 100000;"), err[-3000:]
+    assert f"checkpoint saved in {checkpoint.step_dir(workdir, complete[-1])}" in last
+    assert last.endswith("resume with: jaxae " + " ".join(args) + " --resume")
+    assert "Traceback" not in err
+
+    _, meta = checkpoint.read_meta(workdir)  # what --resume will continue from
+    assert meta["epoch"] == epochs[-1]
+
+
+def test_interrupted_fit_raises_for_library_callers(tmp_path, idx_folder):
+    """In-process: the first SIGTERM finishes the epoch, saves, and raises TrainingInterrupted."""
+
+    def send_sigterm(record):
+        if record["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(_config(idx_folder, epochs=50), tmp_path / "run", progress=False, save_every=5, callbacks=[send_sigterm])
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+    e = info.value
+    assert (e.signum, e.epoch, e.step, e.exit_status) == (signal.SIGTERM, 2, 16, 143)
+    assert e.checkpoint == str(checkpoint.step_dir(tmp_path / "run", 16))
+    assert checkpoint.complete_steps(tmp_path / "run") == [16]  # saved although save_every is 5
