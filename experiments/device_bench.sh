@@ -13,10 +13,10 @@ DATA=${DATA:-.devdata/fashion-mnist}
 OUT=${OUT:-experiments/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
-timeout 330 python3 -m jaxae bench --dataset "$DATA" --batch-sizes 256,1024,4096 --epochs 5 --rounds 3 \
+timeout 300 python3 -m jaxae bench --dataset "$DATA" --batch-sizes 256,1024,4096 --epochs 3 --rounds 3 \
     --json "$OUT/bench_gpu.json" 2>&1 | grep -v Warning | tee "$OUT/bench_gpu.txt"
-/usr/bin/time -f "wall %e s" timeout 120 python3 -m jaxae train --dataset "$DATA" --epochs 20 \
+time timeout 90 python3 -m jaxae train --dataset "$DATA" --epochs 20 \
     --workdir /tmp/gpu_run --no-progress 2>&1 | tail -2
 cp /tmp/gpu_run/metrics.jsonl "$OUT/train_gpu.jsonl" 2>/dev/null
-timeout 120 python3 experiments/parallel_throughput.py --dataset "$DATA" --epochs 5 --out parallel_throughput-gpu.json 2>&1 | tail -8 | tee "$OUT/parallel_gpu.txt"
+timeout 90 python3 experiments/parallel_throughput.py --dataset "$DATA" --epochs 5 --out parallel_throughput-gpu.json 2>&1 | tail -8 | tee "$OUT/parallel_gpu.txt"
 cp experiments/results/parallel_throughput-gpu.json "$OUT/" 2>/dev/null

@@ -13,8 +13,10 @@ The public API, re-exported::
 from jaxae.convert import TWINS, from_torch, parity_report, read_state_dict, to_torch_state_dict
 from jaxae.data import NORMALIZATIONS, Dataset, Normalization, get_normalization, load_dataset, read_idx
 from jaxae.errors import DataError, JaxaeError
-from jaxae.models import Autoencoder
-from jaxae.objectives import VARIANTS, Objective, Variant, get_variant, reconstruction_mse
+from jaxae.models import VAE, Autoencoder, ConvAutoencoder, ConvVAE
+from jaxae.objectives import VARIANTS, Objective, Variant, get_variant, importance_weighted_nll, reconstruction_mse
+from jaxae.parallel import Strategy, get_strategy
+from jaxae.probe import linear_probe
 from jaxae.train import (
     FitResult,
     TrainConfig,
@@ -30,7 +32,14 @@ from jaxae.train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "VAE",
     "Autoencoder",
+    "ConvAutoencoder",
+    "ConvVAE",
+    "Strategy",
+    "get_strategy",
+    "importance_weighted_nll",
+    "linear_probe",
     "DataError",
     "Dataset",
     "FitResult",
