@@ -291,6 +291,13 @@ def run_benchmark(
             + f"; jaxae/torch {row['speedup_vs_torch']:.2f}x; roofline {row['roofline_fraction']:.0%}"
         )
 
+    # Load on a shared machine only ever lowers a measured peak: measure again at the end and
+    # keep the higher, so the roofline fractions are not flattered by a slow first reading.
+    peak_after = peak_matmul_flops()
+    if peak_after > peak:
+        results["peak_matmul_flops"] = peak = peak_after
+        for row in results["by_batch_size"].values():
+            row["roofline_fraction"] = row["jaxae"] * flops_per_sample / peak
     head = results["by_batch_size"][str(batch_sizes[0])]
     results.update(
         {
