@@ -30,6 +30,7 @@ the converter reorders the weights of the Linear layers on either side of that f
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -229,6 +230,58 @@ def _classes() -> dict[str, type]:
 
 
 CLASSES = ("Autoencoder", "MLPAutoencoder", "MLPVAE", "ConvAutoencoder", "ConvVAE")
+
+
+def variant_loss(module: Any, x: Any, config: Any, *, noisy: Any = None, eps: Any = None) -> Any:
+    """A variant's training loss in PyTorch: the batch mean of :mod:`jaxae.objectives`' loss.
+
+    Args:
+        module: the variant's twin (``jaxae.TWINS[(variant, arch)].torch_module``).
+        x: float32 inputs ``[B, D]``, normalised by ``config.normalize``.
+        config: a :class:`jaxae.TrainConfig`: the variant and its settings.
+        noisy: the denoiser's corrupted input (default: drawn here with ``torch`` as
+            :func:`jaxae.objectives.corrupt` draws it); give jaxae's to compare exactly.
+        eps: the VAE's standard normal draw ``[B, latent]`` (default: ``torch.randn``).
+
+    Returns:
+        A scalar tensor.
+    """
+    torch = require_torch()
+    from jaxae.data import get_normalization
+
+    norm = get_normalization(config.normalize)
+    low, high = norm.low, norm.high
+    if config.variant == "vanilla":
+        return torch.mean(torch.square(module(x) - x))
+    if config.variant == "denoising":
+        if noisy is None:
+            noisy = x + config.noise_std * (high - low) * torch.randn_like(x)
+            if config.mask_prob > 0:
+                noisy = torch.where(torch.rand_like(x) < config.mask_prob, torch.full_like(x, low), noisy)
+            noisy = torch.clamp(noisy, low, high)
+        return torch.mean(torch.square(module(torch.as_tensor(noisy)) - x))
+    if config.variant == "sparse":
+        code = module.encoder(x)
+        mse = torch.mean(torch.square(module.decoder(code) - x), dim=-1)
+        if config.sparsity == "l1":
+            penalty = torch.mean(torch.abs(code), dim=-1)
+        else:
+            t, rate = config.sparsity_target, torch.clamp(code, 1e-6, 1 - 1e-6)
+            penalty = torch.sum(t * torch.log(t / rate) + (1 - t) * torch.log((1 - t) / (1 - rate)), dim=-1)
+        return torch.mean(mse + config.sparsity_weight * penalty)
+    if config.variant == "vae":
+        mean, logvar = module.encode_distribution(x)
+        eps = torch.randn_like(mean) if eps is None else torch.as_tensor(eps)
+        logits = module.decode_logits(mean + torch.exp(0.5 * logvar) * eps)
+        if config.likelihood == "bernoulli":
+            pixels = (x - low) / (high - low)
+            nll = torch.nn.functional.binary_cross_entropy_with_logits(logits, pixels, reduction="none").sum(-1)
+        else:
+            recon_mean = low + (high - low) * torch.sigmoid(logits)
+            nll = torch.sum(torch.square(x - recon_mean), dim=-1) + 0.5 * x.shape[-1] * math.log(math.pi)
+        kl = 0.5 * torch.sum(torch.exp(logvar) + torch.square(mean) - 1.0 - logvar, dim=-1)
+        return torch.mean(nll + config.beta * kl)
+    raise JaxaeError(f"no PyTorch loss for the {config.variant!r} variant")
 
 
 def __getattr__(name: str) -> Any:

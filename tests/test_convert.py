@@ -76,35 +76,8 @@ def fixed_noise(config, objective, x, keys):
 
 
 def torch_loss(config, module, x, noise):
-    """The variant's training loss written in PyTorch, on the twin, with jaxae's noise.
-
-    The batch mean of objectives.<variant>_objective's per-example loss (default settings).
-    """
-    nn_f = torch.nn.functional
-    if config.variant == "vanilla":
-        return nn_f.mse_loss(module(x), x)
-    if config.variant == "denoising":
-        return nn_f.mse_loss(module(torch.from_numpy(noise["noisy"])), x)
-    if config.variant == "sparse":
-        code = module.encoder(x)
-        mse = torch.mean(torch.square(module.decoder(code) - x), dim=-1)
-        if config.sparsity == "l1":
-            penalty = torch.mean(torch.abs(code), dim=-1)
-        else:
-            t, rate = config.sparsity_target, torch.clamp(code, 1e-6, 1 - 1e-6)
-            penalty = torch.sum(t * torch.log(t / rate) + (1 - t) * torch.log((1 - t) / (1 - rate)), dim=-1)
-        return torch.mean(mse + config.sparsity_weight * penalty)
-    if config.variant == "vae":
-        assert config.likelihood == "bernoulli"
-        mean, logvar = module.encode_distribution(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.from_numpy(noise["eps"])
-        pixels = (x - NORMALIZATIONS[config.normalize].low) / (
-            NORMALIZATIONS[config.normalize].high - NORMALIZATIONS[config.normalize].low
-        )
-        recon = nn_f.binary_cross_entropy_with_logits(module.decode_logits(z), pixels, reduction="none").sum(-1)
-        kl = 0.5 * torch.sum(torch.exp(logvar) + torch.square(mean) - 1.0 - logvar, dim=-1)
-        return torch.mean(recon + config.beta * kl)
-    raise AssertionError(f"no torch loss for {config.variant}")
+    """The variant's training loss in PyTorch, on the twin, with jaxae's noise."""
+    return torch_reference.variant_loss(module, x, config, **{k: torch.from_numpy(v) for k, v in noise.items()})
 
 
 def torch_views(module, x):
@@ -437,6 +410,29 @@ def test_one_adam_step_matches_torch_optim_adam(config, preset, sample_train):
     # the step really moved the weights (by about lr), so the comparison means something
     moved = max_abs_diffs(numpy_state_dict(reference), before)
     assert min(moved.values()) > 5e-4
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"variant": "vae", "likelihood": "gaussian", "beta": 0.5, "normalize": "seed"},
+        {"variant": "denoising", "mask_prob": 0.3, "noise_std": 0.2},
+        {"variant": "sparse", "sparsity": "kl", "sparsity_weight": 0.5, "sparsity_target": 0.1},
+    ],
+    ids=["vae-gaussian", "denoising-masked", "sparse-kl-weighted"],
+)
+def test_torch_variant_loss_is_jaxae_s_objective(settings, sample_train):
+    config = TrainConfig(**settings)
+    reference = torch_twin(config, seed=9)
+    x, objective, keys, noise = _variant_loss_setup(config, sample_train.images[:128])
+    model = jaxae.from_torch(reference.state_dict(), config=config)
+    expected = float(jnp.mean(objective.loss(model, jnp.asarray(x), keys)[0]))
+    with torch.no_grad():
+        assert torch_loss(config, reference, torch.from_numpy(x), noise).item() == pytest.approx(expected, rel=1e-6)
+        # its own draws (for training in PyTorch) give a loss of the same size
+        torch.manual_seed(0)
+        drawn = torch_reference.variant_loss(reference, torch.from_numpy(x), config).item()
+    assert drawn == pytest.approx(expected, rel=0.05)
 
 
 def test_100_step_training_trajectories_match(trained_pair):
