@@ -25,6 +25,9 @@ VAEs also ``encode_distribution`` and ``decode_logits``). The conv twins flatten
 features PyTorch's way, in ``(C, H, W)`` order, where the Flax modules flatten ``(H, W, C)``;
 the converter reorders the weights of the Linear layers on either side of that flatten
 (:mod:`jaxae.convert`), so weights of a conv model written the usual PyTorch way convert.
+
+:func:`variant_loss` is each variant's training loss in PyTorch, as :mod:`jaxae.objectives`
+computes it.
 """
 
 from __future__ import annotations
