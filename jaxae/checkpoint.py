@@ -32,6 +32,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -45,6 +46,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
 from jaxae.errors import JaxaeError
+from jaxae.models import image_shape_of
 from jaxae.train import TrainConfig, Trainer, TrainState, build
 
 CHECKPOINT_DIR = "checkpoints"
@@ -120,10 +122,25 @@ def _check_files(workdir: str | Path, step: int, steps: list[int]) -> None:
             raise _damaged(workdir, step, steps, f"{name} has {path.stat().st_size} bytes, {size} when saved")
 
 
+def input_shape_of(state: TrainState) -> list[int]:
+    """The image shape ``[H, W, C]`` the model was built for, read off its parameters.
+
+    An MLP's first kernel is ``[H * W * C, hidden]`` (square, one channel assumed, as the
+    IDX datasets are); a conv model's is ``[3, 3, C, c1]``, and its ``project`` layer makes
+    ``(H / 4) * (W / 4) * c2`` features for the decoder (square images).
+    """
+    params = state.params
+    kernel = params["encoder"]["layers"][0]["kernel"]
+    if kernel.ndim == 2:
+        return list(image_shape_of(int(kernel.shape[0])))
+    c2 = int(params["encoder"]["layers"][2]["kernel"].shape[-1])
+    side = 4 * math.isqrt(int(params["project"]["kernel"].shape[-1]) // c2)
+    return [side, side, int(kernel.shape[2])]
+
+
 def input_dim_of(state: TrainState) -> int:
-    """The flattened input size, read off the first layer's kernel."""
-    kernel = state.params["encoder"]["layers"][0]["kernel"]
-    return int(np.prod(kernel.shape[:-1]))
+    """The flattened input size."""
+    return math.prod(input_shape_of(state))
 
 
 def _host_array(x: Any) -> np.ndarray | None:
@@ -246,6 +263,7 @@ class Checkpoints:
             "jaxae_version": jaxae.__version__,
             "config": config.to_dict(),
             "input_dim": input_dim_of(state),
+            "input_shape": input_shape_of(state),
             "step": step,
             "epoch": int(jax.device_get(state.epoch)),
             "state_sha256": state_digest(state),
@@ -444,7 +462,7 @@ def restore(
     """
     _, meta = read_meta(workdir, step)
     config = TrainConfig.from_dict(meta["config"])
-    trainer, fresh = build(config, int(meta["input_dim"]))
+    trainer, fresh = build(config, tuple(meta.get("input_shape") or ()) or int(meta["input_dim"]))
     return trainer, restore_state(workdir, fresh, step, strategy=strategy), config
 
 

@@ -245,14 +245,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         variant=args.variant,
+        arch=args.arch,
         dataset=args.dataset,
         tfds_data_dir=args.tfds_data_dir,
         normalize=args.normalize,
         hidden_dims=args.hidden_dims,
         latent_dim=args.latent_dim,
+        sparsity=args.sparsity,
     )
     config.validate()
-    convert.get_twin(config.variant)
+    convert.get_twin(config.variant, config.arch)
     if not args.tolerance >= 0:
         raise JaxaeError(f"--tolerance must be a non-negative number, got {args.tolerance}")
     out = Path(args.out)
@@ -262,7 +264,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     state_dict = convert.read_state_dict(args.model)
     trainer, state = build(config, convert.INPUT_DIM)
     what = convert.model_description(config, convert.INPUT_DIM)
-    params = convert.params_from_torch(state_dict, state.params, config.variant, what=what, source=args.model)
+    params = convert.params_from_torch(
+        state_dict, state.params, config.variant, arch=config.arch, what=what, source=args.model
+    )
     state = state.replace(params=params, opt_state=trainer.tx.init(params))
 
     report = None
@@ -282,7 +286,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     checkpoint.save(out, state, config)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    summary = {"workdir": str(out), "source": args.model, "variant": config.variant, "tensors": len(state_dict)}
+    summary = {
+        "workdir": str(out),
+        "source": args.model,
+        "variant": config.variant,
+        "arch": config.arch,
+        "tensors": len(state_dict),
+    }
     if report is not None:
         (out / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({**summary, **report}, indent=2))
@@ -298,7 +308,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     fmt = args.format or ("safetensors" if Path(args.out).suffix == ".safetensors" else "torch")
     trainer, state, config = checkpoint.restore(args.workdir, args.step)
-    state_dict = convert.to_numpy_state_dict(state.params, config.variant)
+    state_dict = convert.to_numpy_state_dict(state.params, config.variant, config.arch)
     path = convert.save_state_dict(state_dict, args.out, fmt)
     print(
         json.dumps(
@@ -306,6 +316,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "out": str(path),
                 "format": fmt,
                 "variant": config.variant,
+                "arch": config.arch,
                 "step": int(state.step),
                 "tensors": len(state_dict),
             }
@@ -382,7 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL.pt", help="torch.save(model.state_dict()) output, or a .safetensors file")
     p.add_argument("--out", required=True, metavar="DIR", help="a new folder for the checkpoint")
-    p.add_argument("--variant", default=d.variant, help="default: %(default)s")
+    p.add_argument(
+        "--variant", default=d.variant, help="vanilla, denoising, sparse or vae: the model's (default: %(default)s)"
+    )
+    p.add_argument(
+        "--arch",
+        choices=("mlp", "conv"),
+        default=d.arch,
+        help="mlp: the document's layout; conv: the conv twin (vanilla, denoising, vae) of "
+        "jaxae.torch_reference (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sparsity",
+        choices=("l1", "kl"),
+        default=d.sparsity,
+        help="sparse only: l1 = a ReLU code, kl = a Sigmoid code, as trained (default: %(default)s)",
+    )
     p.add_argument(
         "--normalize",
         choices=("unit", "seed"),

@@ -1,9 +1,15 @@
 """PyTorch ``state_dict`` <-> Flax parameters, and a numerical parity report.
 
 A conversion is an explicit key map plus transposes (:class:`ParamLink`), one map per
-variant in :data:`TWINS`. Before anything is copied, the key sets and every shape are
-checked against the Flax model the config describes; any mismatch is a
+``(variant, arch)`` in :data:`TWINS`. Before anything is copied, the key sets and every shape
+are checked against the Flax model the config describes; any mismatch is a
 :class:`~jaxae.errors.JaxaeError` naming the keys (and both shapes).
+
+The conv models flatten their features between the convolutions and the Linear layers:
+PyTorch's ``flatten`` of an NCHW tensor orders them ``(c, h, w)``, Flax's of an NHWC tensor
+``(h, w, c)``. The twins are written the usual PyTorch way, so the links of the Linear layers
+on either side of the flatten (the code or ``mean``/``logvar`` heads, and ``project``) also
+reorder that axis (:attr:`ParamLink.chw`): a gather, so conversions stay exact both ways.
 
 Files are read without ever unpickling arbitrary objects: ``.pt``/``.pth`` only through
 ``torch.load(..., weights_only=True)``, ``.safetensors`` through ``safetensors`` (no torch
@@ -21,13 +27,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import math
 import os
 import pickle
 import re
 import struct
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +47,7 @@ from flax import nnx
 from jaxae import torch_reference
 from jaxae.data import get_normalization
 from jaxae.errors import JaxaeError
+from jaxae.models import image_shape_of
 from jaxae.objectives import get_variant
 
 INPUT_DIM = 784
@@ -58,18 +67,36 @@ class ParamLink:
         torch_key: the ``state_dict`` key, e.g. ``"encoder.0.weight"``.
         flax_path: the path in the pure-dict params, e.g. ``("encoder", "layers", 0, "kernel")``.
         to_flax: the axis permutation taking the torch tensor to the Flax array (``(1, 0)``
-            for a Linear weight ``[out, in]`` -> kernel ``[in, out]``); ``None`` for none.
+            for a Linear weight ``[out, in]`` -> kernel ``[in, out]``, ``(2, 3, 1, 0)`` for a
+            conv weight); ``None`` for none.
+        chw: ``(C, H, W)`` when the torch tensor's axis ``chw_axis`` runs over flattened conv
+            features: they are reordered from PyTorch's ``(c, h, w)`` order to Flax's
+            ``(h, w, c)`` (before ``to_flax``); ``None`` for none.
+        chw_axis: the torch tensor's axis that ``chw`` applies to.
     """
 
     torch_key: str
     flax_path: tuple
     to_flax: tuple[int, ...] | None = None
+    chw: tuple[int, int, int] | None = None
+    chw_axis: int = 0
+
+    def _hwc_order(self) -> np.ndarray:
+        # position i of the Flax (h, w, c) flattening holds torch's (c, h, w) feature order[i]
+        c, h, w = self.chw
+        return np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).ravel()
 
     def torch_to_flax(self, array: np.ndarray) -> np.ndarray:
+        if self.chw is not None:
+            array = np.take(array, self._hwc_order(), axis=self.chw_axis)
         return array if self.to_flax is None else np.transpose(array, self.to_flax)
 
     def flax_to_torch(self, array: np.ndarray) -> np.ndarray:
-        return array if self.to_flax is None else np.transpose(array, np.argsort(self.to_flax))
+        if self.to_flax is not None:
+            array = np.transpose(array, np.argsort(self.to_flax))
+        if self.chw is not None:
+            array = np.take(array, np.argsort(self._hwc_order()), axis=self.chw_axis)
+        return array
 
     def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.to_flax is None:
@@ -83,7 +110,7 @@ def _call(model: Any, x: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class TorchTwin:
-    """How one variant's Flax module maps onto its PyTorch twin.
+    """How one variant's Flax module, in one architecture, maps onto its PyTorch twin.
 
     Attributes:
         variant: the variant name (a key of :data:`jaxae.VARIANTS`).
@@ -91,45 +118,156 @@ class TorchTwin:
             variant (a fresh one when converting from torch); they must cover every leaf.
         torch_module: ``(config, input_dim) -> torch.nn.Module``, the PyTorch twin.
         reconstruct: ``(model, x) -> reconstruction``, used by the parity report on both
-            frameworks' models (default: ``model(x)``).
+            frameworks' models (default: ``model(x)``; for the VAEs that is the reconstruction
+            from the posterior mean).
+        arch: ``"mlp"`` or ``"conv"`` (``TrainConfig.arch``).
     """
 
     variant: str
     key_map: Callable[[Any], tuple[ParamLink, ...]]
     torch_module: Callable[[Any, int], Any]
     reconstruct: Callable[[Any, Any], Any] = _call
+    arch: str = "mlp"
+
+    @property
+    def name(self) -> str:
+        """``"vae conv"``: the twin, for messages."""
+        return f"{self.variant} {self.arch}"
+
+
+def _linear_links(name: str, chw: tuple[int, int, int] | None = None, flattened: str = "") -> list:
+    """A torch Linear ``name`` (weight ``[out, in]``) <-> the ``nnx.Linear`` ``name`` (kernel ``[in, out]``).
+
+    ``flattened`` says which side holds flattened conv features of shape ``chw``: ``"in"``
+    (a Linear after the flatten: the weight's axis 1) or ``"out"`` (before the unflatten: the
+    weight's axis 0 and the bias).
+    """
+    if flattened == "in":
+        return [
+            ParamLink(f"{name}.weight", (name, "kernel"), (1, 0), chw, 1),
+            ParamLink(f"{name}.bias", (name, "bias")),
+        ]
+    if flattened == "out":
+        return [
+            ParamLink(f"{name}.weight", (name, "kernel"), (1, 0), chw, 0),
+            ParamLink(f"{name}.bias", (name, "bias"), None, chw, 0),
+        ]
+    return [ParamLink(f"{name}.weight", (name, "kernel"), (1, 0)), ParamLink(f"{name}.bias", (name, "bias"))]
+
+
+def _sequential_links(params: Any, part: str, to_flax: tuple[int, ...] = (1, 0)) -> list:
+    # jaxae's Sequentials keep nn.Sequential's indices (layers with weights at the indices
+    # PyTorch gives them, activations in between hold none), so encoder.{i} <-> encoder.layers[i].
+    links = []
+    for i in sorted(params[part]["layers"]):
+        links.append(ParamLink(f"{part}.{i}.weight", (part, "layers", i, "kernel"), to_flax))
+        links.append(ParamLink(f"{part}.{i}.bias", (part, "layers", i, "bias")))
+    return links
 
 
 def _mlp_key_map(params: Any) -> tuple[ParamLink, ...]:
-    # jaxae.models.Autoencoder keeps nn.Sequential's indices (Linear at even indices,
-    # ReLU/Sigmoid in between hold no parameters), so encoder.{i} <-> encoder.layers[i].
-    links = []
-    for part in ("encoder", "decoder"):
-        for i in sorted(params[part]["layers"]):
-            links.append(ParamLink(f"{part}.{i}.weight", (part, "layers", i, "kernel"), (1, 0)))
-            links.append(ParamLink(f"{part}.{i}.bias", (part, "layers", i, "bias")))
-    return tuple(links)
+    return tuple(_sequential_links(params, "encoder") + _sequential_links(params, "decoder"))
+
+
+def _mlp_vae_key_map(params: Any) -> tuple[ParamLink, ...]:
+    return tuple(
+        _sequential_links(params, "encoder")
+        + _linear_links("mean")
+        + _linear_links("logvar")
+        + _sequential_links(params, "decoder")
+    )
+
+
+# torch Conv2d weight [out, in, kh, kw] -> nnx.Conv kernel [kh, kw, in, out]; torch
+# ConvTranspose2d weight [in, out, kh, kw] -> nnx.ConvTranspose kernel [kh, kw, out, in]
+# (transpose_kernel=True layout): the same permutation for both.
+_CONV_TO_FLAX = (2, 3, 1, 0)
+
+
+def _feature_chw(params: Any) -> tuple[int, int, int]:
+    """The conv features' ``(C, H, W)``, read off the parameters (the converter's images are square)."""
+    channels = params["encoder"]["layers"][2]["kernel"].shape[-1]
+    feature_dim = params["project"]["kernel"].shape[-1]
+    side = math.isqrt(feature_dim // channels)
+    if side * side * channels != feature_dim:
+        raise JaxaeError(
+            f"cannot tell the conv features' height and width from {feature_dim} features of {channels} "
+            "channels; converting conv models needs square images"
+        )
+    return (channels, side, side)
+
+
+def _conv_key_map(*heads: str) -> Callable[[Any], tuple[ParamLink, ...]]:
+    def key_map(params: Any) -> tuple[ParamLink, ...]:
+        chw = _feature_chw(params)
+        links = _sequential_links(params, "encoder", _CONV_TO_FLAX)
+        for head in heads:  # Linear(features -> code)
+            links += _linear_links(head, chw, flattened="in")
+        links += _linear_links("project", chw, flattened="out")  # Linear(code -> features)
+        return tuple(links + _sequential_links(params, "decoder", _CONV_TO_FLAX))
+
+    return key_map
 
 
 def _mlp_torch_module(config: Any, input_dim: int) -> Any:
+    code_activation = _code_activation(config)
     if input_dim == INPUT_DIM and tuple(config.hidden_dims) == (128, 64) and config.latent_dim == 32:
-        return torch_reference.Autoencoder()
-    return torch_reference.MLPAutoencoder(input_dim, tuple(config.hidden_dims), config.latent_dim)
+        if code_activation == "linear":
+            return torch_reference.Autoencoder()
+    return torch_reference.MLPAutoencoder(input_dim, tuple(config.hidden_dims), config.latent_dim, code_activation)
 
 
-TWINS: dict[str, TorchTwin] = {
-    "vanilla": TorchTwin("vanilla", _mlp_key_map, _mlp_torch_module),
+def _code_activation(config: Any) -> str:
+    # As objectives._build_sparse: a ReLU code for the L1 penalty, a Sigmoid rate for KL.
+    if config.variant != "sparse":
+        return "linear"
+    return "relu" if config.sparsity == "l1" else "sigmoid"
+
+
+def _mlp_vae_torch_module(config: Any, input_dim: int) -> Any:
+    return torch_reference.MLPVAE(input_dim, tuple(config.hidden_dims), config.latent_dim)
+
+
+def _conv_torch_module(cls_name: str) -> Callable[[Any, int], Any]:
+    def build(config: Any, input_dim: int) -> Any:
+        image_shape = image_shape_of(input_dim)
+        return getattr(torch_reference, cls_name)(image_shape, latent_dim=config.latent_dim)
+
+    return build
+
+
+TWINS: dict[tuple[str, str], TorchTwin] = {
+    (twin.variant, twin.arch): twin
+    for twin in (
+        TorchTwin("vanilla", _mlp_key_map, _mlp_torch_module),
+        TorchTwin("denoising", _mlp_key_map, _mlp_torch_module),
+        TorchTwin("sparse", _mlp_key_map, _mlp_torch_module),
+        TorchTwin("vae", _mlp_vae_key_map, _mlp_vae_torch_module),
+        TorchTwin("vanilla", _conv_key_map("code"), _conv_torch_module("ConvAutoencoder"), arch="conv"),
+        TorchTwin("denoising", _conv_key_map("code"), _conv_torch_module("ConvAutoencoder"), arch="conv"),
+        TorchTwin("vae", _conv_key_map("mean", "logvar"), _conv_torch_module("ConvVAE"), arch="conv"),
+    )
 }
+"""The PyTorch twin of every ``(variant, arch)``: the twin's module and the key map to jaxae's."""
 
 
-def get_twin(variant: str) -> TorchTwin:
-    """The :class:`TorchTwin` of ``variant``, or a :class:`JaxaeError` naming those that exist."""
+def supported_twins() -> str:
+    """``"vanilla (mlp, conv), denoising (mlp, conv), ..."``: what converts, for messages."""
+    archs: dict[str, list[str]] = {}
+    for variant, arch in TWINS:
+        archs.setdefault(variant, []).append(arch)
+    return ", ".join(f"{v} ({', '.join(a)})" for v, a in archs.items())
+
+
+def get_twin(variant: str, arch: str = "mlp") -> TorchTwin:
+    """The :class:`TorchTwin` of ``variant`` in ``arch``, or a :class:`JaxaeError` naming those that exist."""
     get_variant(variant)
     try:
-        return TWINS[variant]
+        return TWINS[(variant, arch)]
     except KeyError:
         raise JaxaeError(
-            f"variant {variant!r} has no PyTorch twin to convert from or to; converting supports: {', '.join(TWINS)}"
+            f"the {variant} variant with --arch {arch} has no PyTorch twin to convert from or to; "
+            f"converting supports: {supported_twins()}"
         ) from None
 
 
@@ -267,17 +405,32 @@ def _leaf_paths(params: Any) -> dict[tuple, Any]:
 
 
 def links_for(twin: TorchTwin, params: Any) -> tuple[ParamLink, ...]:
-    """The twin's key map for ``params``, checked to cover every Flax leaf exactly once."""
-    links = twin.key_map(params)
-    mapped = [link.flax_path for link in links]
+    """The twin's key map for ``params``, checked to cover every Flax leaf exactly once.
+
+    Raises:
+        JaxaeError: ``params`` are not of the twin's model (e.g. a VAE's given as a vanilla model's).
+    """
     leaves = set(_leaf_paths(params))
-    if len(set(mapped)) != len(mapped) or set(mapped) != leaves:
-        raise AssertionError(f"the {twin.variant} key map does not cover the model's parameters one to one")
+    try:
+        links = twin.key_map(params)
+    except (KeyError, TypeError, IndexError):
+        links = None
+    mapped = [link.flax_path for link in links or ()]
+    if links is None or len(set(mapped)) != len(mapped) or set(mapped) != leaves:
+        names = sorted("/".join(str(k) for k in path) for path in leaves ^ set(mapped))
+        raise JaxaeError(
+            f"the {twin.name} key map does not cover these parameters one to one"
+            + (f" ({_listed(names)})" if names and links is not None else "")
+            + "; give the variant and arch the model was built with"
+        )
     return links
 
 
 def model_description(config: Any, input_dim: int = INPUT_DIM) -> str:
     """``"the vanilla model (784-128-64-32)"``: the target model, for messages."""
+    if getattr(config, "arch", "mlp") == "conv":
+        h, w, c = image_shape_of(input_dim)
+        return f"the {config.variant} conv model ({h}x{w}x{c}, 16-32 channels, code {config.latent_dim})"
     sizes = "-".join(str(d) for d in (input_dim, *config.hidden_dims, config.latent_dim))
     return f"the {config.variant} model ({sizes})"
 
@@ -285,6 +438,27 @@ def model_description(config: Any, input_dim: int = INPUT_DIM) -> str:
 def _listed(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+# The four module layouts the twins have, told apart by their top-level names and by whether
+# they hold convolutions: what a mismatching state_dict is, and the flags that convert it.
+_LAYOUTS = {
+    (frozenset({"encoder", "decoder"}), False): (
+        "an MLP autoencoder",
+        "--variant vanilla, denoising or sparse with --arch mlp",
+    ),
+    (frozenset({"encoder", "mean", "logvar", "decoder"}), False): ("an MLP VAE", "--variant vae --arch mlp"),
+    (frozenset({"encoder", "code", "project", "decoder"}), True): (
+        "a conv autoencoder",
+        "--variant vanilla or denoising with --arch conv",
+    ),
+    (frozenset({"encoder", "mean", "logvar", "project", "decoder"}), True): ("a conv VAE", "--variant vae --arch conv"),
+}
+
+
+def _layout(keys: Iterable[str], conv: bool) -> tuple[str, str] | None:
+    """What the torch ``keys`` are (and the flags that convert them), if they are a twin's."""
+    return _LAYOUTS.get((frozenset(k.split(".")[0] for k in keys), conv))
 
 
 def check_state_dict(
@@ -309,8 +483,11 @@ def check_state_dict(
         if unexpected:
             parts.append(f"unexpected keys: {_listed(unexpected)}")
         hint = ""
+        found = _layout(state_dict, any(np.ndim(v) == 4 for v in state_dict.values()))
         if unexpected and all(k.startswith("module.") for k in unexpected):
             hint = " (keys start with 'module.': save model.module.state_dict() from the DataParallel wrapper)"
+        elif found is not None and found != _layout(expected, any(link.to_flax == _CONV_TO_FLAX for link in links)):
+            hint = f"; the file holds {found[0]}'s weights: give {found[1]}"
         elif {k.split(".")[0] for k in missing + unexpected} <= {k.split(".")[0] for k in expected}:
             hint = f"; {_SIZES_HINT}"
         raise JaxaeError(f"{source} does not match {what}: {'; '.join(parts)}{hint}")
@@ -322,13 +499,15 @@ def check_state_dict(
             raise JaxaeError(f"{source}: {link.torch_key} has shape {got} but {what} needs {want}; {_SIZES_HINT}")
 
 
-def _config(variant: str | None, config: Any) -> Any:
+def _config(variant: str | None, config: Any, arch: str | None = None) -> Any:
     from jaxae.train import TrainConfig
 
     if config is None:
-        config = TrainConfig(variant=variant or "vanilla")
-    elif variant is not None and variant != config.variant:
-        config = dataclasses.replace(config, variant=variant)
+        config = TrainConfig(variant=variant or "vanilla", arch=arch or "mlp")
+    else:
+        changes = {k: v for k, v in (("variant", variant), ("arch", arch)) if v is not None}
+        if any(getattr(config, k) != v for k, v in changes.items()):
+            config = dataclasses.replace(config, **changes)
     return config
 
 
@@ -342,6 +521,7 @@ def params_from_torch(
     template: Any,
     variant: str = "vanilla",
     *,
+    arch: str = "mlp",
     what: str | None = None,
     source: str = "the state_dict",
 ) -> Any:
@@ -349,9 +529,9 @@ def params_from_torch(
 
     Checks the key sets and all shapes first; nothing is copied unless everything matches.
     """
-    twin = get_twin(variant)
+    twin = get_twin(variant, arch)
     links = links_for(twin, template)
-    check_state_dict(state_dict, links, template, what or f"the {variant} model", source)
+    check_state_dict(state_dict, links, template, what or f"the {twin.name} model", source)
     params = jax.tree.map(lambda leaf: leaf, template)  # a new tree of new dicts
     for link in links:
         *parents, last = link.flax_path
@@ -366,6 +546,7 @@ def from_torch(
     path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     variant: str | None = None,
     *,
+    arch: str | None = None,
     config: Any = None,
     input_dim: int = INPUT_DIM,
 ) -> nnx.Module:
@@ -375,8 +556,10 @@ def from_torch(
         path_or_state_dict: a ``.pt``/``.pth`` file written by ``torch.save(model.state_dict())``,
             a ``.safetensors`` file, or a state_dict (tensors or numpy arrays).
         variant: the variant whose module to build (default: ``config``'s, else ``"vanilla"``).
-        config: a :class:`jaxae.TrainConfig` giving the layer sizes (default: the document's).
-        input_dim: the flattened input size.
+        arch: ``"mlp"`` or ``"conv"`` (default: ``config``'s, else ``"mlp"``).
+        config: a :class:`jaxae.TrainConfig` giving the layer sizes (default: the document's)
+            and, for the sparse variant, the code activation (``sparsity``).
+        input_dim: the flattened input size (square images for ``arch="conv"``).
 
     Returns:
         The module; call it on float32 ``[N, 784]`` inputs, normalised as the PyTorch model's were.
@@ -384,13 +567,15 @@ def from_torch(
     Raises:
         JaxaeError: an unreadable or hostile file, missing or unexpected keys, or a wrong shape.
     """
-    config = _config(variant, config)
+    config = _config(variant, config, arch)
     source = "the state_dict" if isinstance(path_or_state_dict, Mapping) else str(path_or_state_dict)
     state_dict = read_state_dict(path_or_state_dict)
     model = fresh_model(config, input_dim)
     graphdef, state = nnx.split(model)
     what = model_description(config, input_dim)
-    params = params_from_torch(state_dict, nnx.to_pure_dict(state), config.variant, what=what, source=source)
+    params = params_from_torch(
+        state_dict, nnx.to_pure_dict(state), config.variant, arch=config.arch, what=what, source=source
+    )
     return nnx.merge(graphdef, params)
 
 
@@ -404,7 +589,7 @@ def _pure_params(model_or_params: Any) -> Any:
     return model_or_params
 
 
-def to_numpy_state_dict(model_or_params: Any, variant: str = "vanilla") -> dict[str, np.ndarray]:
+def to_numpy_state_dict(model_or_params: Any, variant: str = "vanilla", arch: str = "mlp") -> dict[str, np.ndarray]:
     """The PyTorch state_dict of a Flax model (or its pure-dict params) as numpy arrays.
 
     Needs no torch; keys are in ``nn.Module.state_dict()`` order.
@@ -412,26 +597,28 @@ def to_numpy_state_dict(model_or_params: Any, variant: str = "vanilla") -> dict[
     params = _pure_params(model_or_params)
     leaves = _leaf_paths(params)
     out: dict[str, np.ndarray] = {}
-    for link in links_for(get_twin(variant), params):
+    for link in links_for(get_twin(variant, arch), params):
         array = np.asarray(jax.device_get(leaves[link.flax_path]))
         out[link.torch_key] = np.array(link.flax_to_torch(array), dtype=np.float32, order="C", copy=True)
     return out
 
 
-def to_torch_state_dict(model_or_params: Any, variant: str = "vanilla") -> collections.OrderedDict:
+def to_torch_state_dict(model_or_params: Any, variant: str = "vanilla", arch: str = "mlp") -> collections.OrderedDict:
     """The PyTorch state_dict of a Flax model, loadable with ``load_state_dict(strict=True)``.
 
     Args:
         model_or_params: an NNX module (e.g. from :func:`from_torch`) or its pure-dict params
             (``state.params``).
         variant: the variant the module is.
+        arch: its architecture, ``"mlp"`` or ``"conv"``.
 
     Returns:
-        ``OrderedDict[str, torch.Tensor]`` of float32 CPU tensors.
+        ``OrderedDict[str, torch.Tensor]`` of float32 CPU tensors, for the variant's PyTorch
+        twin (``jaxae.TWINS[(variant, arch)]``).
     """
     torch = torch_reference.require_torch()
     return collections.OrderedDict(
-        (key, torch.from_numpy(value)) for key, value in to_numpy_state_dict(model_or_params, variant).items()
+        (key, torch.from_numpy(value)) for key, value in to_numpy_state_dict(model_or_params, variant, arch).items()
     )
 
 
@@ -480,16 +667,17 @@ def torch_outputs(module: Any, x: np.ndarray, reconstruct: Callable = _call) -> 
         return reconstruct(module, torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _flax_forward(graphdef: Any, reconstruct: Callable, state: Any, x: jax.Array) -> jax.Array:
+    # Module level, structure static: reports on models of one structure compile once.
+    return reconstruct(nnx.merge(graphdef, state), x)
+
+
 def flax_outputs(model: nnx.Module, x: np.ndarray, reconstruct: Callable = _call) -> np.ndarray:
     """Runs a Flax module on float32 ``x`` with fp32 ("highest") matmuls, as PyTorch's CPU does."""
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, x):
-        return reconstruct(nnx.merge(graphdef, state), x)
-
     with jax.default_matmul_precision("highest"):
-        return np.asarray(forward(state, jnp.asarray(x)))
+        return np.asarray(_flax_forward(graphdef, reconstruct, state, jnp.asarray(x)))
 
 
 def parity_report(
@@ -507,7 +695,7 @@ def parity_report(
         model: the converted Flax module.
         images_u8: uint8 images ``[N, ...]``; both models see them normalised by
             ``config.normalize`` exactly as torchvision's ``ToTensor`` + ``Normalize`` would.
-        config: gives the variant, the layer sizes and the normalisation.
+        config: gives the variant, the arch, the layer sizes and the normalisation.
         tolerance: the largest max-abs difference (parameters and outputs) that passes.
 
     Returns:
@@ -517,7 +705,7 @@ def parity_report(
     config = _config(None, config)
     if not (tolerance >= 0):
         raise JaxaeError(f"--tolerance must be a non-negative number, got {tolerance}")
-    twin = get_twin(config.variant)
+    twin = get_twin(config.variant, config.arch)
     torch = torch_reference.require_torch()
     n = images_u8.shape[0]
     x = get_normalization(config.normalize).table[np.asarray(images_u8).reshape(n, -1).astype(np.int64)]
@@ -525,7 +713,7 @@ def parity_report(
 
     module = twin.torch_module(config, input_dim)
     module.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
-    converted = to_numpy_state_dict(model, config.variant)
+    converted = to_numpy_state_dict(model, config.variant, config.arch)
     param_diffs = {k: float(np.max(np.abs(converted[k] - state_dict[k]), initial=0.0)) for k in state_dict}
 
     y_torch = torch_outputs(module, x, twin.reconstruct)
@@ -537,6 +725,7 @@ def parity_report(
     max_out = float(diff.max(initial=0.0))
     return {
         "variant": config.variant,
+        "arch": config.arch,
         "normalize": config.normalize,
         "examples": int(n),
         "dtype": "float32",

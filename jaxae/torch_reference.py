@@ -13,12 +13,27 @@ install it::
 ``Autoencoder`` is the tutorial's class as written (fixed ``784-128-64-32`` sizes).
 ``MLPAutoencoder`` builds the same ``nn.Sequential`` layout for any sizes, as
 :class:`jaxae.models.Autoencoder` does; with the default sizes it constructs its layers in
-the same order, so the same ``torch.manual_seed`` gives the same weights.
+the same order, so the same ``torch.manual_seed`` gives the same weights. Its
+``code_activation`` (``"relu"`` or ``"sigmoid"``) is the sparse variant's. ``MLPVAE``,
+``ConvAutoencoder`` and ``ConvVAE`` are the twins of :class:`jaxae.models.VAE`,
+:class:`~jaxae.models.ConvAutoencoder` and :class:`~jaxae.models.ConvVAE`: the same layers
+under the same names, written as a PyTorch user would write them.
+
+Every twin takes flat inputs ``[N, D]`` (the conv twins also ``[N, C, H, W]``) and returns
+flat reconstructions, like the Flax modules, and has their ``encode``/``decode`` methods (the
+VAEs also ``encode_distribution`` and ``decode_logits``). The conv twins flatten their
+features PyTorch's way, in ``(C, H, W)`` order, where the Flax modules flatten ``(H, W, C)``;
+the converter reorders the weights of the Linear layers on either side of that flatten
+(:mod:`jaxae.convert`), so weights of a conv model written the usual PyTorch way convert.
+
+:func:`variant_loss` is each variant's training loss in PyTorch, as :mod:`jaxae.objectives`
+computes it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +82,8 @@ def _classes() -> dict[str, type]:
             x = self.decoder(x)
             return x
 
+    code_activations = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+
     def mlp(dims: Sequence[int]) -> list:
         layers: list = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
@@ -76,22 +93,202 @@ def _classes() -> dict[str, type]:
         return layers
 
     class MLPAutoencoder(nn.Module):
-        """The tutorial's layout with any sizes: the twin of :class:`jaxae.models.Autoencoder`."""
+        """The tutorial's layout with any sizes: the twin of :class:`jaxae.models.Autoencoder`.
 
-        def __init__(self, input_dim: int = 784, hidden_dims: Sequence[int] = (128, 64), latent_dim: int = 32):
+        ``code_activation`` ``"relu"`` or ``"sigmoid"`` appends that activation to the encoder
+        (at index 5 with the default sizes), as the sparse variant does; it holds no weights.
+        """
+
+        def __init__(
+            self,
+            input_dim: int = 784,
+            hidden_dims: Sequence[int] = (128, 64),
+            latent_dim: int = 32,
+            code_activation: str = "linear",
+        ):
             super().__init__()
             dims = (input_dim, *hidden_dims, latent_dim)
-            self.encoder = nn.Sequential(*mlp(dims))
+            encoder = mlp(dims)
+            if code_activation != "linear":
+                encoder.append(code_activations[code_activation]())
+            self.encoder = nn.Sequential(*encoder)
             self.decoder = nn.Sequential(*mlp(dims[::-1]), nn.Sigmoid())
+
+        def encode(self, x):
+            return self.encoder(x)
+
+        def decode(self, z):
+            return self.decoder(z)
 
         def forward(self, x):
             return self.decoder(self.encoder(x))
 
-    return {"Autoencoder": Autoencoder, "MLPAutoencoder": MLPAutoencoder}
+    class MLPVAE(nn.Module):
+        """The twin of :class:`jaxae.models.VAE`: a trunk, ``mean``/``logvar`` heads, a logits decoder."""
+
+        def __init__(self, input_dim: int = 784, hidden_dims: Sequence[int] = (128, 64), latent_dim: int = 32):
+            super().__init__()
+            trunk = (input_dim, *hidden_dims)
+            self.encoder = nn.Sequential(*mlp(trunk), nn.ReLU())
+            self.mean = nn.Linear(trunk[-1], latent_dim)
+            self.logvar = nn.Linear(trunk[-1], latent_dim)
+            self.decoder = nn.Sequential(*mlp((latent_dim, *hidden_dims[::-1], input_dim)))
+
+        def encode_distribution(self, x):
+            h = self.encoder(x)
+            return self.mean(h), self.logvar(h)
+
+        def encode(self, x):
+            return self.encode_distribution(x)[0]
+
+        def decode_logits(self, z):
+            return self.decoder(z)
+
+        def decode(self, z):
+            return torch.sigmoid(self.decode_logits(z))
+
+        def forward(self, x):
+            """The reconstruction from the posterior mean (no sampling)."""
+            return self.decode(self.encode(x))
+
+    class _ConvBase(nn.Module):
+        """Two stride-2 convs down, a Linear to the code; a Linear up, two transposed convs back."""
+
+        def _build(self, image_shape, channels):
+            h, w, c = image_shape
+            c1, c2 = channels
+            self.image_shape = (c, h, w)
+            self.feature_shape = (c2, h // 4, w // 4)  # PyTorch's NCHW layout
+            self.encoder = nn.Sequential(
+                nn.Conv2d(c, c1, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+                nn.ReLU(),
+            )
+            return c2 * (h // 4) * (w // 4)
+
+        def _build_decoder(self, image_shape, channels, latent_dim, feature_dim):
+            c = image_shape[2]
+            c1, c2 = channels
+            self.project = nn.Linear(latent_dim, feature_dim)
+            self.decoder = nn.Sequential(
+                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),
+                nn.ReLU(),
+                nn.ConvTranspose2d(c1, c, 4, stride=2, padding=1),
+            )
+
+        def features(self, x):
+            return self.encoder(x.reshape(x.shape[0], *self.image_shape)).flatten(1)
+
+        def decode_logits(self, z):
+            h = torch.relu(self.project(z)).reshape(z.shape[0], *self.feature_shape)
+            return self.decoder(h).flatten(1)
+
+        def decode(self, z):
+            return torch.sigmoid(self.decode_logits(z))
+
+        def forward(self, x):
+            return self.decode(self.encode(x))
+
+    class ConvAutoencoder(_ConvBase):
+        """The twin of :class:`jaxae.models.ConvAutoencoder` (``--arch conv``).
+
+        ``image_shape`` is ``(H, W, C)`` as jaxae gives it; inputs are ``[N, C, H, W]`` or
+        flat ``[N, C * H * W]`` in PyTorch's order (for one channel, the same as jaxae's).
+        """
+
+        def __init__(self, image_shape=(28, 28, 1), channels=(16, 32), latent_dim=32):
+            super().__init__()
+            feature_dim = self._build(image_shape, channels)
+            self.code = nn.Linear(feature_dim, latent_dim)
+            self._build_decoder(image_shape, channels, latent_dim, feature_dim)
+
+        def encode(self, x):
+            return self.code(self.features(x))
+
+    class ConvVAE(_ConvBase):
+        """The twin of :class:`jaxae.models.ConvVAE`: the conv trunk with ``mean``/``logvar`` heads."""
+
+        def __init__(self, image_shape=(28, 28, 1), channels=(16, 32), latent_dim=32):
+            super().__init__()
+            feature_dim = self._build(image_shape, channels)
+            self.mean = nn.Linear(feature_dim, latent_dim)
+            self.logvar = nn.Linear(feature_dim, latent_dim)
+            self._build_decoder(image_shape, channels, latent_dim, feature_dim)
+
+        def encode_distribution(self, x):
+            h = self.features(x)
+            return self.mean(h), self.logvar(h)
+
+        def encode(self, x):
+            return self.encode_distribution(x)[0]
+
+    return {
+        "Autoencoder": Autoencoder,
+        "MLPAutoencoder": MLPAutoencoder,
+        "MLPVAE": MLPVAE,
+        "ConvAutoencoder": ConvAutoencoder,
+        "ConvVAE": ConvVAE,
+    }
+
+
+CLASSES = ("Autoencoder", "MLPAutoencoder", "MLPVAE", "ConvAutoencoder", "ConvVAE")
+
+
+def variant_loss(module: Any, x: Any, config: Any, *, noisy: Any = None, eps: Any = None) -> Any:
+    """A variant's training loss in PyTorch: the batch mean of :mod:`jaxae.objectives`' loss.
+
+    Args:
+        module: the variant's twin (``jaxae.TWINS[(variant, arch)].torch_module``).
+        x: float32 inputs ``[B, D]``, normalised by ``config.normalize``.
+        config: a :class:`jaxae.TrainConfig`: the variant and its settings.
+        noisy: the denoiser's corrupted input (default: drawn here with ``torch`` as
+            :func:`jaxae.objectives.corrupt` draws it); give jaxae's to compare exactly.
+        eps: the VAE's standard normal draw ``[B, latent]`` (default: ``torch.randn``).
+
+    Returns:
+        A scalar tensor.
+    """
+    torch = require_torch()
+    from jaxae.data import get_normalization
+
+    norm = get_normalization(config.normalize)
+    low, high = norm.low, norm.high
+    if config.variant == "vanilla":
+        return torch.mean(torch.square(module(x) - x))
+    if config.variant == "denoising":
+        if noisy is None:
+            noisy = x + config.noise_std * (high - low) * torch.randn_like(x)
+            if config.mask_prob > 0:
+                noisy = torch.where(torch.rand_like(x) < config.mask_prob, torch.full_like(x, low), noisy)
+            noisy = torch.clamp(noisy, low, high)
+        return torch.mean(torch.square(module(torch.as_tensor(noisy)) - x))
+    if config.variant == "sparse":
+        code = module.encoder(x)
+        mse = torch.mean(torch.square(module.decoder(code) - x), dim=-1)
+        if config.sparsity == "l1":
+            penalty = torch.mean(torch.abs(code), dim=-1)
+        else:
+            t, rate = config.sparsity_target, torch.clamp(code, 1e-6, 1 - 1e-6)
+            penalty = torch.sum(t * torch.log(t / rate) + (1 - t) * torch.log((1 - t) / (1 - rate)), dim=-1)
+        return torch.mean(mse + config.sparsity_weight * penalty)
+    if config.variant == "vae":
+        mean, logvar = module.encode_distribution(x)
+        eps = torch.randn_like(mean) if eps is None else torch.as_tensor(eps)
+        logits = module.decode_logits(mean + torch.exp(0.5 * logvar) * eps)
+        if config.likelihood == "bernoulli":
+            pixels = (x - low) / (high - low)
+            nll = torch.nn.functional.binary_cross_entropy_with_logits(logits, pixels, reduction="none").sum(-1)
+        else:
+            recon_mean = low + (high - low) * torch.sigmoid(logits)
+            nll = torch.sum(torch.square(x - recon_mean), dim=-1) + 0.5 * x.shape[-1] * math.log(math.pi)
+        kl = 0.5 * torch.sum(torch.exp(logvar) + torch.square(mean) - 1.0 - logvar, dim=-1)
+        return torch.mean(nll + config.beta * kl)
+    raise JaxaeError(f"no PyTorch loss for the {config.variant!r} variant")
 
 
 def __getattr__(name: str) -> Any:
     # PEP 562: the nn.Module classes exist only once torch is imported, on first access.
-    if name in ("Autoencoder", "MLPAutoencoder"):
+    if name in CLASSES:
         return _classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
