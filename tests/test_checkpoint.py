@@ -223,6 +223,44 @@ def test_restore_across_device_counts_and_layouts(tmp_path, idx_folder):
     _assert_same_tree(from_four.state, from_one.state)
 
 
+_REAL_STRATEGIES = """
+import sys
+import jax, numpy as np
+from jaxae.train import TrainConfig, fit
+
+assert jax.device_count() == 4, jax.devices()
+data, root = sys.argv[1:]
+config = lambda epochs: TrainConfig(dataset=data, batch_size=64, epochs=epochs)
+straight = fit(config(4), progress=False, strategy="none").state
+results = {}
+for first, then in (("pmap", "none"), ("none", "pmap"), ("shard", "none"), ("none", "shard")):
+    workdir = f"{root}/{first}-then-{then}"
+    fit(config(2), workdir, progress=False, strategy=first)
+    resumed = fit(config(4), workdir, progress=False, strategy=then, resume=True)
+    assert resumed.start_epoch == 2, (first, then, resumed.start_epoch)
+    for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(straight), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0, err_msg=f"{first} -> {then}")
+    print(first, "->", then, "ok")
+print("ok")
+"""
+
+
+def test_resume_under_another_strategy_and_device_count(tmp_path, idx_folder):
+    """2 epochs under pmap/shard on 4 devices + 2 resumed on 1 device (and the reverse) = 4 on 1."""
+    script = tmp_path / "strategies.py"
+    script.write_text(_REAL_STRATEGIES)
+    env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(idx_folder), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 4
+
+
 # -- refusing to resume the wrong thing -------------------------------------------------------
 
 
