@@ -74,6 +74,10 @@ class Normalization:
         """Back to [0, 1] pixel units (for figures and pixel-space metrics)."""
         return x * self.std + self.mean
 
+    def from_unit(self, s):
+        """A value in (0, 1), e.g. a Sigmoid output, spread over the data range [low, high]."""
+        return self.low + (self.high - self.low) * s
+
     @property
     def low(self) -> float:
         return (0.0 - self.mean) / self.std

@@ -199,7 +199,7 @@ def log_likelihood(logits: jax.Array, x: jax.Array, normalization: Normalization
     if likelihood == "bernoulli":
         return -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, normalization.to_pixels(x)), axis=-1)
     if likelihood == "gaussian":
-        mean = normalization.low + (normalization.high - normalization.low) * jax.nn.sigmoid(logits)
+        mean = normalization.from_unit(jax.nn.sigmoid(logits))
         return -jnp.sum(jnp.square(x - mean), axis=-1) - 0.5 * x.shape[-1] * math.log(math.pi)
     raise JaxaeError(f"unknown likelihood {likelihood!r}; choose bernoulli or gaussian")
 
@@ -221,7 +221,7 @@ def vae_objective(config: Any, normalization: Normalization) -> Objective:
         recon, kl = parts(model, x, keys)
         reconstruction = model(x)  # from the posterior mean
         if config.likelihood == "gaussian":
-            reconstruction = normalization.low + (normalization.high - normalization.low) * reconstruction
+            reconstruction = normalization.from_unit(reconstruction)
             pixels = normalization.to_pixels(reconstruction)
         else:
             pixels = reconstruction
