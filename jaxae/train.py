@@ -310,6 +310,16 @@ class Trainer:
     def jit_evaluate(self) -> Callable:
         return jax.jit(self.evaluate, static_argnames="batch_size")
 
+    def encode_batch(self, params: Any, batch: jax.Array) -> jax.Array:
+        """Codes of a uint8 batch, normalised as in training."""
+        return self.model(params).encode(self.normalization(batch.reshape(batch.shape[0], -1)))
+
+    @functools.cached_property
+    def jit_encode(self) -> Callable:
+        # One compiled function per trainer: encode() is called for both splits (the probe),
+        # and a jit made inside it would compile again on every call.
+        return jax.jit(self.encode_batch)
+
     @functools.cached_property
     def jit_mean_over(self) -> Callable:
         return jax.jit(self.mean_over, static_argnames=("fn", "batch_size"))
@@ -372,13 +382,8 @@ def encode(trainer: Trainer, state: TrainState, images: np.ndarray | jax.Array, 
     """Codes ``[N, latent]`` of uint8 images ``[N, ...]`` (normalised as in training)."""
     images = jnp.asarray(images)
     n = images.shape[0]
-
-    @jax.jit
-    def encode_batch(params, batch):
-        return trainer.model(params).encode(trainer.normalization(batch.reshape(batch.shape[0], -1)))
-
     return np.concatenate(
-        [np.asarray(encode_batch(state.params, images[i : i + batch_size])) for i in range(0, n, batch_size)]
+        [np.asarray(trainer.jit_encode(state.params, images[i : i + batch_size])) for i in range(0, n, batch_size)]
     )
 
 
