@@ -17,7 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from jaxae.train import TrainConfig, fit
+from jaxae.loop import fit
+from jaxae.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 

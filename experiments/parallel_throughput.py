@@ -19,8 +19,9 @@ from pathlib import Path
 
 import jax
 
+from jaxae.loop import fit
 from jaxae.parallel import get_strategy
-from jaxae.train import TrainConfig, fit
+from jaxae.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import jax
 
 from jaxae.data import load_dataset
+from jaxae.loop import fit
 from jaxae.objectives import importance_weighted_nll
 from jaxae.probe import linear_probe
-from jaxae.train import TrainConfig, fit
+from jaxae.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 RUNS = [

@@ -10,28 +10,27 @@ The public API, re-exported::
     images = jaxae.load_dataset("mnist-sample", "train").images
 """
 
+from jaxae._version import __version__
 from jaxae.convert import TWINS, from_torch, parity_report, read_state_dict, to_torch_state_dict
 from jaxae.data import NORMALIZATIONS, Dataset, Normalization, get_normalization, load_dataset, read_idx
 from jaxae.errors import DataError, JaxaeError
+from jaxae.loop import FitResult, fit
 from jaxae.models import VAE, Autoencoder, ConvAutoencoder, ConvVAE
 from jaxae.objectives import VARIANTS, Objective, Variant, get_variant, importance_weighted_nll, reconstruction_mse
 from jaxae.parallel import Strategy, get_strategy
 from jaxae.probe import linear_probe
 from jaxae.train import (
-    FitResult,
     TrainConfig,
     Trainer,
     TrainState,
     build,
     create_train_state,
     encode,
-    fit,
     summarize_epoch,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "VAE",
     "Autoencoder",
     "ConvAutoencoder",

@@ -45,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
+from jaxae._version import __version__
 from jaxae.errors import JaxaeError
 from jaxae.models import image_shape_of
 from jaxae.train import TrainConfig, Trainer, TrainState, build
@@ -256,11 +257,9 @@ class Checkpoints:
         step = int(jax.device_get(state.step))
         if step in self._mngr.all_steps():
             raise JaxaeError(f"a checkpoint of step {step} exists already in {checkpoint_dir(self.workdir)}")
-        import jaxae
-
         meta = {
             "format": FORMAT_VERSION,
-            "jaxae_version": jaxae.__version__,
+            "jaxae_version": __version__,
             "config": config.to_dict(),
             "input_dim": input_dim_of(state),
             "input_shape": input_shape_of(state),

@@ -175,7 +175,7 @@ def _strategy_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from jaxae.train import fit
+    from jaxae.loop import fit
 
     config = _config_from_args(args)
     config.validate()

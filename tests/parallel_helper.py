@@ -21,8 +21,9 @@ import numpy as np  # noqa: E402
 
 from jaxae import cli  # noqa: E402
 from jaxae.errors import JaxaeError  # noqa: E402
+from jaxae.loop import fit  # noqa: E402
 from jaxae.parallel import get_strategy  # noqa: E402
-from jaxae.train import TrainConfig, fit  # noqa: E402
+from jaxae.train import TrainConfig  # noqa: E402
 
 STRATEGIES = ("none", "pmap", "shard")
 

@@ -21,8 +21,9 @@ import pytest
 
 from jaxae import checkpoint, cli
 from jaxae.errors import JaxaeError, TrainingInterrupted
+from jaxae.loop import fit
 from jaxae.parallel import Strategy
-from jaxae.train import TrainConfig, build, fit
+from jaxae.train import TrainConfig, build
 
 STEPS_PER_EPOCH = 8  # 512 train images, batch 64
 TIMING = ("samples_per_s", "seconds")
@@ -226,7 +227,8 @@ def test_restore_across_device_counts_and_layouts(tmp_path, idx_folder):
 _REAL_STRATEGIES = """
 import sys
 import jax, numpy as np
-from jaxae.train import TrainConfig, fit
+from jaxae.loop import fit
+from jaxae.train import TrainConfig
 
 assert jax.device_count() == 4, jax.devices()
 data, root = sys.argv[1:]

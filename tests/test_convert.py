@@ -23,8 +23,9 @@ from flax import nnx
 import jaxae
 from jaxae import checkpoint, cli, convert, torch_reference
 from jaxae.data import NORMALIZATIONS, get_normalization
+from jaxae.loop import init_params_from
 from jaxae.models import gaussian_sample
-from jaxae.train import TrainConfig, build, init_params_from
+from jaxae.train import TrainConfig, build
 
 DOCUMENT_KEYS = [
     f"{part}.{i}.{kind}" for part in ("encoder", "decoder") for i in (0, 2, 4) for kind in ("weight", "bias")

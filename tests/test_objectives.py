@@ -9,7 +9,8 @@ from flax import nnx
 import jaxae
 from jaxae import objectives
 from jaxae.data import NORMALIZATIONS
-from jaxae.train import TrainConfig, build, example_keys, fit
+from jaxae.loop import fit
+from jaxae.train import TrainConfig, build, example_keys
 
 UNIT = NORMALIZATIONS["unit"]
 

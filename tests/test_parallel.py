@@ -20,7 +20,8 @@ import pytest
 from jaxae import checkpoint, cli, parallel
 from jaxae.data import write_idx
 from jaxae.errors import JaxaeError
-from jaxae.train import TrainConfig, fit
+from jaxae.loop import fit
+from jaxae.train import TrainConfig
 
 HELPER = Path(__file__).with_name("parallel_helper.py")
 REPO = HELPER.parent.parent

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 import jaxae
-from jaxae.train import TrainConfig, build, fit
+from jaxae.loop import fit
+from jaxae.train import TrainConfig, build
 
 
 @pytest.fixture

@@ -1,0 +1,279 @@
+"""The training loop: data, the compiled core, a parallel strategy, checkpoints, signals, figures.
+
+:func:`fit` is what ``jaxae train`` runs. It ties together the layers below it: the dataset
+(:mod:`jaxae.data`), the pure steps and epoch scan (:mod:`jaxae.train`), a data-parallel
+strategy (:mod:`jaxae.parallel`), Orbax checkpoints (:mod:`jaxae.checkpoint`) and the figures
+(:mod:`jaxae.plots`). Nothing below it imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from jaxae import checkpoint, plots
+from jaxae.data import load_dataset
+from jaxae.errors import JaxaeError, TrainingInterrupted
+from jaxae.parallel import Strategy, get_strategy
+from jaxae.train import TrainConfig, Trainer, TrainState, build, summarize_epoch
+
+
+def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -> TrainState:
+    """``state`` with the parameters of the latest checkpoint in ``workdir`` and a fresh optimizer.
+
+    The step, epoch and random streams stay ``state``'s: a fine-tuning run is a new run that
+    starts from other weights.
+
+    Raises:
+        JaxaeError: no checkpoint there, or its parameters do not fit this run's model.
+    """
+    _, saved, saved_config = checkpoint.restore(workdir)
+    want = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+    have = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(saved.params)}
+    if want != have:
+        differ = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        key = differ[0]
+        raise JaxaeError(
+            f"--init-from {workdir} holds a {saved_config.variant} model whose parameters do not fit this run's "
+            f"{key}: {have.get(key, 'absent')} there, {want.get(key, 'absent')} here; "
+            "use the same --variant, --hidden-dims and --latent-dim"
+        )
+    params = saved.params
+    return state.replace(params=params, opt_state=trainer.tx.init(params))
+
+
+@dataclasses.dataclass
+class FitResult:
+    trainer: Trainer
+    state: TrainState
+    history: list[dict[str, Any]]
+    compile_seconds: float
+    start_epoch: int = 0  # epochs already done when this call began (non-zero on resume)
+
+
+def fit(
+    config: TrainConfig,
+    workdir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    callbacks: Iterable[Callable[[dict[str, Any]], None]] = (),
+    strategy: Any = None,
+    init_from: str | Path | None = None,
+    resume: bool = False,
+    save_every: int = 1,
+    keep: int = 3,
+) -> FitResult:
+    """Trains ``config``'s model on its dataset and evaluates on the test split every epoch.
+
+    With a ``workdir`` it writes ``config.json``, ``metrics.jsonl`` (one line per epoch, flushed
+    as it goes), Orbax checkpoints under ``checkpoints/`` (asynchronously, every ``save_every``
+    epochs and after the last; the ``keep`` latest plus the best by test loss are kept),
+    ``reconstructions.png`` and ``loss.png``. The first SIGINT or SIGTERM finishes the epoch,
+    saves a checkpoint and raises :class:`~jaxae.errors.TrainingInterrupted`.
+
+    Args:
+        config: the run; ``config.epochs`` is the total, counting epochs done before a resume.
+        workdir: output folder (None: train in memory only).
+        progress: show a progress bar.
+        callbacks: each gets every epoch's metrics record.
+        strategy: a :class:`~jaxae.parallel.Strategy` or its name (default ``"none"``). In a
+            multi-process run every process calls ``fit``; only the primary one (process 0)
+            writes files and shows progress, and all of them take part in checkpointing.
+        resume: continue the run in ``workdir`` from its latest complete checkpoint; the result
+            is the one an uninterrupted run gives. A run already at ``config.epochs`` returns
+            at once (``start_epoch >= config.epochs``).
+        save_every: save a checkpoint every this many epochs.
+        keep: how many of the latest checkpoints to keep (the best is kept besides).
+        init_from: a folder holding a checkpoint (e.g. from ``jaxae convert``): start from its
+            parameters with a fresh optimizer (see :func:`init_params_from`); ignored on resume.
+
+    Raises:
+        JaxaeError: bad settings or data (e.g. a batch larger than the split), nothing to
+            resume or a checkpoint of a different run, or a non-finite loss (the last good
+            checkpoint stays the latest).
+        TrainingInterrupted: a SIGINT or SIGTERM stopped training after a checkpoint was saved.
+    """
+    config.validate()
+    if save_every < 1:
+        raise JaxaeError(f"--save-every must be at least 1, got {save_every}")
+    if keep < 1:
+        raise JaxaeError(f"--keep must be at least 1, got {keep}")
+    if resume and workdir is None:
+        raise JaxaeError("resuming needs the workdir of the run to continue")
+    out = Path(workdir) if workdir is not None else None
+    if out is not None:
+        # Before loading anything: a wrong --resume or a taken workdir fails fast.
+        if resume:
+            checkpoint.check_resumable(out, config)
+        else:
+            checkpoint.check_fresh(out)
+    train = load_dataset(config.dataset, "train", config.tfds_data_dir)
+    test = load_dataset(config.dataset, "test", config.tfds_data_dir)
+    if config.batch_size > len(train):
+        raise JaxaeError(f"--batch-size {config.batch_size} is larger than the {len(train)}-image train split")
+    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy or Strategy()
+    strategy.check_batch_size(config.batch_size)
+    progress = progress and strategy.is_primary
+    input_dim = math.prod(train.image_shape)
+    trainer, state = build(config, train.image_shape)
+    if resume:
+        state = checkpoint.restore_state(out, state, strategy=strategy)
+    else:
+        if init_from is not None:
+            state = init_params_from(init_from, trainer, state)
+        state = strategy.put_state(state)
+    start_epoch = int(strategy.host_state(state).epoch)
+    history = _previous_records(out, start_epoch) if resume else []
+    if start_epoch >= config.epochs:
+        return FitResult(trainer, strategy.host_state(state), history, 0.0, start_epoch)
+    train_images = strategy.put_data(train.images.reshape(len(train), input_dim))
+    test_images = strategy.put_data(test.images.reshape(len(test), input_dim))
+    eval_batch = min(config.eval_batch_size, len(test))
+
+    t0 = time.perf_counter()
+    train_epoch = strategy.compile_epoch(trainer, state, train_images, config.batch_size)
+    evaluate = strategy.compile_evaluate(trainer, state, test_images, eval_batch)
+    compile_seconds = time.perf_counter() - t0
+
+    metrics_file = None
+    ckpts = None
+    stop = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if strategy.is_primary:
+            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            _write_records(out / "metrics.jsonl", history)  # on resume: drops epochs past the checkpoint
+            metrics_file = open(out / "metrics.jsonl", "a")
+        ckpts = checkpoint.Checkpoints(out, keep=keep)
+        stop = checkpoint.StopOnSignal().__enter__()
+
+    bar = tqdm(
+        range(start_epoch, config.epochs),
+        initial=start_epoch,
+        total=config.epochs,
+        desc=f"{config.variant} on {config.dataset}",
+        unit="epoch",
+        disable=not progress,
+    )
+    try:
+        for epoch in bar:
+            if stop is not None and stop.signum is not None:
+                break
+            t_start = time.perf_counter()
+            state, step_metrics = train_epoch(state, train_images)
+            train_metrics = summarize_epoch(jax.device_get(step_metrics))
+            t_train = time.perf_counter() - t_start
+            test_metrics = {k: float(v) for k, v in jax.device_get(evaluate(state, test_images)).items()}
+            _check_finite(epoch + 1, train_metrics, test_metrics, ckpts)
+            record = {
+                "epoch": epoch + 1,
+                "step": int(strategy.host_state(state).step),
+                **{f"train_{k}": v for k, v in train_metrics.items()},
+                **{f"test_{k}": v for k, v in test_metrics.items()},
+                "samples_per_s": len(train) / t_train,
+                "seconds": time.perf_counter() - t_start,
+            }
+            history.append(record)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if ckpts is not None and ((epoch + 1) % save_every == 0 or epoch + 1 == config.epochs):
+                ckpts.save(_host_copy(strategy, state), config, metrics={"test_loss": test_metrics["loss"]})
+            for callback in callbacks:
+                callback(record)
+            bar.set_postfix(train_loss=f"{record['train_loss']:.4f}", test_loss=f"{record['test_loss']:.4f}")
+        if stop is not None and stop.signum is not None:
+            final = _host_copy(strategy, state)
+            if int(final.epoch) > start_epoch and int(final.step) != ckpts.latest_step():
+                ckpts.save(final, config, metrics={"test_loss": history[-1]["test_loss"]})
+            raise _interrupted(stop.signum, config, final, ckpts)
+    finally:
+        if stop is not None:
+            stop.__exit__()
+        if metrics_file is not None:
+            metrics_file.close()
+        if ckpts is not None:
+            ckpts.close()  # completes the save in flight
+
+    if out is not None:
+        if strategy.is_primary:
+            plots.write_run_figures(out, trainer, strategy.host_state(state), test, history)
+    return FitResult(trainer, strategy.host_state(state), history, compile_seconds, start_epoch)
+
+
+def _host_copy(strategy: Any, state: TrainState) -> TrainState:
+    """The state as a checkpoint holds it (a strategy may say how; else its host copy)."""
+    return getattr(strategy, "checkpoint_state", strategy.host_state)(state)
+
+
+def _check_finite(epoch: int, train_metrics: dict[str, float], test_metrics: dict[str, float], ckpts: Any) -> None:
+    bad = {f"train {k}": v for k, v in train_metrics.items() if not math.isfinite(v)}
+    bad.update({f"test {k}": v for k, v in test_metrics.items() if not math.isfinite(v)})
+    if not bad:
+        return
+    # The diverged state is never saved; the last good checkpoint stays the latest.
+    where = "there is no earlier checkpoint"
+    if ckpts is not None:
+        ckpts.wait()
+        step = ckpts.latest_step()
+        if step is not None:
+            where = f"the last good checkpoint is {checkpoint.step_dir(ckpts.workdir, step)} (step {step})"
+    values = ", ".join(f"{k} = {v}" for k, v in bad.items())
+    raise JaxaeError(
+        f"training diverged at epoch {epoch} ({values}); that state was not saved, {where}. Try a smaller --lr"
+    )
+
+
+def _previous_records(out: Path, epochs_done: int) -> list[dict[str, Any]]:
+    """The metrics of the epochs a resumed checkpoint holds (later lines are re-run)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed process
+        if isinstance(record, dict) and record.get("epoch", epochs_done + 1) <= epochs_done:
+            records.append(record)
+    return records
+
+
+def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def _interrupted(signum: int, config: TrainConfig, state: TrainState, ckpts: Any) -> Exception:
+    epoch = int(state.epoch)
+    ckpts.wait()
+    step = ckpts.latest_step()
+    name = signal.Signals(signum).name
+    if step is None:
+        return TrainingInterrupted(
+            f"interrupted by {name} before the first epoch ended; no checkpoint was written",
+            signum=signum,
+            epoch=epoch,
+            step=None,
+            checkpoint=None,
+        )
+    path = str(checkpoint.step_dir(ckpts.workdir, step))
+    return TrainingInterrupted(
+        f"interrupted by {name} after epoch {epoch} of {config.epochs}; checkpoint saved in {path} (step {step})",
+        signum=signum,
+        epoch=epoch,
+        step=step,
+        checkpoint=path,
+    )
