@@ -4,14 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/vanilla-mnist-sample
 
-.PHONY: setup train test test-fast lint bench clean
+.PHONY: setup train test lint bench docs clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch where this machine has it, so no multi-GB CUDA build is pulled.
 	$(PY) -m pip install --quiet "torch==2.13.0" || echo "torch 2.13.0 not available here; the [test] extra picks a torch"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,docs]"
 	$(PY) -c "import jaxae, jax; print('jaxae', jaxae.__version__, 'on jax', jax.__version__, jax.devices())"
 
 # The document's experiment on the embedded MNIST sample: writes $(WORKDIR)/reconstructions.png.
@@ -26,10 +26,14 @@ test:
 bench:
 	$(PY) -m jaxae bench --json bench.json
 
+# The documentation site into site/; any warning (broken link, a docstring naming something missing) fails it.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 lint:
 	$(PY) -m ruff check jaxae tests experiments
 	$(PY) -m ruff format --check jaxae tests experiments
 
 clean:
-	rm -rf runs .pytest_cache build *.egg-info jaxae.egg-info
+	rm -rf runs site .pytest_cache build *.egg-info jaxae.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

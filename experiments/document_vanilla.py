@@ -1,6 +1,6 @@
 """The document's experiment: vanilla MLP autoencoder, 20 epochs, batch 256, Adam 1e-3, MSE.
 
-Command:   .venv/bin/python experiments/document_vanilla.py [--fashion-dir ../shared/data/fashion-mnist]
+Command:   .venv/bin/python experiments/document_vanilla.py [--fashion-dir data/fashion-mnist]
 Runtime:   about 2.5 minutes on a 2-core CPU (8 runs: 2 datasets x 2 inits x 2 normalisations).
 Expected:  mnist-sample torch-init unit test_mse ~0.044; Fashion-MNIST torch-init unit ~0.0139;
            Flax's init lower on both; the document's [-1, 1] preset far higher in pixel units,
@@ -25,7 +25,11 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fashion-dir", default="../shared/data/fashion-mnist", help="relative to the repo root")
+    parser.add_argument(
+        "--fashion-dir",
+        default="data/fashion-mnist",
+        help="a folder of the Fashion-MNIST IDX files, relative to the repo root (see docs/datasets.md)",
+    )
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
 
@@ -50,7 +54,7 @@ def main() -> None:
                     "train_loss": last["train_loss"],
                     "wall_seconds": time.perf_counter() - t0,
                     "command": (
-                        f"jaxae train --variant vanilla --dataset {dataset if label == 'mnist-sample' else '../shared/data/fashion-mnist'} "
+                        f"jaxae train --variant vanilla --dataset {dataset if label == 'mnist-sample' else 'data/fashion-mnist'} "
                         f"--epochs {args.epochs} --init {init} --normalize {normalize}"
                     ),
                 }

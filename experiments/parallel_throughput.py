@@ -1,6 +1,6 @@
 """Training throughput of the data-parallel strategies on the devices this machine has.
 
-Command:   .venv/bin/python experiments/parallel_throughput.py [--dataset ../shared/data/fashion-mnist]
+Command:   .venv/bin/python experiments/parallel_throughput.py [--dataset data/fashion-mnist]
            [--strategies none,shard,pmap] [--batch-sizes 256,4096] [--epochs 6] [--out NAME.json]
 Runtime:   under a minute on one GPU; a few minutes on a 2-core CPU.
 Expected:  every strategy reaches the same train loss (the runs are the same computation);
@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="../shared/data/fashion-mnist")
+    parser.add_argument("--dataset", default="data/fashion-mnist")
     parser.add_argument("--strategies", default="none,shard,pmap")
     parser.add_argument("--batch-sizes", default="256,4096")
     parser.add_argument("--epochs", type=int, default=6)

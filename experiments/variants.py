@@ -1,6 +1,6 @@
 """Every variant of the document, with the number for each application it names.
 
-Command:   .venv/bin/python experiments/variants.py [--fashion-dir ../shared/data/fashion-mnist] [--only-sample]
+Command:   .venv/bin/python experiments/variants.py [--fashion-dir data/fashion-mnist] [--only-sample]
 Runtime:   about 25 minutes on a 2-core CPU (7 models x 2 datasets, 20 epochs each, plus probes).
 Expected:  compression: vanilla test_mse ~0.044 (sample) / ~0.0135 (Fashion-MNIST) at code size 32;
            noise removal: the denoiser raises PSNR by a few dB over its noisy input (std 0.5);
@@ -40,7 +40,11 @@ IW_SAMPLES = 100
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fashion-dir", default="../shared/data/fashion-mnist", help="relative to the repo root")
+    parser.add_argument(
+        "--fashion-dir",
+        default="data/fashion-mnist",
+        help="a folder of the Fashion-MNIST IDX files, relative to the repo root (see docs/datasets.md)",
+    )
     parser.add_argument("--only-sample", action="store_true")
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()

@@ -245,7 +245,8 @@ class Trainer:
         Args:
             state: this device's copy of the (replicated) state.
             images: uint8 ``[N, D]``, the whole split, on this device.
-            ids, mask: this device's columns ``[steps, B / devices]`` of :meth:`epoch_batches`.
+            ids: this device's example indices ``[steps, B / devices]``, from :meth:`epoch_batches`.
+            mask: this device's ``[steps, B / devices]`` mask of real (not padding) rows.
             axis_name: the device axis the loss and gradients are summed over.
 
         Returns:
