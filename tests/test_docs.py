@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,42 @@ def _reader_folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def jaxae_commands(code: str) -> list[list[str]] | None:
+    """The argument lists of a block made only of ``jaxae ...`` commands, else None.
+
+    Those run in this process through :func:`jaxae.cli.main`, which is what the ``jaxae``
+    script calls: the same code path, without paying for a new interpreter, JAX start-up and
+    compilations for every line. Anything else (loops, variables, pipes) runs in bash.
+    """
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        if not argv:
+            continue
+        if argv[0] != "jaxae" or any(ch in line.split("#")[0] for ch in "|&;$<>`"):
+            return None
+        commands.append(argv[1:])
+    return commands
+
+
+def _run_bash(code: str, cwd: Path, env: dict, where: str) -> None:
+    commands = jaxae_commands(code)
+    if commands is None:
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, f"{where} failed ({proc.returncode}):\n{code}\n{proc.stderr[-3000:]}"
+        return
+    from jaxae import cli
+
+    for argv in commands:
+        try:
+            status = cli.main(argv)
+        except SystemExit as e:  # argparse's own errors
+            status = e.code
+        assert status in (0, None), f"{where} failed ({status}): jaxae {shlex.join(argv)}"
+
+
 def run_page(page: Path, cwd: Path) -> None:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -57,10 +94,7 @@ def run_page(page: Path, cwd: Path) -> None:
             if lang == "python":
                 exec(compile(code, where, "exec"), namespace)  # noqa: S102 - the docs' own examples
             else:
-                proc = subprocess.run(
-                    ["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True, text=True
-                )
-                assert proc.returncode == 0, f"{where} failed ({proc.returncode}):\n{code}\n{proc.stderr[-3000:]}"
+                _run_bash(code, cwd, env, where)
     finally:
         os.chdir(old)
 
@@ -76,6 +110,20 @@ def test_the_runner_fails_on_a_broken_block(tmp_path):
     assert [lang for lang, _ in blocks(page)] == ["python", "bash"]  # the `# needs:` block is not run
     with pytest.raises(AssertionError, match="block 2 failed"):
         run_page(page, tmp_path)
+    page.write_text("```bash\necho ok | grep -q ok\nfalse\n```\n")  # a block bash runs
+    with pytest.raises(AssertionError, match="block 1 failed"):
+        run_page(page, tmp_path)
+
+
+def test_jaxae_lines_run_in_process_and_the_rest_in_bash():
+    assert jaxae_commands(
+        "jaxae train --epochs 2 \\\n  --workdir runs/a   # note\n\njaxae evaluate --workdir runs/a\n"
+    ) == [
+        ["train", "--epochs", "2", "--workdir", "runs/a"],
+        ["evaluate", "--workdir", "runs/a"],
+    ]
+    assert jaxae_commands("for i in 0 1; do jaxae train; done") is None
+    assert jaxae_commands("jaxae train --workdir $HOME/x") is None
 
 
 def test_no_page_sends_readers_outside_the_repository():
