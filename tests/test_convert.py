@@ -924,3 +924,224 @@ def test_bad_files_are_one_line_errors_and_write_nothing(tmp_path, capsys, name,
     code = cli.main(["convert", str(path), "--out", str(tmp_path / "out"), "--check"])
     _one_line_error(capsys, code, pattern)
     assert not (tmp_path / "out").exists()
+
+
+# --- non-finite weights ---------------------------------------------------------------------------
+
+
+def _nonfinite_state_dict():
+    """The document's weights with 3 NaN and 1 Inf in encoder.0.weight (100352 values)."""
+    state_dict = _document_state_dict()
+    weight = state_dict["encoder.0.weight"]
+    weight[0, :3] = float("nan")
+    weight[5, 7] = float("-inf")
+    return state_dict
+
+
+def _save_nonfinite(path):
+    if path.suffix == ".safetensors":
+        convert.save_state_dict({k: v.numpy() for k, v in _nonfinite_state_dict().items()}, path, "safetensors")
+    else:
+        torch.save(_nonfinite_state_dict(), path)
+
+
+@pytest.mark.parametrize("name", ["nan.pt", "nan.safetensors"])
+def test_nonfinite_weights_are_refused_naming_the_tensor_unless_allowed(tmp_path, capsys, name):
+    path = tmp_path / name
+    _save_nonfinite(path)
+    message = "encoder.0.weight has 3 NaN and 1 Inf of 100352 values"
+    code = cli.main(["convert", str(path), "--out", str(tmp_path / "out"), "--normalize", "unit"])
+    _one_line_error(capsys, code, message)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(jaxae.JaxaeError, match=message):
+        jaxae.from_torch(path)
+    with pytest.raises(jaxae.JaxaeError, match=message):
+        jaxae.read_state_dict(path)
+
+    # the opt-out: the weights arrive as they are
+    model = jaxae.from_torch(path, allow_nonfinite=True)
+    assert int(np.isnan(np.asarray(model.encoder.layers[0].kernel[...])).sum()) == 3
+    assert cli.main(["convert", str(path), "--out", str(tmp_path / "out"), "--allow-nonfinite"]) == 0
+    assert json.loads(capsys.readouterr().out)["tensors"] == 12
+    _, state, _ = checkpoint.restore(tmp_path / "out")
+    assert int(np.isinf(np.asarray(state.params["encoder"]["layers"][0]["kernel"])).sum()) == 1
+
+
+def test_nonfinite_message_says_how_to_opt_out_and_covers_mappings_and_float64_overflow(tmp_path, capsys):
+    torch.save(_nonfinite_state_dict(), tmp_path / "nan.pt")
+    code = cli.main(["convert", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "out")])
+    _one_line_error(capsys, code, "Pass --allow-nonfinite")
+    # a mapping enters through the same reader
+    with pytest.raises(jaxae.JaxaeError, match="the state_dict: encoder.0.weight has 3 NaN and 1 Inf"):
+        jaxae.from_torch(_nonfinite_state_dict())
+    # float64 beyond float32's range is Inf once converted, and is counted as such
+    state_dict = {k: v.double() for k, v in _document_state_dict().items()}
+    state_dict["decoder.4.bias"][:2] = 1e300
+    with pytest.raises(jaxae.JaxaeError, match=r"decoder.4.bias has 2 Inf of 784 values;"):
+        jaxae.read_state_dict(state_dict)
+    # several tensors: each named, the line stays one line
+    state_dict = _nonfinite_state_dict()
+    for key in ("encoder.2.bias", "decoder.0.weight", "decoder.2.bias"):
+        state_dict[key][0] = float("nan")
+    with pytest.raises(jaxae.JaxaeError) as caught:
+        jaxae.read_state_dict(state_dict)
+    assert "encoder.2.bias has " in str(caught.value) and "and 1 more" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+# --- never overwrite ------------------------------------------------------------------------------
+
+
+def test_convert_refuses_to_overwrite_an_earlier_conversion_unless_forced(tmp_path, capsys):
+    torch.save(_document_state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("the user's config\n")
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out)])
+    _one_line_error(capsys, code, f"--out {out} already holds config.json, which convert would overwrite")
+    assert (out / "config.json").read_text() == "the user's config\n"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+    (out / "config.json").unlink()
+    (out / "parity.json").write_text("the user's report\n")
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out)])
+    _one_line_error(capsys, code, "already holds parity.json")
+    assert (out / "parity.json").read_text() == "the user's report\n"
+
+    # --force replaces them; a parity.json that no longer describes the weights goes
+    (out / "config.json").write_text("the user's config\n")
+    assert cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out), "--force"]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "config.json").read_text())["variant"] == "vanilla"
+    assert not (out / "parity.json").exists()
+
+    # checkpoints are never replaced, --force or not
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out), "--force"])
+    _one_line_error(capsys, code, "which convert never replaces (not even with --force)")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+    (tmp_path / "a-file").write_text("x")
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(tmp_path / "a-file")])
+    _one_line_error(capsys, code, "is a file, not a folder")
+
+
+@pytest.fixture
+def converted(tmp_path, capsys):
+    """A checkpoint folder converted from the document's fresh weights."""
+    torch.save(_document_state_dict(), tmp_path / "model.pt")
+    assert cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(tmp_path / "converted")]) == 0
+    capsys.readouterr()
+    return tmp_path / "converted"
+
+
+def test_export_refuses_to_overwrite_a_file_unless_forced(tmp_path, capsys, converted):
+    original = tmp_path / "model.pt"
+    before = original.read_bytes()
+    code = cli.main(["export", "--workdir", str(converted), "--out", str(original)])
+    _one_line_error(capsys, code, f"--out {original} already exists; give a new file name, or pass --force")
+    assert original.read_bytes() == before
+    # refused before the checkpoint is even looked at
+    code = cli.main(["export", "--workdir", str(tmp_path / "nothing"), "--out", str(original)])
+    _one_line_error(capsys, code, "already exists")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "model.pt"]  # no temporary left
+
+    (tmp_path / "other.safetensors").write_bytes(b"keep")
+    code = cli.main(["export", "--workdir", str(converted), "--out", str(tmp_path / "other.safetensors")])
+    _one_line_error(capsys, code, "already exists")
+    assert (tmp_path / "other.safetensors").read_bytes() == b"keep"
+
+    assert cli.main(["export", "--workdir", str(converted), "--out", str(original), "--force"]) == 0
+    capsys.readouterr()
+    assert list(jaxae.read_state_dict(original)) == DOCUMENT_KEYS
+
+
+def test_save_state_dict_keeps_a_file_that_appears_while_it_writes(tmp_path, monkeypatch):
+    # The check before the write cannot see a file created during it; the final hard link does.
+    path = tmp_path / "model.pt"
+    real_save = torch.save
+
+    def save_while_someone_writes(obj, f):
+        real_save(obj, f)
+        path.write_bytes(b"someone else's")
+
+    monkeypatch.setattr(torch, "save", save_while_someone_writes)
+    with pytest.raises(jaxae.JaxaeError, match="already exists"):
+        convert.save_state_dict(numpy_state_dict(torch_reference.Autoencoder()), path)
+    assert path.read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+# --- unwritable export paths ----------------------------------------------------------------------
+
+
+def test_export_to_a_path_under_a_file_or_to_a_folder_is_one_line(tmp_path, capsys, converted):
+    (tmp_path / "notes.txt").write_text("x")
+    for out, pattern in (
+        (tmp_path / "notes.txt" / "model.pt", "notes.txt is a file, not a folder"),
+        (tmp_path / "notes.txt" / "deeper" / "model.pt", "notes.txt is a file, not a folder"),
+        (tmp_path, "is a folder; give a file name"),
+    ):
+        code = cli.main(["export", "--workdir", str(converted), "--out", str(out)])
+        _one_line_error(capsys, code, pattern)
+    assert (tmp_path / "notes.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "patch, pattern",
+    [
+        # a read-only location: mkstemp is where the OS says so (root ignores chmod, so the errno is raised here)
+        ("mkstemp", "Read-only file system"),
+        # a full disk: torch's zip writer raises RuntimeError, not OSError
+        ("torch.save", "PytorchStreamWriter failed writing file"),
+    ],
+)
+def test_export_to_an_unwritable_location_is_one_line_and_leaves_nothing(
+    tmp_path, capsys, monkeypatch, converted, patch, pattern
+):
+    import errno
+    import tempfile
+
+    if patch == "mkstemp":
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    else:
+
+        def full_disk(obj, f):
+            open(f, "wb").write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
+
+        monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "exported" / "model.pt"
+    code = cli.main(["export", "--workdir", str(converted), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"jaxae: error: cannot write --out {out}: ") and pattern in err, err
+    assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
+
+
+def _read_only_mount_works(where):
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {where} && ! touch {where}/x"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def test_export_onto_a_read_only_mount_in_a_real_process(tmp_path, converted):
+    # Root ignores chmod, so a real read-only file system: a tmpfs mounted ro in a private mount namespace.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not _read_only_mount_works(ro):
+        pytest.skip("needs unshare -m and mount (root); the monkeypatched EROFS test covers the message")
+    out = ro / "model.pt"
+    command = (
+        f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m jaxae export --workdir {converted} --out {out}"
+    )
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"jaxae: error: cannot write --out {out}: Read-only file system"), proc.stderr
