@@ -414,18 +414,31 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
+def _torch_float32(tensor: Any, key: str, where: str) -> np.ndarray:
+    if not tensor.is_floating_point():
+        raise JaxaeError(f"{where}: {key} holds {tensor.dtype} values; expected floating-point weights")
+    if str(tensor.layout) != "torch.strided":
+        raise JaxaeError(f"{where}: {key} is a {tensor.layout} tensor; expected dense weights (save tensor.to_dense())")
+    try:
+        return tensor.detach().cpu().float().numpy()
+    except (TypeError, RuntimeError, ValueError, NotImplementedError) as e:  # a meta or nested tensor: no values
+        raise JaxaeError(f"{where}: {key} cannot be read as a dense float tensor: {_first_line(e)}") from None
+
+
 def _as_float32_arrays(tensors: Mapping, where: str) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise JaxaeError(f"{where} has a non-string key {key!r}; a state_dict maps names to tensors")
+        if not key.isprintable():  # no module has such a name, and it would break one-line messages
+            raise JaxaeError(
+                f"{where} has a key {key!r} with unprintable characters; a state_dict maps names to tensors"
+            )
         if hasattr(value, "detach"):  # a torch.Tensor; no torch import needed to recognise it
-            value = value.detach().cpu()
-            if not value.is_floating_point():
-                raise JaxaeError(f"{where}: {key} holds {value.dtype} values; expected floating-point weights")
-            value = value.float().numpy()
+            value = _torch_float32(value, key, where)
         elif isinstance(value, np.ndarray):
-            if not np.issubdtype(value.dtype, np.floating):
+            # ml_dtypes' bfloat16 and float8 (from safetensors) are floats numpy does not class as such
+            if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name.startswith(("bfloat16", "float8"))):
                 raise JaxaeError(f"{where}: {key} holds {value.dtype} values; expected floating-point weights")
         else:
             raise JaxaeError(f"{where}: {key} holds a {type(value).__name__}, not a tensor")

@@ -5,6 +5,7 @@ Every (variant, arch) with a PyTorch twin (jaxae.TWINS) gets the parity and roun
 and so does the sparse variant's second code activation (sparsity="kl": a Sigmoid code).
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -1145,3 +1146,217 @@ def test_export_onto_a_read_only_mount_in_a_real_process(tmp_path, converted):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"jaxae: error: cannot write --out {out}: Read-only file system"), proc.stderr
+
+
+# --- property-based: untrusted files give a state_dict or a JaxaeError, never anything else --------
+
+import io  # noqa: E402
+import struct  # noqa: E402
+import tempfile  # noqa: E402
+import zipfile  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SUFFIXES = st.sampled_from([".pt", ".pth", ".bin", ".safetensors"])
+
+
+def _small_state_dict():
+    return collections.OrderedDict(
+        [("encoder.0.weight", torch.arange(6, dtype=torch.float32).reshape(3, 2)), ("encoder.0.bias", torch.ones(3))]
+    )
+
+
+def _torch_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _safetensors_bytes(header, data=b""):
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+VALID_TORCH = _torch_bytes(_small_state_dict())
+VALID_LEGACY = None  # filled lazily: torch's legacy (non-zip) format
+VALID_SAFETENSORS = _safetensors_bytes(
+    {
+        "__metadata__": {"format": "pt"},
+        "encoder.0.bias": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+        "encoder.0.weight": {"dtype": "F32", "shape": [3, 2], "data_offsets": [12, 36]},
+    },
+    np.ones(3, np.float32).tobytes() + np.arange(6, dtype=np.float32).tobytes(),
+)
+
+
+def _read_is_a_state_dict_or_a_jaxae_error(data: bytes, suffix: str):
+    """Writes ``data`` as ``x{suffix}`` and reads it: a float32 state_dict or a JaxaeError, nothing else."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "x" + suffix)
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            state_dict = convert.read_state_dict(path)
+        except jaxae.JaxaeError as e:
+            assert "\n" not in str(e), str(e)
+            return None
+    assert isinstance(state_dict, dict)
+    assert all(isinstance(k, str) and v.dtype == np.float32 and np.isfinite(v).all() for k, v in state_dict.items())
+    return state_dict
+
+
+def test_the_fuzz_seeds_are_read():
+    # the mutations below start from files the reader does accept
+    for data, suffix in ((VALID_TORCH, ".pt"), (VALID_SAFETENSORS, ".safetensors")):
+        state_dict = _read_is_a_state_dict_or_a_jaxae_error(data, suffix)
+        assert state_dict is not None and sorted(state_dict) == ["encoder.0.bias", "encoder.0.weight"]
+        np.testing.assert_array_equal(state_dict["encoder.0.weight"], np.arange(6).reshape(3, 2))
+
+
+@FUZZ
+@given(
+    data=st.one_of(
+        st.binary(max_size=512),
+        st.builds(lambda tail: b"PK\x03\x04" + tail, st.binary(max_size=512)),
+        st.builds(lambda tail: b"\x80" + tail, st.binary(max_size=512)),
+        st.builds(
+            lambda n, tail: struct.pack("<Q", n) + b"{" + tail, st.integers(0, 2**64 - 1), st.binary(max_size=256)
+        ),
+    ),
+    suffix=SUFFIXES,
+)
+def test_any_bytes_are_a_state_dict_or_a_jaxae_error(data, suffix):
+    _read_is_a_state_dict_or_a_jaxae_error(data, suffix)
+
+
+@FUZZ
+@given(
+    seed=st.sampled_from(["torch", "safetensors"]),
+    cut=st.integers(0, 10**6),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=8),
+    suffix=SUFFIXES,
+)
+def test_truncated_and_bit_flipped_files_are_a_state_dict_or_a_jaxae_error(seed, cut, flips, suffix):
+    data = bytearray(VALID_TORCH if seed == "torch" else VALID_SAFETENSORS)
+    for position, mask in flips:
+        data[position % len(data)] ^= mask
+    _read_is_a_state_dict_or_a_jaxae_error(bytes(data[: cut % (len(data) + 1)]), suffix)
+
+
+_DTYPES = st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "C64", "X", ""])
+_DIMS = st.lists(st.one_of(st.integers(0, 8), st.integers(-3, 2**63)), max_size=4)
+_OFFSETS = st.lists(st.one_of(st.integers(0, 64), st.integers(-5, 2**64)), min_size=0, max_size=3)
+
+
+@FUZZ
+@given(
+    entries=st.dictionaries(
+        st.sampled_from(["encoder.0.weight", "encoder.0.bias", "", "__metadata__", "x" * 300, "a\nb"]),
+        st.one_of(
+            st.fixed_dictionaries({"dtype": _DTYPES, "shape": _DIMS, "data_offsets": _OFFSETS}),
+            st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets"]), st.integers() | st.text(max_size=4)),
+            st.none(),
+        ),
+        max_size=3,
+    ),
+    data=st.binary(max_size=64),
+)
+def test_safetensors_headers_that_lie_are_a_state_dict_or_a_jaxae_error(entries, data):
+    _read_is_a_state_dict_or_a_jaxae_error(_safetensors_bytes(entries, data), ".safetensors")
+
+
+def _torch_members():
+    with zipfile.ZipFile(io.BytesIO(VALID_TORCH)) as archive:
+        return [(info.filename, archive.read(info.filename)) for info in archive.infolist()]
+
+
+TORCH_MEMBERS = _torch_members()
+
+
+@FUZZ
+@given(
+    member=st.integers(0, len(TORCH_MEMBERS) - 1),
+    how=st.sampled_from(["replace", "truncate", "flip", "extend"]),
+    payload=st.binary(max_size=64),
+    position=st.integers(0, 10**6),
+)
+def test_a_torch_zip_with_a_corrupted_member_is_a_state_dict_or_a_jaxae_error(member, how, payload, position):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for i, (name, content) in enumerate(TORCH_MEMBERS):
+            if i == member:
+                if how == "replace":
+                    content = payload
+                elif how == "truncate":
+                    content = content[: position % (len(content) + 1)]
+                elif how == "flip" and content:
+                    flipped = bytearray(content)
+                    flipped[position % len(content)] ^= (payload[:1] or b"\xff")[0] or 0xFF
+                    content = bytes(flipped)
+                else:
+                    content = content + payload
+            archive.writestr(name, content)
+    _read_is_a_state_dict_or_a_jaxae_error(buffer.getvalue(), ".pt")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=4),
+    suffix=SUFFIXES,
+)
+def test_mutated_hostile_pickles_never_run_their_payload(tmp_path_factory, flips, suffix):
+    folder = tmp_path_factory.mktemp("hostile")
+    marker = folder / "marker"
+    for make in (_hostile_zip, _hostile_pickle):
+        make(folder / "seed.pt", marker)
+        data = bytearray((folder / "seed.pt").read_bytes())
+        for position, mask in flips:
+            data[position % len(data)] ^= mask
+        _read_is_a_state_dict_or_a_jaxae_error(bytes(data), suffix)
+        assert not marker.exists()
+
+
+_TENSOR_KINDS = {
+    "float32": lambda: torch.ones(2, 3),
+    "float16": lambda: torch.ones(4, dtype=torch.float16),
+    "bfloat16": lambda: torch.ones(4, dtype=torch.bfloat16),
+    "float8": lambda: torch.ones(4).to(torch.float8_e4m3fn),
+    "float64-overflow": lambda: torch.full((2,), 1e300, dtype=torch.float64),
+    "nan": lambda: torch.tensor([0.0, float("nan")]),
+    "int64": lambda: torch.arange(3),
+    "bool": lambda: torch.ones(2, dtype=torch.bool),
+    "complex": lambda: torch.ones(2, dtype=torch.complex64),
+    "qint8": lambda: torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8),
+    "sparse-coo": lambda: torch.eye(3).to_sparse(),
+    "sparse-csr": lambda: torch.eye(3).to_sparse_csr(),
+    "meta": lambda: torch.empty(2, device="meta"),
+    "strided-view": lambda: torch.ones(4, 4)[:, 1],
+    "scalar": lambda: torch.tensor(1.5),
+    "empty": lambda: torch.empty(0, 5),
+    "parameter": lambda: torch.nn.Parameter(torch.ones(2)),
+}
+_VALUES = st.recursive(
+    st.sampled_from(sorted(_TENSOR_KINDS)).map(lambda kind: _TENSOR_KINDS[kind]())
+    | st.none()
+    | st.integers(-3, 3)
+    | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=5), inner, max_size=2),
+    max_leaves=4,
+)
+
+
+@FUZZ
+@given(
+    contents=st.dictionaries(
+        st.sampled_from(["encoder.0.weight", "state_dict", "model_state_dict", "model", "epoch"])
+        | st.integers(0, 3)
+        | st.text(max_size=4),
+        _VALUES,
+        max_size=4,
+    )
+)
+def test_what_torch_save_can_hold_is_a_state_dict_or_a_jaxae_error(contents):
+    # Sparse, meta and nested tensors once escaped as TypeError / NotImplementedError.
+    _read_is_a_state_dict_or_a_jaxae_error(_torch_bytes(contents), ".pt")
