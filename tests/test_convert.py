@@ -1347,6 +1347,7 @@ _VALUES = st.recursive(
 )
 
 
+@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|quantize_per_tensor).*:UserWarning")
 @FUZZ
 @given(
     contents=st.dictionaries(
