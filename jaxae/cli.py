@@ -307,8 +307,11 @@ _CONVERT_FILES = ("config.json", "parity.json")
 
 def _check_convert_out(out, checkpoints, *, force: bool) -> None:
     """Refuses an --out that convert would write over: checkpoints always, its JSON files unless --force."""
-    if out.exists() and not out.is_dir():
-        raise JaxaeError(f"--out {out} is a file, not a folder; give a new folder for the checkpoint")
+    nearest = out
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise JaxaeError(f"--out {out}: {nearest} is a file, not a folder; give a new folder for the checkpoint")
     if checkpoints.exists():
         # --force never deletes checkpoints: they may be a training run's only copy.
         raise JaxaeError(

@@ -1023,8 +1023,10 @@ def test_convert_refuses_to_overwrite_an_earlier_conversion_unless_forced(tmp_pa
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
 
     (tmp_path / "a-file").write_text("x")
-    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(tmp_path / "a-file")])
-    _one_line_error(capsys, code, "is a file, not a folder")
+    for target in (tmp_path / "a-file", tmp_path / "a-file" / "out"):
+        code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(target)])
+        _one_line_error(capsys, code, f"{tmp_path / 'a-file'} is a file, not a folder")
+    assert (tmp_path / "a-file").read_text() == "x"
 
 
 @pytest.fixture
