@@ -13,8 +13,16 @@ training epochs (after a warm-up epoch) of
 
 The methods run in interleaved rounds and each figure is the median over rounds, so a
 burst of load on a noisy machine hits all of them alike. It also measures the device's peak
-fp32 matmul rate in the same run and reports the roofline fraction: the model's matmul FLOPs
-per sample (forward and backward, counted from the layer sizes) x samples/s / peak.
+fp32 matmul rate in the same run (before and after the methods, keeping the higher) and
+reports the roofline fraction: the model's matmul FLOPs per sample (forward and backward,
+counted from the layer sizes) x samples/s / peak; the roofline is printed only in the final
+table, once the peak is final.
+
+Load from other processes does not hit the methods alike, though: PyTorch's OpenMP threads
+spin and wait on each other and slow down far more than XLA's. So the run watches for
+contention (:func:`contention`): a 1-minute load average above the cores in use, or rounds of
+one method that disagree by more than :data:`SPREAD_LIMIT`; it then warns, and the JSON says
+``"contended": true`` with the evidence.
 """
 
 from __future__ import annotations
@@ -200,6 +208,78 @@ class TorchDataLoaderMethod:
         return loss.item()
 
 
+SPREAD_LIMIT = 1.5
+"""The largest max/min ratio of one method's round rates that a quiet machine gives."""
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        return None
+
+
+def contention(
+    rounds: dict[str, dict[str, list[float]]],
+    load_before: float | None,
+    load_after: float | None,
+    cores: int,
+    spread_limit: float = SPREAD_LIMIT,
+) -> dict[str, Any]:
+    """Whether other work competed with the benchmark, and the evidence.
+
+    Args:
+        rounds: ``{batch_size: {method: [samples/s of each round]}}``.
+        load_before: the 1-minute load average before the measurements (other work alone).
+        load_after: the same after them (it includes the benchmark's own threads, at most
+            ``cores``, so anything above ``cores`` is other work too).
+        cores: the cores the benchmark uses.
+        spread_limit: the largest max/min ratio of one method's rounds on a quiet machine.
+
+    Returns:
+        ``{"contended": bool, "reasons": [str, ...], "load_average_1min": {"before", "after"},
+        "cores": int, "spread_limit": float, "round_spread": {batch_size: {method: max/min}}}``;
+        ``reasons`` says in words what was seen (empty when nothing was).
+    """
+    reasons = []
+    for when, load in (("before", load_before), ("after", load_after)):
+        if load is not None and load > cores:
+            reasons.append(f"1-minute load average {load:.2f} {when} the measurements, above the {cores} cores in use")
+    spread: dict[str, dict[str, float]] = {}
+    for batch_size, by_method in rounds.items():
+        spread[str(batch_size)] = {}
+        for method, rates in by_method.items():
+            if len(rates) < 2 or min(rates) <= 0:
+                continue
+            ratio = max(rates) / min(rates)
+            spread[str(batch_size)][method] = ratio
+            if ratio > spread_limit:
+                reasons.append(
+                    f"{method} at batch {batch_size} varied {ratio:.2f}x between rounds (above {spread_limit:g}x)"
+                )
+    return {
+        "contended": bool(reasons),
+        "reasons": reasons,
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "cores": cores,
+        "spread_limit": spread_limit,
+        "round_spread": spread,
+    }
+
+
+def contention_warning(results: dict[str, Any]) -> str | None:
+    """The warning line for contended ``results`` (``None`` when the run was quiet)."""
+    if not results.get("contended"):
+        return None
+    return (
+        "WARNING: other work competed with this benchmark ("
+        + "; ".join(results["contention"]["reasons"])
+        + "). PyTorch's threads suffer far more from contention than XLA's, so the speedups are "
+        "overstated: rerun on a quiet machine."
+    )
+
+
 def _time_epochs(method: Any, epochs: int, samples: int) -> float:
     t0 = time.perf_counter()
     for _ in range(epochs):
@@ -239,8 +319,10 @@ def run_benchmark(
         f"device: {device_name()}; torch {torch.__version__} on {torch_device()} with {threads} threads; "
         f"jax {jax.__version__}"
     )
-    peak = peak_matmul_flops()
-    log(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s; model: {flops_per_sample / 1e6:.3f} MFLOP per sample")
+    load_before = load_average()
+    # The roofline needs the final peak (the higher of two readings): the table prints it, not the progress.
+    peak_before = peak_matmul_flops()
+    log(f"model: {flops_per_sample / 1e6:.3f} MFLOP per sample")
 
     results: dict[str, Any] = {
         "device": device_name(),
@@ -252,7 +334,6 @@ def run_benchmark(
         "jax_version": jax.__version__,
         "torch_version": torch.__version__,
         "torch_device": torch_device(),
-        "peak_matmul_flops": peak,
         "model_flops_per_sample": flops_per_sample,
         "by_batch_size": {},
     }
@@ -277,7 +358,6 @@ def run_benchmark(
         row["jax_compile_seconds"] = methods[0].compile_seconds
         if "torch_compile" in rates:
             row["torch_compile_seconds"] = next(m.compile_seconds for m in methods if m.name == "torch_compile")
-        row["roofline_fraction"] = row["jaxae"] * flops_per_sample / peak
         row["seconds_per_20_epochs"] = 20 * n / row["jaxae"]
         row["speedup_vs_torch"] = row["jaxae"] / row["torch"]
         if "torch_dataloader" in row:
@@ -288,16 +368,26 @@ def run_benchmark(
         log(
             f"batch {batch_size}: "
             + ", ".join(f"{name} {row[name]:,.0f}/s" for name in rates)
-            + f"; jaxae/torch {row['speedup_vs_torch']:.2f}x; roofline {row['roofline_fraction']:.0%}"
+            + f"; jaxae/torch {row['speedup_vs_torch']:.2f}x"
         )
 
     # Load on a shared machine only ever lowers a measured peak: measure again at the end and
     # keep the higher, so the roofline fractions are not flattered by a slow first reading.
     peak_after = peak_matmul_flops()
-    if peak_after > peak:
-        results["peak_matmul_flops"] = peak = peak_after
-        for row in results["by_batch_size"].values():
-            row["roofline_fraction"] = row["jaxae"] * flops_per_sample / peak
+    load_after = load_average()
+    peak = max(peak_before, peak_after)
+    results["peak_matmul_flops"] = peak
+    results["peak_matmul_flops_readings"] = [peak_before, peak_after]
+    for row in results["by_batch_size"].values():
+        row["roofline_fraction"] = row["jaxae"] * flops_per_sample / peak
+    evidence = contention(
+        {b: row["rounds_samples_per_s"] for b, row in results["by_batch_size"].items()},
+        load_before,
+        load_after,
+        threads,
+    )
+    results["contended"] = evidence["contended"]
+    results["contention"] = evidence
     head = results["by_batch_size"][str(batch_sizes[0])]
     results.update(
         {
@@ -318,7 +408,8 @@ def run_benchmark(
 def format_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table (samples/s, median over rounds)."""
     names = ["jaxae", "torch", "torch_compile", "torch_dataloader"]
-    lines = [
+    warning = contention_warning(results)
+    lines = ([warning, ""] if warning else []) + [
         f"device: {results['device']}; dataset {results['dataset']} ({results['train_samples']} train images); "
         f"peak fp32 matmul {results['peak_matmul_flops'] / 1e9:.1f} GFLOP/s",
         "",
@@ -332,6 +423,8 @@ def format_table(results: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {row['speedup_vs_torch']:.2f}x | {row['roofline_fraction']:.0%} | {row['jax_compile_seconds']:.2f} s |"
         )
+    if warning:  # at both ends: a table pasted without its top line still carries it
+        lines += ["", warning]
     return "\n".join(lines)
 
 

@@ -258,10 +258,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not args.tolerance >= 0:
         raise JaxaeError(f"--tolerance must be a non-negative number, got {args.tolerance}")
     out = Path(args.out)
-    if checkpoint.checkpoint_dir(out).exists():
-        raise JaxaeError(f"--out {out} already holds checkpoints; convert into a new folder")
+    _check_convert_out(out, checkpoint.checkpoint_dir(out), force=args.force)
     # Everything is read and checked before anything is written.
-    state_dict = convert.read_state_dict(args.model)
+    state_dict = convert.read_state_dict(args.model, allow_nonfinite=args.allow_nonfinite)
     trainer, state = build(config, convert.INPUT_DIM)
     what = convert.model_description(config, convert.INPUT_DIM)
     params = convert.params_from_torch(
@@ -297,8 +296,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
         (out / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({**summary, **report}, indent=2))
     else:
+        # --force without --check: a parity.json left from an earlier conversion describes other weights
+        (out / "parity.json").unlink(missing_ok=True)
         print(json.dumps(summary))
     return 0
+
+
+_CONVERT_FILES = ("config.json", "parity.json")
+
+
+def _check_convert_out(out, checkpoints, *, force: bool) -> None:
+    """Refuses an --out that convert would write over: checkpoints always, its JSON files unless --force."""
+    nearest = out
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise JaxaeError(f"--out {out}: {nearest} is a file, not a folder; give a new folder for the checkpoint")
+    if checkpoints.exists():
+        # --force never deletes checkpoints: they may be a training run's only copy.
+        raise JaxaeError(
+            f"--out {out} already holds checkpoints ({checkpoints}), which convert never replaces "
+            "(not even with --force); convert into a new folder"
+        )
+    existing = [name for name in _CONVERT_FILES if (out / name).exists()]
+    if existing and not force:
+        raise JaxaeError(
+            f"--out {out} already holds {' and '.join(existing)}, which convert would overwrite; "
+            "convert into a new folder, or pass --force to replace them"
+        )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -307,9 +332,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from jaxae import checkpoint, convert
 
     fmt = args.format or ("safetensors" if Path(args.out).suffix == ".safetensors" else "torch")
+    convert.check_output_file(args.out, overwrite=args.force)  # before the restore: fail before work
     trainer, state, config = checkpoint.restore(args.workdir, args.step)
     state_dict = convert.to_numpy_state_dict(state.params, config.variant, config.arch)
-    path = convert.save_state_dict(state_dict, args.out, fmt)
+    path = convert.save_state_dict(state_dict, args.out, fmt, overwrite=args.force)
     print(
         json.dumps(
             {
@@ -394,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.pt", help="torch.save(model.state_dict()) output, or a .safetensors file")
     p.add_argument("--out", required=True, metavar="DIR", help="a new folder for the checkpoint")
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the config.json and parity.json of an earlier conversion in --out (a parity.json is "
+        "removed when --check is not given); a folder holding checkpoints/ is still refused",
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert weights holding NaN or Inf (refused by default: such a model computes NaN)",
+    )
+    p.add_argument(
         "--variant", default=d.variant, help="vanilla, denoising, sparse or vae: the model's (default: %(default)s)"
     )
     p.add_argument(
@@ -445,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a checkpoint -> a PyTorch state_dict (.pt) or .safetensors file")
     p.add_argument("--workdir", required=True, help="a folder written by 'jaxae train' or 'jaxae convert'")
-    p.add_argument("--out", required=True, metavar="FILE", help="the file to write, e.g. model.pt")
+    p.add_argument("--out", required=True, metavar="FILE", help="a new file to write, e.g. model.pt")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument(
         "--format",
         choices=("torch", "safetensors"),

@@ -275,18 +275,29 @@ def get_twin(variant: str, arch: str = "mlp") -> TorchTwin:
 # reading state_dicts
 
 
-def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
+def read_state_dict(
+    source: str | os.PathLike | Mapping[str, Any], *, allow_nonfinite: bool = False
+) -> dict[str, np.ndarray]:
     """A state_dict from a file or a mapping, as float32 numpy arrays (keys in file order).
 
     ``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)`` only, so a file
     that would run code when unpickled is refused, not run. A checkpoint dict holding the
     state_dict under ``"state_dict"``, ``"model_state_dict"`` or ``"model"`` is accepted.
 
+    Args:
+        source: a ``.pt``/``.pth``/``.safetensors`` file (the kind is told by content), or a mapping.
+        allow_nonfinite: accept tensors holding NaN or Inf (refused by default: a model with
+            them computes NaN, and some fused kernels hide that behind a finite loss).
+
     Raises:
-        JaxaeError: a missing, truncated, hostile or non-torch file, or non-float values.
+        JaxaeError: a missing, truncated, hostile or non-torch file, non-float values, or
+            (unless ``allow_nonfinite``) NaN or Inf values.
     """
     if isinstance(source, Mapping):
-        return _as_float32_arrays(_unwrap(source), "the state_dict")
+        arrays = _as_float32_arrays(_unwrap(source), "the state_dict")
+        if not allow_nonfinite:
+            check_finite(arrays, "the state_dict")
+        return arrays
     path = Path(source)
     if not path.is_file():
         raise JaxaeError(f"{path} does not exist (or is not a file); give a .pt/.pth state_dict or a .safetensors file")
@@ -300,7 +311,34 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
             f"{path} is neither a PyTorch file (written by torch.save) nor a safetensors file; "
             "save the model with torch.save(model.state_dict(), 'model.pt')"
         )
-    return _as_float32_arrays(tensors, str(path))
+    arrays = _as_float32_arrays(tensors, str(path))
+    if not allow_nonfinite:
+        check_finite(arrays, str(path))
+    return arrays
+
+
+def nonfinite_counts(array: np.ndarray) -> tuple[int, int]:
+    """``(NaN count, Inf count)`` of ``array`` (+Inf and -Inf together)."""
+    return int(np.count_nonzero(np.isnan(array))), int(np.count_nonzero(np.isinf(array)))
+
+
+def check_finite(state_dict: Mapping[str, np.ndarray], where: str) -> None:
+    """Raises :class:`JaxaeError` naming the tensors of ``state_dict`` that hold NaN or Inf.
+
+    Checked on the float32 arrays, so a float64 value too large for float32 counts as Inf,
+    as it would in the converted model.
+    """
+    bad = []
+    for key, array in state_dict.items():
+        nan, inf = nonfinite_counts(array)
+        if nan or inf:
+            counts = " and ".join(f"{n} {name}" for n, name in ((nan, "NaN"), (inf, "Inf")) if n)
+            bad.append(f"{key} has {counts} of {array.size} values")
+    if bad:
+        raise JaxaeError(
+            f"{where}: {_listed(bad, limit=3)}; a model with non-finite weights computes NaN. "
+            "Pass --allow-nonfinite (allow_nonfinite=True) to convert it anyway"
+        )
 
 
 def _file_kind(path: Path) -> str | None:
@@ -376,18 +414,31 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
+def _torch_float32(tensor: Any, key: str, where: str) -> np.ndarray:
+    if not tensor.is_floating_point():
+        raise JaxaeError(f"{where}: {key} holds {tensor.dtype} values; expected floating-point weights")
+    if str(tensor.layout) != "torch.strided":
+        raise JaxaeError(f"{where}: {key} is a {tensor.layout} tensor; expected dense weights (save tensor.to_dense())")
+    try:
+        return tensor.detach().cpu().float().numpy()
+    except (TypeError, RuntimeError, ValueError, NotImplementedError) as e:  # a meta or nested tensor: no values
+        raise JaxaeError(f"{where}: {key} cannot be read as a dense float tensor: {_first_line(e)}") from None
+
+
 def _as_float32_arrays(tensors: Mapping, where: str) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise JaxaeError(f"{where} has a non-string key {key!r}; a state_dict maps names to tensors")
+        if not key.isprintable():  # no module has such a name, and it would break one-line messages
+            raise JaxaeError(
+                f"{where} has a key {key!r} with unprintable characters; a state_dict maps names to tensors"
+            )
         if hasattr(value, "detach"):  # a torch.Tensor; no torch import needed to recognise it
-            value = value.detach().cpu()
-            if not value.is_floating_point():
-                raise JaxaeError(f"{where}: {key} holds {value.dtype} values; expected floating-point weights")
-            value = value.float().numpy()
+            value = _torch_float32(value, key, where)
         elif isinstance(value, np.ndarray):
-            if not np.issubdtype(value.dtype, np.floating):
+            # ml_dtypes' bfloat16 and float8 (from safetensors) are floats numpy does not class as such
+            if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name.startswith(("bfloat16", "float8"))):
                 raise JaxaeError(f"{where}: {key} holds {value.dtype} values; expected floating-point weights")
         else:
             raise JaxaeError(f"{where}: {key} holds a {type(value).__name__}, not a tensor")
@@ -549,6 +600,7 @@ def from_torch(
     arch: str | None = None,
     config: Any = None,
     input_dim: int = INPUT_DIM,
+    allow_nonfinite: bool = False,
 ) -> nnx.Module:
     """A Flax NNX module holding a PyTorch model's weights.
 
@@ -560,16 +612,18 @@ def from_torch(
         config: a :class:`jaxae.TrainConfig` giving the layer sizes (default: the document's)
             and, for the sparse variant, the code activation (``sparsity``).
         input_dim: the flattened input size (square images for ``arch="conv"``).
+        allow_nonfinite: accept weights holding NaN or Inf (refused by default).
 
     Returns:
         The module; call it on float32 ``[N, 784]`` inputs, normalised as the PyTorch model's were.
 
     Raises:
-        JaxaeError: an unreadable or hostile file, missing or unexpected keys, or a wrong shape.
+        JaxaeError: an unreadable or hostile file, missing or unexpected keys, a wrong shape, or
+            (unless ``allow_nonfinite``) NaN or Inf weights.
     """
     config = _config(variant, config, arch)
     source = "the state_dict" if isinstance(path_or_state_dict, Mapping) else str(path_or_state_dict)
-    state_dict = read_state_dict(path_or_state_dict)
+    state_dict = read_state_dict(path_or_state_dict, allow_nonfinite=allow_nonfinite)
     model = fresh_model(config, input_dim)
     graphdef, state = nnx.split(model)
     what = model_description(config, input_dim)
@@ -622,14 +676,61 @@ def to_torch_state_dict(model_or_params: Any, variant: str = "vanilla", arch: st
     )
 
 
-def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, fmt: str = "torch") -> Path:
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Raises :class:`JaxaeError` unless a state_dict can be written to ``path``.
+
+    Checked before any work, so a bad ``--out`` fails at once: ``path`` must not be a folder,
+    must not exist unless ``overwrite``, and its nearest existing parent must be a folder.
+    Whether the folder is writable shows when the file is written (:func:`save_state_dict`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise JaxaeError(f"--out {path} is a folder; give a file name such as {path / 'model.pt'}")
+    if path.exists() and not overwrite:
+        raise JaxaeError(f"--out {path} already exists; give a new file name, or pass --force to overwrite it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise JaxaeError(f"cannot write --out {path}: {parent} is a file, not a folder; give a path in a folder")
+    return path
+
+
+def _publish(tmp: str, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        # A hard link fails if the name exists: a file that appeared since the check is kept.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+
+
+def save_state_dict(
+    state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, fmt: str = "torch", *, overwrite: bool = False
+) -> Path:
     """Writes a numpy state_dict as ``torch.save`` output (``fmt="torch"``) or safetensors.
 
     The file appears complete or not at all (written to a temporary name, then renamed).
+
+    Args:
+        state_dict: name -> numpy array.
+        path: the file to write; its folder is created if missing.
+        fmt: ``"torch"`` or ``"safetensors"``.
+        overwrite: replace an existing file (refused by default: it may be the only copy of a model).
+
+    Raises:
+        JaxaeError: an unknown format, a folder or an existing file at ``path``, or a location
+            that cannot be written (read-only, no permission, a file where a folder should be).
     """
     if fmt not in FORMATS:
         raise JaxaeError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    path = Path(path)
+    path = check_output_file(path, overwrite=overwrite)
     if fmt == "torch":
         torch = torch_reference.require_torch()
     else:
@@ -637,20 +738,30 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
             import safetensors.numpy
         except ImportError:
             raise JaxaeError(f"writing safetensors needs safetensors: {torch_reference.INSTALL_HINT}") from None
-    if path.is_dir():
-        raise JaxaeError(f"--out {path} is a folder; give a file name such as {path / 'model.pt'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
-        if fmt == "torch":
-            torch.save(collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items()), tmp)
-        else:
-            # metadata {"format": "pt"} is what Hugging Face loaders expect of a torch state_dict.
-            safetensors.numpy.save_file(dict(state_dict), tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            if fmt == "torch":
+                torch.save(collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items()), tmp)
+            else:
+                # metadata {"format": "pt"} is what Hugging Face loaders expect of a torch state_dict.
+                safetensors.numpy.save_file(dict(state_dict), tmp, metadata={"format": "pt"})
+        except OSError:
+            raise
+        except Exception as e:  # torch's zip writer reports a failed write (a full disk) as RuntimeError
+            raise OSError(_first_line(e)) from None
+        _publish(tmp, path, overwrite)
+    except FileExistsError:
+        raise JaxaeError(
+            f"--out {path} already exists; give a new file name, or pass --force to overwrite it"
+        ) from None
+    except OSError as e:
+        raise JaxaeError(f"cannot write --out {path}: {e.strerror or e}; give a writable location") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
