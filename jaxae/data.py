@@ -249,15 +249,20 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
     n = len(source)
     if n == 0:
         raise DataError(f"TFDS dataset {name!r} split {split!r} is empty")
-    first = np.asarray(source[0]["image"])
-    images = np.empty((n, *first.shape), np.uint8)
-    labels = np.empty((n,), np.int32)
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(n), desc=f"reading {name} {split}", unit="img", disable=n < 20_000, leave=False):
-        example = source[i]
-        images[i] = np.asarray(example["image"])
-        labels[i] = int(example["label"])
+    opencv_advice = _OpenCvAdviceFilter()  # TFDS logs it on the first image it decodes
+    absl_logger.addFilter(opencv_advice)
+    try:
+        first = np.asarray(source[0]["image"])
+        images = np.empty((n, *first.shape), np.uint8)
+        labels = np.empty((n,), np.int32)
+        for i in tqdm(range(n), desc=f"reading {name} {split}", unit="img", disable=n < 20_000, leave=False):
+            example = source[i]
+            images[i] = np.asarray(example["image"])
+            labels[i] = int(example["label"])
+    finally:
+        absl_logger.removeFilter(opencv_advice)
     if images.ndim == 3:
         images = images[..., None]
     return images, labels
@@ -294,3 +299,15 @@ def _unknown_dataset_message(name: str, tfds) -> str:
     if nearest:
         return message + "; did you mean " + " or ".join(repr(n) for n in nearest) + "?"
     return message + " (the TFDS names are listed at https://www.tensorflow.org/datasets/catalog)"
+
+
+class _OpenCvAdviceFilter(logging.Filter):
+    """Drops TFDS's one warning "OpenCV is not installed ... Defaulting to PIL to decode images".
+
+    PIL is the decoder jaxae means TFDS to use: OpenCV (opencv-python, ~90 MB) would only speed up
+    a one-off decode of 28x28 PNGs, so the advice is noise on every first read. Other TFDS
+    warnings still pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("OpenCV is not installed")
