@@ -1,6 +1,6 @@
 """TensorFlow Datasets as a source: a real prepared dataset read without TensorFlow, and names.
 
-The fixture under ``tests/data/tfds`` is Fashion-MNIST cut to 2,000 train / 500 test images and
+The fixture under ``tests/data/tfds`` is Fashion-MNIST cut to its first 2,000 train / 2,000 test images,
 prepared by TFDS's own registered ``fashion_mnist`` builder in array_record format; how it was
 made, and the checksums of the images it was made from, are in
 ``tests/data/prepare_tfds_fixture.py`` and ``tests/data/fashion_mnist_fixture.json``.

@@ -1,8 +1,8 @@
 """Prepares the TFDS fixture the tests read: real Fashion-MNIST, cut small, built by TFDS itself.
 
-Command:   /work/tfbuild/bin/python tests/data/prepare_tfds_fixture.py --fashion-dir data/fashion-mnist
-           (any Python with `pip install 'jaxae[tfds-build]'`, i.e. tensorflow-cpu and
-           tensorflow-datasets 4.9.10; jaxae itself is not imported)
+Command:   python tests/data/prepare_tfds_fixture.py --fashion-dir /usr/share/datasets/fashion-mnist
+           (a Python with `pip install 'jaxae[tfds-build]'`, i.e. tensorflow-cpu next to
+           tensorflow-datasets 4.9.10, and pillow; jaxae itself is not imported)
 Runtime:   about 20 seconds on a 2-core CPU, most of it importing TensorFlow; no network.
 Expected:  tests/data/tfds/fashion_mnist/3.0.1/ with dataset_info.json, features.json,
            label.labels.txt and one array_record shard per split: the first 2,000 train and
@@ -18,10 +18,11 @@ them in `dataset-fashion-mnist` under /usr/share/datasets/fashion-mnist). Fashio
 
 How: TFDS's registered `fashion_mnist` builder (tensorflow_datasets/image_classification/mnist.py)
 does all the preparing - decoding the IDX files, PNG-encoding the images, writing array_record
-shards and dataset_info.json. Two things are handed to it instead of the internet:
+shards and dataset_info.json. Only two things are set from outside:
 
-* its one download call, `dl_manager.download_and_extract({key: URL})`, gets the local files,
-  decompressed as download_and_extract would leave them (the builder reads them raw);
+* its one download call, `dl_manager.download_and_extract({key: URL})`, is answered with the
+  local files, decompressed as download_and_extract would leave them (the builder reads them raw),
+  so no network is needed and no checksum of a download is checked;
 * TFDS's own `DownloadConfig(max_examples_per_split=...)` keeps the first N examples the builder
   yields per split, i.e. the first N images of each IDX file, in file order.
 
@@ -84,7 +85,7 @@ def main() -> None:
         "made_by": "tests/data/prepare_tfds_fixture.py",
         "tensorflow_datasets": tfds.__version__,
         "examples_sha256": "sha256 over the sorted sha256 digests of each example's label byte + 784 image bytes",
-        "source_sha256": {},
+        "idx_sha256": {},  # of the decompressed source files: gzip headers differ between copies
         "splits": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,9 +94,10 @@ def main() -> None:
         for split, files in IDX_FILES.items():
             for name in files:
                 source = args.fashion_dir / name
-                manifest["source_sha256"][name] = hashlib.sha256(source.read_bytes()).hexdigest()
+                raw = gzip.decompress(source.read_bytes())
+                manifest["idx_sha256"][name.removesuffix(".gz")] = hashlib.sha256(raw).hexdigest()
                 local[name] = tmp / name.removesuffix(".gz")
-                local[name].write_bytes(gzip.decompress(source.read_bytes()))
+                local[name].write_bytes(raw)
             images, labels = (read_idx_gz(args.fashion_dir / name) for name in files)
             images, labels = images[: args.per_split], labels[: args.per_split]
             manifest["splits"][split] = {
