@@ -226,12 +226,11 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
     absl_logger.setLevel(logging.ERROR)  # TFDS warns about empty variant folders before failing
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise DataError(
-            f"unknown dataset {name!r}: it is not 'mnist-sample', not an existing folder of IDX "
-            "files, and not a TFDS dataset name"
-        ) from None
-    except Exception as e:  # TFDS reports a missing preparation in several ways
+    except Exception as e:  # TFDS reports a missing preparation (and a bad name) in several ways
+        # Only a registered name may be told to `tfds build`: TFDS rejects a mistyped one either as
+        # not found or, for a name that is not a Python identifier ("fashion-mnist"), as unparsable.
+        if isinstance(e, tfds.core.registered.DatasetNotFoundError) or not _is_registered_tfds_name(name, tfds):
+            raise DataError(_unknown_dataset_message(name, tfds)) from None
         where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
         has_tf = importlib.util.find_spec("tensorflow") is not None
         how = (
@@ -250,15 +249,65 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
     n = len(source)
     if n == 0:
         raise DataError(f"TFDS dataset {name!r} split {split!r} is empty")
-    first = np.asarray(source[0]["image"])
-    images = np.empty((n, *first.shape), np.uint8)
-    labels = np.empty((n,), np.int32)
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(n), desc=f"reading {name} {split}", unit="img", disable=n < 20_000, leave=False):
-        example = source[i]
-        images[i] = np.asarray(example["image"])
-        labels[i] = int(example["label"])
+    opencv_advice = _OpenCvAdviceFilter()  # TFDS logs it on the first image it decodes
+    absl_logger.addFilter(opencv_advice)
+    try:
+        first = np.asarray(source[0]["image"])
+        images = np.empty((n, *first.shape), np.uint8)
+        labels = np.empty((n,), np.int32)
+        for i in tqdm(range(n), desc=f"reading {name} {split}", unit="img", disable=n < 20_000, leave=False):
+            example = source[i]
+            images[i] = np.asarray(example["image"])
+            labels[i] = int(example["label"])
+    finally:
+        absl_logger.removeFilter(opencv_advice)
     if images.ndim == 3:
         images = images[..., None]
     return images, labels
+
+
+def _tfds_dataset_part(name: str) -> str | None:
+    """The dataset name in a TFDS name string ``name[/config][:version]``, or None for a name in
+    a community namespace (``"huggingface:foo"``), which the local registry cannot judge."""
+    head, colon, tail = name.partition(":")
+    version = tail.split("/")[0].split(".")
+    is_version = len(version) == 3 and all(part.isdigit() or part == "*" for part in version)
+    if colon and not is_version:
+        return None
+    return head.split("/")[0]
+
+
+def _is_registered_tfds_name(name: str, tfds) -> bool:
+    dataset = _tfds_dataset_part(name)
+    return dataset is None or dataset in tfds.list_builders(with_community_datasets=False)
+
+
+def _unknown_dataset_message(name: str, tfds) -> str:
+    """One line for a name that is no sample, no folder and no registered TFDS dataset, naming the
+    nearest registered names (a dash for an underscore and letter case are the usual slips)."""
+    import difflib
+
+    registered = tfds.list_builders(with_community_datasets=False)  # the local registry: no network
+    typed = (_tfds_dataset_part(name) or name).lower().replace("-", "_")
+    nearest = [typed] if typed in registered else difflib.get_close_matches(typed, registered, n=3, cutoff=0.7)
+    message = (
+        f"unknown dataset {name!r}: it is not {SAMPLE_NAME!r}, not an existing folder of IDX files, "
+        "and not a registered TFDS dataset name"
+    )
+    if nearest:
+        return message + "; did you mean " + " or ".join(repr(n) for n in nearest) + "?"
+    return message + " (the TFDS names are listed at https://www.tensorflow.org/datasets/catalog)"
+
+
+class _OpenCvAdviceFilter(logging.Filter):
+    """Drops TFDS's one warning "OpenCV is not installed ... Defaulting to PIL to decode images".
+
+    PIL is the decoder jaxae means TFDS to use: OpenCV (opencv-python, ~90 MB) would only speed up
+    a one-off decode of 28x28 PNGs, so the advice is noise on every first read. Other TFDS
+    warnings still pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("OpenCV is not installed")

@@ -1,0 +1,131 @@
+"""TensorFlow Datasets as a source: a real prepared dataset read without TensorFlow, and names.
+
+The fixture under ``tests/data/tfds`` is Fashion-MNIST cut to its first 2,000 train / 2,000 test images,
+prepared by TFDS's own registered ``fashion_mnist`` builder in array_record format; how it was
+made, and the checksums of the images it was made from, are in
+``tests/data/prepare_tfds_fixture.py`` and ``tests/data/fashion_mnist_fixture.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxae
+from jaxae import cli
+
+
+@pytest.mark.parametrize(
+    "typed, suggested",
+    [("fashion-mnist", "'fashion_mnist'"), ("fashion_mnsit", "'fashion_mnist'"), ("Fashion_MNIST", "'fashion_mnist'")],
+)
+def test_mistyped_tfds_name_gets_the_nearest_real_name(tmp_path, capsys, typed, suggested):
+    code = cli.main(["train", "--dataset", typed, "--tfds-data-dir", str(tmp_path), "--workdir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"jaxae: error: unknown dataset {typed!r}")
+    assert lines[0].endswith(f"did you mean {suggested}?")
+    assert "tfds build" not in lines[0]  # never advice to build a dataset that does not exist
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_name_without_a_near_one_points_at_the_catalog(tmp_path, capsys):
+    code = cli.main(["train", "--dataset", "no_such_dataset_xyz", "--workdir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "unknown dataset 'no_such_dataset_xyz'" in lines[0] and "did you mean" not in lines[0]
+    assert "tensorflow.org/datasets/catalog" in lines[0]
+
+
+def test_registered_but_unprepared_name_still_gets_the_build_command(tmp_path, capsys):
+    code = cli.main(["train", "--dataset", "fashion_mnist:3.0.1", "--tfds-data-dir", str(tmp_path), "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "tfds build fashion_mnist:3.0.1 --file_format=array_record" in lines[0]
+
+
+FIXTURE = Path(__file__).resolve().parent / "data"
+TFDS_DIR = FIXTURE / "tfds"
+MANIFEST = json.loads((FIXTURE / "fashion_mnist_fixture.json").read_text())
+
+# Python code that makes TensorFlow absent even where it is installed: every import finder is
+# wrapped so that it finds no `tensorflow`, so `import tensorflow` fails and
+# importlib.util.find_spec("tensorflow") is None, exactly as for a missing package. (A None entry
+# in sys.modules would not do: TFDS takes "tensorflow" in sys.modules to mean TF is loaded.)
+WITHOUT_TENSORFLOW = """
+import sys
+
+class HideTensorFlow:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def __getattr__(self, name):
+        return getattr(self.finder, name)
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            return None
+        return self.finder.find_spec(name, path, target)
+
+sys.meta_path[:] = [HideTensorFlow(finder) for finder in sys.meta_path]
+"""
+
+
+def examples_sha256(images, labels) -> str:
+    """The order-free digest of (image, label) pairs that tests/data/prepare_tfds_fixture.py
+    recorded from the IDX files (TFDS shuffles examples when it writes them)."""
+    digests = sorted(
+        hashlib.sha256(bytes([int(y)]) + x.tobytes()).digest() for x, y in zip(images, labels, strict=True)
+    )
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def _loaded_tensorflow_modules() -> list[str]:
+    return [m for m in sys.modules if m.partition(".")[0] == "tensorflow"]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_tfds_fixture_reads_as_the_idx_images_it_was_made_from(split):
+    ds = jaxae.load_dataset("fashion_mnist", split, data_dir=str(TFDS_DIR))
+    expected = MANIFEST["splits"][split]
+    assert ds.images.shape == (expected["num_examples"], 28, 28, 1) and ds.images.dtype == np.uint8
+    assert ds.labels.shape == (expected["num_examples"],) and ds.labels.dtype == np.int32
+    counts = dict(zip(*np.unique(ds.labels, return_counts=True), strict=True))
+    assert {str(k): int(v) for k, v in counts.items()} == expected["label_counts"]
+    assert examples_sha256(ds.images[..., 0], ds.labels) == expected["examples_sha256"]
+    assert _loaded_tensorflow_modules() == []
+
+
+def test_tfds_fixture_reads_without_tensorflow_and_without_the_opencv_warning():
+    code = WITHOUT_TENSORFLOW + (
+        "import importlib.util, json, jaxae\n"
+        "assert importlib.util.find_spec('tensorflow') is None\n"
+        f"ds = jaxae.load_dataset('fashion_mnist', 'test', data_dir={str(TFDS_DIR)!r})\n"
+        "print(json.dumps([list(ds.images.shape), [m for m in sys.modules if m.partition('.')[0] == 'tensorflow']]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    shape, tensorflow_modules = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert shape == [MANIFEST["splits"]["test"]["num_examples"], 28, 28, 1]
+    assert tensorflow_modules == []
+    assert "OpenCV" not in proc.stderr, proc.stderr
+
+
+def test_train_on_the_tfds_fixture_in_a_real_process_without_tensorflow(tmp_path):
+    workdir = tmp_path / "run"
+    args = ["train", "--dataset", "fashion_mnist", "--tfds-data-dir", str(TFDS_DIR), "--epochs", "1"]
+    args += ["--batch-size", "128", "--workdir", str(workdir), "--no-progress"]
+    code = WITHOUT_TENSORFLOW + "from jaxae.cli import main\nsys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "OpenCV" not in proc.stderr, proc.stderr
+    (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert record["epoch"] == 1 and np.isfinite(record["test_mse"]) and record["test_mse"] < 0.2
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["dataset"] == "fashion_mnist"
