@@ -73,8 +73,24 @@ class Normalization:
         return (values - np.float32(self.mean)) / np.float32(self.std)
 
     def __call__(self, images_u8):
+        """Normalised float32 values of uint8 pixels (any shape).
+
+        Every entry point that takes images (the train steps, evaluation, ``encode``) comes
+        through here, so this is where other dtypes are refused: floats cast to int would index
+        the table as nearly black pixels and give plausible-looking nonsense. The dtype is static
+        under ``jit``, so the check costs nothing and fails at trace time.
+
+        Raises:
+            DataError: ``images_u8`` is not uint8.
+        """
         import jax.numpy as jnp
 
+        dtype = np.dtype(images_u8.dtype) if hasattr(images_u8, "dtype") else np.asarray(images_u8).dtype
+        if dtype != np.uint8:
+            raise DataError(
+                f"images must be uint8 pixels 0..255, got dtype {dtype}; convert floats in [0, 1] with "
+                "(x * 255).round().astype(np.uint8)"
+            )
         return jnp.asarray(self.table)[images_u8.astype(jnp.int32)]
 
     def to_pixels(self, x):

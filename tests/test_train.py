@@ -130,7 +130,8 @@ def test_fit_seed_reproducible_and_seed_sensitive(idx_folder):
     [
         ({"epochs": 0}, "--epochs must be positive"),
         ({"batch_size": -1}, "--batch-size must be positive"),
-        ({"lr": float("nan")}, "--lr must be a positive number"),
+        ({"lr": float("nan")}, "--lr must be a finite number"),
+        ({"lr": -1e-3}, "--lr must be a positive number"),
         ({"variant": "gan"}, "unknown variant 'gan'"),
         ({"normalize": "zscore"}, "unknown normalisation"),
         ({"batch_size": 100_000}, "larger than the 4000-image train split"),
@@ -140,3 +141,53 @@ def test_bad_settings_are_clear_errors(change, message):
     cfg = TrainConfig(**change)
     with pytest.raises(jaxae.JaxaeError, match=message):
         fit(cfg, progress=False)
+
+
+# Every entry point that takes images refuses anything but uint8: floats cast to int would index
+# the normalisation table as near-black pixels and return plausible nonsense.
+_ENTRY_POINTS = {
+    "encode": lambda t, s, x: jaxae.encode(t, s, x),
+    "train_step": lambda t, s, x: t.train_step(s, x),
+    "jit_train_step": lambda t, s, x: t.jit_train_step(s, x),
+    "train_epoch": lambda t, s, x: t.train_epoch(s, x, 4),
+    "jit_train_epoch": lambda t, s, x: t.jit_train_epoch(s, x, batch_size=4),
+    "evaluate": lambda t, s, x: t.evaluate(s, x, 4),
+    "jit_evaluate": lambda t, s, x: t.jit_evaluate(s, x, batch_size=4),
+    "jit_encode": lambda t, s, x: t.jit_encode(s.params, x),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(_ENTRY_POINTS))
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+def test_images_that_are_not_uint8_are_refused(sample_test, entry, dtype):
+    trainer, state = build(TrainConfig(hidden_dims=(16,), latent_dim=4), 784)
+    pixels = sample_test.images[:8].reshape(8, -1)
+    images = pixels / 255.0 if dtype == "float32" else pixels
+    images = jnp.asarray(images, dtype)
+    with pytest.raises(jaxae.JaxaeError, match=rf"images must be uint8 pixels 0\.\.255, got dtype {dtype}.*astype"):
+        _ENTRY_POINTS[entry](trainer, state, images)
+    # the same pixels as uint8 go through
+    jax.block_until_ready(_ENTRY_POINTS[entry](trainer, state, jnp.asarray(pixels)))
+
+
+@pytest.mark.parametrize("setting", ["lr", "noise_std", "mask_prob", "sparsity_weight", "sparsity_target", "beta"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_float_settings_are_refused(setting, value):
+    flag = "--" + setting.replace("_", "-")
+    with pytest.raises(jaxae.JaxaeError, match=f"{flag} must be a finite number, got {value}"):
+        TrainConfig(**{setting: value}).validate()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64, 2**70, 1.5])
+def test_seeds_outside_32_bits_are_refused(seed):
+    with pytest.raises(jaxae.JaxaeError, match=r"--seed must be an integer from 0 to 4294967295"):
+        TrainConfig(seed=seed).validate()
+    with pytest.raises(jaxae.JaxaeError, match=r"--seed must be an integer from 0 to 4294967295"):
+        jaxae.create_train_state(jaxae.Autoencoder(rngs=nnx.Rngs(0)), optax.adam(1e-3), seed=seed)
+
+
+def test_largest_seed_gives_its_own_key():
+    # Below the bound every seed is distinct: JAX would alias 2**32 to 0, which is why it is the bound.
+    _, a = build(TrainConfig(seed=2**32 - 1, hidden_dims=(16,), latent_dim=4), 784)
+    _, b = build(TrainConfig(seed=0, hidden_dims=(16,), latent_dim=4), 784)
+    assert not np.array_equal(np.asarray(a.rng), np.asarray(b.rng))
