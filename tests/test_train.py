@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 import jaxae
+from jaxae.data import write_idx
 from jaxae.loop import fit
 from jaxae.train import TrainConfig, build
 
@@ -191,3 +192,32 @@ def test_largest_seed_gives_its_own_key():
     _, a = build(TrainConfig(seed=2**32 - 1, hidden_dims=(16,), latent_dim=4), 784)
     _, b = build(TrainConfig(seed=0, hidden_dims=(16,), latent_dim=4), 784)
     assert not np.array_equal(np.asarray(a.rng), np.asarray(b.rng))
+
+
+def _tiny_idx_folder(folder, h, w):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 16)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, h, w), dtype=np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 10)
+    return folder
+
+
+def test_images_too_small_for_the_model_and_figures_fail_before_training(tmp_path):
+    # 1x1 images used to train, then crash while drawing the figures.
+    cfg = TrainConfig(dataset=str(_tiny_idx_folder(tmp_path / "data", 1, 1)), epochs=1, batch_size=16)
+    with pytest.raises(jaxae.DataError, match="images are 1x1; jaxae needs images of at least 8x8"):
+        fit(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("variant, arch, h, w", [("vanilla", "mlp", 8, 8), ("vae", "mlp", 8, 12)])
+def test_smallest_allowed_images_train_and_draw_their_figures(tmp_path, variant, arch, h, w):
+    data = _tiny_idx_folder(tmp_path / "data", h, w)
+    cfg = TrainConfig(
+        variant=variant, arch=arch, dataset=str(data), epochs=1, batch_size=16, hidden_dims=(16,), latent_dim=4
+    )
+    fit(cfg, tmp_path / "run", progress=False)
+    figures = ["reconstructions.png", "loss.png"] + (["samples.png"] if variant == "vae" else [])
+    for name in figures:
+        assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
