@@ -97,6 +97,20 @@ def _bad_idx_folder(tmp_path, mutate):
             lambda tmp: ["--dataset", str(_bad_idx_folder(tmp, lambda p: p.write_bytes(p.read_bytes()[:-5])))],
             "is truncated",
         ),
+        (
+            lambda tmp: [
+                "--dataset",
+                str(_bad_idx_folder(tmp, lambda p: write_idx(p, np.zeros((10, 20, 20), np.uint8)))),
+            ],
+            "the train images are 20x20 but the test images are 28x28",
+        ),
+        (
+            lambda tmp: [
+                "--dataset",
+                str(_bad_idx_folder(tmp, lambda p: write_idx(p, np.zeros((10, 1, 1), np.uint8)))),
+            ],
+            "images are 1x1; jaxae needs images of at least 8x8",
+        ),
         (lambda tmp: ["--dataset", "mnist", "--tfds-data-dir", str(tmp)], "tfds build mnist"),
         (lambda tmp: ["--batch-size", "5000"], "larger than the 4000-image train split"),
         (lambda tmp: ["--epochs", "0"], "--epochs must be positive"),

@@ -167,8 +167,9 @@ def test_images_that_are_not_uint8_are_refused(sample_test, entry, dtype):
     images = jnp.asarray(images, dtype)
     with pytest.raises(jaxae.JaxaeError, match=rf"images must be uint8 pixels 0\.\.255, got dtype {dtype}.*astype"):
         _ENTRY_POINTS[entry](trainer, state, images)
-    # the same pixels as uint8 go through
-    jax.block_until_ready(_ENTRY_POINTS[entry](trainer, state, jnp.asarray(pixels)))
+    if entry.startswith("jit_") or entry == "encode":  # (the eager forms run the same code, op by op: slow)
+        # the same pixels as uint8 go through
+        jax.block_until_ready(_ENTRY_POINTS[entry](trainer, state, jnp.asarray(pixels)))
 
 
 @pytest.mark.parametrize("setting", ["lr", "noise_std", "mask_prob", "sparsity_weight", "sparsity_target", "beta"])
