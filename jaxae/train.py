@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -396,10 +397,46 @@ def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trai
     """
     variant = get_variant(config.variant)
     normalization = get_normalization(config.normalize)
+    image_shape = image_shape_of(input_shape)
+    _check_model_fits(config, image_shape)
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(check_seed(config.seed)), _PARAMS_STREAM))
-    model = variant.build_model(config, image_shape_of(input_shape), rngs)
+    model = variant.build_model(config, image_shape, rngs)
     objective = variant.build_objective(config, normalization)
     return create_train_state(model, optax.adam(config.lr), objective, normalization, config.seed)
+
+
+# Training holds four float32 copies of every parameter: the values, the gradient and Adam's two moments.
+_TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def _check_model_fits(config: TrainConfig, image_shape: tuple[int, ...]) -> None:
+    """Refuses a model whose parameters and optimizer state alone exceed the device's memory.
+
+    Counted on abstract shapes (nothing allocated): a huge --latent-dim or --hidden-dims would
+    otherwise end in an allocation failure with a traceback, or the kernel killing the process.
+    """
+    variant = get_variant(config.variant)
+    abstract = nnx.eval_shape(lambda: variant.build_model(config, image_shape, nnx.Rngs(params=0)))
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nnx.state(abstract, nnx.Param)))
+    needed = _TRAINING_BYTES_PER_PARAMETER * count
+    available = _device_memory_bytes()
+    if available is not None and needed > available:
+        raise JaxaeError(
+            f"the model has {count:,} parameters: training needs at least {needed / 2**30:,.1f} GiB for them and "
+            f"Adam's state, more than the {available / 2**30:,.1f} GiB of {jax.devices()[0].platform} memory; "
+            "use a smaller --latent-dim / --hidden-dims"
+        )
+
+
+def _device_memory_bytes() -> int | None:
+    """Memory of the first device (an accelerator's limit, or the host's RAM on CPU), if known."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform reports it
+        return None
 
 
 def encode(trainer: Trainer, state: TrainState, images: np.ndarray | jax.Array, batch_size: int = 1000) -> np.ndarray:

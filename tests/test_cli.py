@@ -246,6 +246,7 @@ def _main_exit_code(argv):
         (["--mask-prob", "inf"], "--mask-prob must be a finite number"),
         (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
         (["--latent-dim", "0"], "--latent-dim must be positive"),
+        (["--latent-dim", str(10**11)], "parameters: training needs at least"),
     ],
 )
 def test_bad_flag_values_are_one_line_and_exit_2(tmp_path, capsys, flags, pattern):

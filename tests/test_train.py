@@ -222,3 +222,9 @@ def test_smallest_allowed_images_train_and_draw_their_figures(tmp_path, variant,
     figures = ["reconstructions.png", "loss.png"] + (["samples.png"] if variant == "vae" else [])
     for name in figures:
         assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+@pytest.mark.parametrize("change", [{"latent_dim": 99_999_999_999}, {"hidden_dims": (10**9, 64)}])
+def test_a_model_too_large_for_memory_is_refused_before_allocating(change):
+    with pytest.raises(jaxae.JaxaeError, match=r"the model has [\d,]+ parameters: training needs at least .* GiB"):
+        build(TrainConfig(**change), 784)
