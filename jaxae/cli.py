@@ -17,6 +17,25 @@ def _defaults():
     return TrainConfig()
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Flag errors as one line, like every other jaxae error (exit status 2, no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"jaxae: error: {message} (see: {self.prog} --help)\n")
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """``--hidden-dims`` value ``"128,64"`` -> ``(128, 64)``."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        # argparse prefixes "argument --hidden-dims: ", so the message names the flag.
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 128,64, got {text!r}")
+    return values
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d = _defaults()
     p.add_argument(
@@ -41,7 +60,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=d.seed, help="0 to 2**32-1 (default: %(default)s)")
     p.add_argument(
         "--normalize",
         choices=("unit", "seed"),
@@ -58,7 +77,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-dim", type=int, default=d.latent_dim, help="code size (default: %(default)s)")
     p.add_argument(
         "--hidden-dims",
-        type=lambda s: tuple(int(v) for v in s.split(",")),
+        type=_positive_ints,
         default=d.hidden_dims,
         help="encoder hidden widths, comma-separated; the decoder mirrors them (default: 128,64)",
     )
@@ -361,7 +380,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="jaxae", description="JAX/Flax autoencoders: the PyTorch MNIST tutorial and its variants."
     )
     sub = parser.add_subparsers(dest="command", required=True)

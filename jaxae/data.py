@@ -18,8 +18,10 @@ import gzip
 import importlib.resources
 import importlib.util
 import logging
+import math
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,11 @@ SAMPLE_NAME = "mnist-sample"
 SPLITS = ("train", "test")
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_DTYPES = {0x08: np.uint8}
+# The smallest image side jaxae accepts: the conv model halves a side twice, and the figures
+# need a picture to draw.
+MIN_IMAGE_SIDE = 8
+_MAX_DEFLATE_RATIO = 1032  # zlib's documented worst-case expansion of deflate
+_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +73,24 @@ class Normalization:
         return (values - np.float32(self.mean)) / np.float32(self.std)
 
     def __call__(self, images_u8):
+        """Normalised float32 values of uint8 pixels (any shape).
+
+        Every entry point that takes images (the train steps, evaluation, ``encode``) comes
+        through here, so this is where other dtypes are refused: floats cast to int would index
+        the table as nearly black pixels and give plausible-looking nonsense. The dtype is static
+        under ``jit``, so the check costs nothing and fails at trace time.
+
+        Raises:
+            DataError: ``images_u8`` is not uint8.
+        """
         import jax.numpy as jnp
 
+        dtype = np.dtype(images_u8.dtype) if hasattr(images_u8, "dtype") else np.asarray(images_u8).dtype
+        if dtype != np.uint8:
+            raise DataError(
+                f"images must be uint8 pixels 0..255, got dtype {dtype}; convert floats in [0, 1] with "
+                "(x * 255).round().astype(np.uint8)"
+            )
         return jnp.asarray(self.table)[images_u8.astype(jnp.int32)]
 
     def to_pixels(self, x):
@@ -125,6 +148,7 @@ def load_dataset(name: str = SAMPLE_NAME, split: str = "train", data_dir: str | 
         images, labels = read_idx_split(Path(name), split)
     else:
         images, labels = _load_tfds(name, split, data_dir)
+        check_image_size(images.shape[1:3], f"TFDS dataset {name!r} ({split})")
     return Dataset(images=images, labels=labels, name=name, split=split)
 
 
@@ -144,8 +168,11 @@ def find_idx_file(folder: Path, split: str, kind: str) -> Path:
     for stem in stems:
         for suffix in ("", ".gz"):
             candidate = folder / (stem + suffix)
-            if candidate.is_file():
-                return candidate
+            try:
+                if candidate.is_file():
+                    return candidate
+            except OSError as e:  # a folder without search permission
+                raise DataError(f"cannot read dataset folder {folder}: {e.strerror or e}") from None
     raise DataError(
         f"no {split} {kind} IDX file in {folder} (looked for {stems[0]}[.gz]); a dataset folder "
         "holds the four MNIST-format files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
@@ -154,54 +181,166 @@ def find_idx_file(folder: Path, split: str, kind: str) -> Path:
 
 
 def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    if not folder.is_dir():
+    """Images ``uint8[N, H, W, 1]`` and labels ``int32[N]`` of one split of an IDX folder.
+
+    The other split's image header is read too (a few bytes), so a folder whose train and test
+    images differ in size fails here rather than in a compiled step later.
+
+    Raises:
+        DataError: a missing, unreadable or malformed file, counts that disagree, images smaller
+            than :data:`MIN_IMAGE_SIDE` or of another size than the other split's.
+    """
+    try:
+        is_dir = folder.is_dir()
+    except OSError as e:  # e.g. a parent folder without search permission
+        raise DataError(f"cannot read dataset folder {folder}: {e.strerror or e}") from None
+    if not is_dir:
         raise DataError(f"dataset folder {folder} does not exist (or is not a folder)")
-    images = read_idx(find_idx_file(folder, split, "images"))
+    images_path = find_idx_file(folder, split, "images")
+    images = read_idx(images_path)
     labels = read_idx(find_idx_file(folder, split, "labels"))
     if images.ndim != 3:
-        raise DataError(f"image IDX file in {folder} has {images.ndim} dimensions, expected 3")
+        raise DataError(f"image IDX file {images_path} has {images.ndim} dimensions, expected 3 (N, H, W)")
     if labels.ndim != 1:
         raise DataError(f"label IDX file in {folder} has {labels.ndim} dimensions, expected 1")
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{folder}: {images.shape[0]} {split} images but {labels.shape[0]} labels")
     if images.shape[0] == 0:
         raise DataError(f"{folder}: the {split} split is empty")
+    check_image_size(images.shape[1:3], str(images_path))
+    other = next(s for s in SPLITS if s != split)
+    other_shape = _idx_image_shape(folder, other)
+    if other_shape is not None and other_shape != images.shape[1:3]:
+        raise DataError(
+            f"{folder}: the {split} images are {images.shape[1]}x{images.shape[2]} but the {other} images are "
+            f"{other_shape[0]}x{other_shape[1]}; both splits of a dataset must have one image size"
+        )
     return images[..., None], labels.astype(np.int32)
+
+
+def _idx_image_shape(folder: Path, split: str) -> tuple[int, int] | None:
+    """``(H, W)`` from the header of ``split``'s image file, or None if it is absent or unreadable.
+
+    Only for the cross-split check: that split's own problems are reported when it is loaded.
+    """
+    try:
+        dims = read_idx_header(find_idx_file(folder, split, "images"))
+    except DataError:
+        return None
+    return (dims[1], dims[2]) if len(dims) == 3 else None
+
+
+def check_image_size(hw: tuple[int, ...], where: str) -> None:
+    """Refuses images smaller than ``MIN_IMAGE_SIDE`` on a side (models and figures need that much)."""
+    if len(hw) != 2 or min(hw) < MIN_IMAGE_SIDE:
+        size = "x".join(str(v) for v in hw)
+        raise DataError(
+            f"{where}: images are {size}; jaxae needs images of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels"
+        )
 
 
 def read_idx(path: Path) -> np.ndarray:
     """Reads one IDX file (gzip-compressed or not, told by content), validating every byte count.
 
+    A compressed file is decompressed as a stream and never beyond the size its header
+    declares, and a header declaring more than the file could hold is refused before any
+    payload is read: a small file can never make this allocate much more than its header
+    honestly describes.
+
     Raises:
-        DataError: unreadable, wrong magic number, unsupported element type, or a body whose
-            length does not match the header.
+        DataError: unreadable, corrupt compression, wrong magic number, unsupported element
+            type, or a body whose length does not match the header.
     """
+    return _read_idx(Path(path), header_only=False)
+
+
+def read_idx_header(path: Path) -> tuple[int, ...]:
+    """The dimensions an IDX file's header declares (reads only the header).
+
+    Raises:
+        DataError: as :func:`read_idx`, for the header.
+    """
+    return _read_idx(Path(path), header_only=True)
+
+
+def _read_idx(path: Path, *, header_only: bool):
     try:
-        raw = Path(path).read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"cannot read IDX file {path}: {e}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            compressed = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            if not compressed:
+                return _parse_idx(f, path, size, size, header_only)
+            with gzip.GzipFile(fileobj=f, mode="rb") as stream:
+                # Deflate cannot expand data more than ~1032 times; a header asking for more
+                # than that describes a file that cannot hold it.
+                return _parse_idx(stream, path, None, _MAX_DEFLATE_RATIO * size + 1024, header_only)
+    except DataError:
+        raise
+    except (zlib.error, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read IDX file {path}: corrupt or truncated gzip data ({e})") from None
+    except OSError as e:
+        raise DataError(f"cannot read IDX file {path}: {e.strerror or e}") from None
+    except MemoryError:
+        raise DataError(f"IDX file {path} does not fit in memory") from None
+
+
+def _read_up_to(stream, n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only at the end of the stream (read in chunks: never more than asked)."""
+    chunks, have = [], 0
+    while have < n:
+        chunk = stream.read(min(n - have, _CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        have += len(chunk)
+    return b"".join(chunks)
+
+
+def _parse_idx(stream, path: Path, file_size: int | None, max_size: int, header_only: bool):
+    """Parses an IDX stream; ``file_size`` is the exact size when known (uncompressed files)."""
+    magic = _read_up_to(stream, 4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
         raise DataError(
-            f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'empty'}; "
+            f"{path} is not an IDX file (bad magic number {magic.hex() or 'empty'}; "
             "expected 0000 followed by a type byte and a dimension count)"
         )
-    type_code, ndim = raw[2], raw[3]
+    type_code, ndim = magic[2], magic[3]
     if type_code not in _IDX_DTYPES:
         raise DataError(f"{path}: IDX element type 0x{type_code:02x} is not supported (only unsigned bytes, 0x08)")
     if ndim == 0:
         raise DataError(f"{path}: IDX header declares zero dimensions")
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
+    raw_dims = _read_up_to(stream, 4 * ndim)
+    if len(raw_dims) < 4 * ndim:
         raise DataError(f"{path} is truncated inside its header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header_len])
-    expected = int(np.prod(dims, dtype=np.int64))
-    body = len(raw) - header_len
-    if body != expected:
-        what = "truncated" if body < expected else "longer than its header says"
-        raise DataError(f"{path} is {what}: header shape {tuple(dims)} needs {expected} bytes of data, found {body}")
-    return np.frombuffer(raw, dtype=_IDX_DTYPES[type_code], offset=header_len).reshape(dims)
+    dims = struct.unpack(f">{ndim}I", raw_dims)
+    if header_only:
+        return dims
+    header_len = 4 + 4 * ndim
+    expected = math.prod(dims)  # a Python int: a product of 32-bit sizes cannot overflow it
+    if file_size is not None and header_len + expected > file_size:
+        raise DataError(
+            f"{path} is truncated: header shape {tuple(dims)} needs {expected} bytes of data, "
+            f"found {file_size - header_len}"
+        )
+    if header_len + expected > max_size:
+        raise DataError(
+            f"{path} is truncated or its header is corrupt: header shape {tuple(dims)} needs {expected} bytes "
+            f"of data, more than a gzip file of its size can hold"
+        )
+    body = _read_up_to(stream, expected)
+    if len(body) < expected:
+        raise DataError(
+            f"{path} is truncated: header shape {tuple(dims)} needs {expected} bytes of data, found {len(body)}"
+        )
+    if stream.read(1):
+        raise DataError(
+            f"{path} is longer than its header says: header shape {tuple(dims)} needs {expected} bytes of data"
+        )
+    try:
+        return np.frombuffer(body, dtype=_IDX_DTYPES[type_code]).reshape(dims)
+    except ValueError as e:  # e.g. a zero dimension next to sizes numpy cannot index
+        raise DataError(f"{path}: header shape {tuple(dims)} is not a usable array shape ({e})") from None
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

@@ -18,6 +18,13 @@ def _pyplot():
     return plt
 
 
+def _picture(image: np.ndarray) -> np.ndarray:
+    """``[H, W]`` or ``[H, W, 3]`` for imshow from ``[H, W, C]``; ``squeeze`` would also drop a
+    side of length 1 and hand imshow a row or a scalar."""
+    image = np.asarray(image)
+    return image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+
+
 def pick_examples(labels: np.ndarray, count: int = 10) -> np.ndarray:
     """Indices of ``count`` test images, one per class first (0, 1, 2, ...) where possible."""
     chosen: list[int] = []
@@ -37,7 +44,7 @@ def reconstruction_grid(path: str | Path, rows: Sequence[tuple[str, np.ndarray]]
     for r, (label, images) in enumerate(rows):
         for i in range(n):
             ax = axes[r][i]
-            ax.imshow(np.clip(images[i].squeeze(), 0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(np.clip(_picture(images[i]), 0, 1), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(label, fontsize=9)
@@ -55,7 +62,7 @@ def image_grid(path: str | Path, images: np.ndarray, columns: int = 8, title: st
     fig, axes = plt.subplots(rows, columns, figsize=(columns, rows + (0.4 if title else 0)), squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i < len(images):
-            ax.imshow(np.clip(images[i].squeeze(), 0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(np.clip(_picture(images[i]), 0, 1), cmap="gray", vmin=0, vmax=1)
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)

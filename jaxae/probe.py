@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from jaxae.data import Dataset
+from jaxae.errors import DataError
 
 
 def logistic_regression_accuracy(
@@ -32,13 +33,18 @@ def logistic_regression_accuracy(
     """Test accuracy of a softmax classifier trained on ``(x_train, y_train)``.
 
     Features are standardised with the train split's mean and std; training is full-batch
-    Adam for ``steps`` steps (one ``lax.scan``) with an L2 penalty on the weights.
+    Adam for ``steps`` steps (one ``lax.scan``) with an L2 penalty on the weights. The classes
+    are ``0..max(y_train)``.
+
+    Raises:
+        DataError: labels that cannot be scored (see :func:`_class_count`): wrong counts, negative
+            labels, one class only, or test labels that the train split never shows.
     """
+    classes = _class_count(x_train, y_train, x_test, y_test)
     x_train = jnp.asarray(x_train, jnp.float32)
     x_test = jnp.asarray(x_test, jnp.float32)
     mean = x_train.mean(0)
     std = x_train.std(0) + 1e-6
-    classes = int(max(y_train.max(), y_test.max())) + 1
     return float(
         _train_and_score(
             (x_train - mean) / std,
@@ -51,6 +57,40 @@ def logistic_regression_accuracy(
             l2,
         )
     )
+
+
+def _class_count(x_train, y_train, x_test, y_test) -> int:
+    """The classifier's class count, ``max(train label) + 1``, after checking the labels can be scored.
+
+    A test label the train split never shows can never be predicted: the accuracy would be
+    silently low (0.0 when no test label occurs in train), so it is refused instead.
+
+    Raises:
+        DataError: labels that are not 1-D integers 0.., counts that differ from the features',
+            fewer than two classes in train, or test labels that do not occur in train.
+    """
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        y = np.asarray(y)
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"probe: {split} labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+        if len(y) != len(x):
+            raise DataError(f"probe: {len(x)} {split} examples but {len(y)} labels")
+        if len(y) == 0:
+            raise DataError(f"probe: the {split} split is empty")
+        if y.min() < 0:
+            raise DataError(f"probe: {split} labels must be class indices 0, 1, ...; found {int(y.min())}")
+    train_classes = np.unique(np.asarray(y_train))
+    if len(train_classes) < 2:
+        raise DataError(f"probe: the train labels hold {len(train_classes)} class; a classifier needs at least 2")
+    unseen = np.setdiff1d(np.unique(np.asarray(y_test)), train_classes)
+    if len(unseen):
+        shown = ", ".join(str(int(v)) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+        raise DataError(
+            f"probe: test labels {shown} never occur in the train labels ({len(train_classes)} classes, "
+            f"{int(train_classes.min())}..{int(train_classes.max())}); a classifier cannot predict them. "
+            "Use a test split with the train split's classes"
+        )
+    return int(train_classes.max()) + 1
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,22 @@ from jaxae.objectives import Objective, get_variant
 # Independent random streams derived from a run's key (fold_in constants).
 _PARAMS_STREAM, _DATA_STREAM, _STEP_STREAM = 0, 1, 2
 _TRAIN_NOISE, _EVAL_NOISE = 0, 1
+# The float settings of a TrainConfig: each must be a finite number.
+_FLOAT_SETTINGS = ("lr", "noise_std", "mask_prob", "sparsity_weight", "sparsity_target", "beta")
+# jax.random.key keeps 32 bits of a seed (64-bit mode off): a larger or negative seed would
+# silently give the key of another seed (2**32 -> 0, -1 -> 2**32-1), and past 64 bits it overflows.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` if it is an integer in ``0..MAX_SEED`` (each such seed gives its own key).
+
+    Raises:
+        JaxaeError: any other value.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise JaxaeError(f"--seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {seed!r}")
+    return int(seed)
 
 
 @dataclasses.dataclass
@@ -75,10 +92,20 @@ class TrainConfig:
             raise JaxaeError(f"--batch-size must be positive, got {self.batch_size}")
         if self.eval_batch_size <= 0:
             raise JaxaeError(f"eval batch size must be positive, got {self.eval_batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        for name in _FLOAT_SETTINGS:
+            value = getattr(self, name)
+            # Refused here, before any data is loaded: inf or nan only shows up later as a
+            # "diverged" loss whose advice (a smaller --lr) points the wrong way.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                flag = "--" + name.replace("_", "-")
+                raise JaxaeError(f"{flag} must be a finite number, got {value!r}")
+        if not (self.lr > 0):
             raise JaxaeError(f"--lr must be a positive number, got {self.lr}")
-        if self.latent_dim <= 0 or any(h <= 0 for h in self.hidden_dims):
-            raise JaxaeError("layer sizes must be positive")
+        check_seed(self.seed)
+        if self.latent_dim <= 0:
+            raise JaxaeError(f"--latent-dim must be positive, got {self.latent_dim}")
+        if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
+            raise JaxaeError(f"--hidden-dims must be positive integers like 128,64, got {self.hidden_dims}")
         variant = get_variant(self.variant)
         get_normalization(self.normalize)
         if self.arch not in ("mlp", "conv"):
@@ -87,7 +114,7 @@ class TrainConfig:
             raise JaxaeError(
                 f"--arch {self.arch} is not available for the {self.variant} variant ({', '.join(variant.archs)})"
             )
-        if not (0 <= self.noise_std < float("inf")):
+        if not (0 <= self.noise_std):
             raise JaxaeError(f"--noise-std must be >= 0, got {self.noise_std}")
         if not (0 <= self.mask_prob < 1):
             raise JaxaeError(f"--mask-prob must be in [0, 1), got {self.mask_prob}")
@@ -348,9 +375,9 @@ def create_train_state(
         normalization = get_normalization(normalization)
     if isinstance(objective, str):
         objective = get_variant(objective).build_objective(TrainConfig(variant=objective), normalization)
+    root = jax.random.key(check_seed(seed))
     graphdef, variables = nnx.split(model)
     params = nnx.to_pure_dict(variables)
-    root = jax.random.key(seed)
     state = TrainState(
         params=params,
         opt_state=tx.init(params),
@@ -371,10 +398,46 @@ def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trai
     """
     variant = get_variant(config.variant)
     normalization = get_normalization(config.normalize)
-    rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), _PARAMS_STREAM))
-    model = variant.build_model(config, image_shape_of(input_shape), rngs)
+    image_shape = image_shape_of(input_shape)
+    _check_model_fits(config, image_shape)
+    rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(check_seed(config.seed)), _PARAMS_STREAM))
+    model = variant.build_model(config, image_shape, rngs)
     objective = variant.build_objective(config, normalization)
     return create_train_state(model, optax.adam(config.lr), objective, normalization, config.seed)
+
+
+# Training holds four float32 copies of every parameter: the values, the gradient and Adam's two moments.
+_TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def _check_model_fits(config: TrainConfig, image_shape: tuple[int, ...]) -> None:
+    """Refuses a model whose parameters and optimizer state alone exceed the device's memory.
+
+    Counted on abstract shapes (nothing allocated): a huge --latent-dim or --hidden-dims would
+    otherwise end in an allocation failure with a traceback, or the kernel killing the process.
+    """
+    variant = get_variant(config.variant)
+    abstract = nnx.eval_shape(lambda: variant.build_model(config, image_shape, nnx.Rngs(params=0)))
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nnx.state(abstract, nnx.Param)))
+    needed = _TRAINING_BYTES_PER_PARAMETER * count
+    available = _device_memory_bytes()
+    if available is not None and needed > available:
+        raise JaxaeError(
+            f"the model has {count:,} parameters: training needs at least {needed / 2**30:,.1f} GiB for them and "
+            f"Adam's state, more than the {available / 2**30:,.1f} GiB of {jax.devices()[0].platform} memory; "
+            "use a smaller --latent-dim / --hidden-dims"
+        )
+
+
+def _device_memory_bytes() -> int | None:
+    """Memory of the first device (an accelerator's limit, or the host's RAM on CPU), if known."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform reports it
+        return None
 
 
 def encode(trainer: Trainer, state: TrainState, images: np.ndarray | jax.Array, batch_size: int = 1000) -> np.ndarray:

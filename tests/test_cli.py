@@ -97,6 +97,20 @@ def _bad_idx_folder(tmp_path, mutate):
             lambda tmp: ["--dataset", str(_bad_idx_folder(tmp, lambda p: p.write_bytes(p.read_bytes()[:-5])))],
             "is truncated",
         ),
+        (
+            lambda tmp: [
+                "--dataset",
+                str(_bad_idx_folder(tmp, lambda p: write_idx(p, np.zeros((10, 20, 20), np.uint8)))),
+            ],
+            "the train images are 20x20 but the test images are 28x28",
+        ),
+        (
+            lambda tmp: [
+                "--dataset",
+                str(_bad_idx_folder(tmp, lambda p: write_idx(p, np.zeros((10, 1, 1), np.uint8)))),
+            ],
+            "images are 1x1; jaxae needs images of at least 8x8",
+        ),
         (lambda tmp: ["--dataset", "mnist", "--tfds-data-dir", str(tmp)], "tfds build mnist"),
         (lambda tmp: ["--batch-size", "5000"], "larger than the 4000-image train split"),
         (lambda tmp: ["--epochs", "0"], "--epochs must be positive"),
@@ -205,3 +219,47 @@ def test_variant_flags_reach_the_config(tmp_path, idx_folder):
     cfg = cli._config_from_args(args)
     assert (cfg.variant, cfg.sparsity, cfg.sparsity_target, cfg.sparsity_weight) == ("sparse", "kl", 0.1, 0.5)
     assert (cfg.noise_std, cfg.mask_prob, cfg.beta, cfg.likelihood) == (0.3, 0.2, 4.0, "gaussian")
+
+
+def _main_exit_code(argv):
+    """``cli.main``'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--hidden-dims", "abc"], "--hidden-dims: expected comma-separated positive integers like 128,64, got 'abc'"),
+        (["--hidden-dims", "128,,64"], "--hidden-dims: expected comma-separated positive integers like 128,64"),
+        (["--hidden-dims", "128,0"], "--hidden-dims: expected comma-separated positive integers like 128,64"),
+        (["--seed", str(2**70)], "--seed must be an integer from 0 to 4294967295"),
+        (["--seed", str(2**32)], "--seed must be an integer from 0 to 4294967295"),
+        (["--seed=-1"], "--seed must be an integer from 0 to 4294967295"),
+        (["--variant", "vae", "--beta", "inf"], "--beta must be a finite number, got inf"),
+        (["--variant", "sparse", "--sparsity-weight", "inf"], "--sparsity-weight must be a finite number, got inf"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--variant", "denoising", "--noise-std", "inf"], "--noise-std must be a finite number"),
+        (["--sparsity-target", "nan"], "--sparsity-target must be a finite number"),
+        (["--mask-prob", "inf"], "--mask-prob must be a finite number"),
+        (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+        (["--latent-dim", "0"], "--latent-dim must be positive"),
+        (["--latent-dim", str(10**11)], "parameters: training needs at least"),
+    ],
+)
+def test_bad_flag_values_are_one_line_and_exit_2(tmp_path, capsys, flags, pattern):
+    code = _main_exit_code(["train", *flags, "--workdir", str(tmp_path / "out"), "--no-progress"])
+    _assert_one_line_error(capsys, code, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_flag_values_from_a_real_process_have_no_traceback(tmp_path):
+    for flags in (["--hidden-dims", "abc"], ["--seed", str(2**70)]):
+        proc = run_cli("train", *flags, "--workdir", str(tmp_path / "out"))
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("jaxae: error: ")
+    assert not (tmp_path / "out").exists()

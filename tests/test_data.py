@@ -1,8 +1,17 @@
+import builtins
+import errno
 import gzip
+import io
+import struct
+import time
+import tracemalloc
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jaxae.data import NORMALIZATIONS, get_normalization, load_dataset, read_idx, write_idx
 from jaxae.errors import DataError
@@ -128,3 +137,203 @@ def test_normalization_presets_match_torchvision_formula():
     np.testing.assert_allclose(NORMALIZATIONS["seed"].to_pixels(seed), unit, atol=1e-7)
     with pytest.raises(DataError, match="unknown normalisation"):
         get_normalization("zscore")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile or malformed IDX files: always a DataError naming the file, never another exception.
+
+
+def _idx_header(*dims):
+    return bytes([0, 0, 0x08, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+
+
+@pytest.mark.parametrize(
+    "dims",
+    [
+        (65536, 65536, 65536, 65536),  # 2**64 elements: wraps to 0 in int64, matching an empty body
+        (0, 2**32 - 1, 2**32 - 1),  # zero elements, but a shape numpy cannot index
+        (2**32 - 1,) * 8,
+    ],
+)
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_header_whose_size_overflows_int64(tmp_path, dims, compress):
+    raw = _idx_header(*dims)
+    path = tmp_path / "f"
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    with pytest.raises(DataError, match=str(path)):
+        read_idx(path)
+
+
+def test_idx_gzip_with_an_invalid_deflate_block(tmp_path):
+    raw = bytearray(gzip.compress(_idx_header(4, 28, 28) + bytes(range(256)) * 12 + bytes(64), mtime=0))
+    raw[10] = 0xFF  # first deflate block header: BTYPE 11, which deflate reserves as invalid
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=f"cannot read IDX file {path}: corrupt or truncated gzip data"):
+        read_idx(path)
+
+
+def _gzip_bomb(path, header, expanded_mib):
+    """A valid gzip stream: ``header`` then ``expanded_mib`` MiB of zeros, in a file of a few hundred KB.
+
+    Built from concatenated gzip members (a gzip file may hold several), so it costs no time to make.
+    """
+    zeros = gzip.compress(bytes(1 << 24), compresslevel=9, mtime=0)  # 16 MiB -> ~16 KB
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header, mtime=0))
+        for _ in range(expanded_mib // 16):
+            f.write(zeros)
+
+
+def test_idx_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    _gzip_bomb(path, _idx_header(10, 28, 28), expanded_mib=2048)  # 2 GiB behind a 7840-byte header
+    assert path.stat().st_size < 4 << 20
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match="longer than its header says"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Reading stops one byte past the declared payload: nothing near the 2 GiB is decompressed or held.
+    assert time.perf_counter() - t0 < 2.0
+    assert peak < 8 << 20, peak
+
+
+def test_idx_gzip_header_claiming_more_than_the_file_can_hold(tmp_path):
+    path = tmp_path / "f.gz"
+    path.write_bytes(gzip.compress(_idx_header(60000, 28, 28), mtime=0))  # 47 MB promised by ~40 bytes
+    with pytest.raises(DataError, match="more than a gzip file of its size can hold"):
+        read_idx(path)
+
+
+def _write_split(folder, split, images, labels):
+    prefix = "train" if split == "train" else "t10k"
+    write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+def test_train_and_test_images_of_different_sizes(tmp_path):
+    _write_split(tmp_path, "train", np.zeros((8, 28, 28), np.uint8), np.arange(8, dtype=np.uint8) % 2)
+    _write_split(tmp_path, "test", np.zeros((4, 20, 20), np.uint8), np.arange(4, dtype=np.uint8) % 2)
+    for split in ("train", "test"):
+        with pytest.raises(DataError, match="are 28x28 but the .* images are 20x20|are 20x20 but the .* are 28x28"):
+            load_dataset(str(tmp_path), split)
+
+
+@pytest.mark.parametrize("side", [1, 4, 7])
+def test_images_smaller_than_8x8_are_refused(tmp_path, side):
+    _write_split(tmp_path, "train", np.zeros((8, side, side), np.uint8), np.arange(8, dtype=np.uint8) % 2)
+    _write_split(tmp_path, "test", np.zeros((4, side, side), np.uint8), np.arange(4, dtype=np.uint8) % 2)
+    with pytest.raises(DataError, match=f"images are {side}x{side}; jaxae needs images of at least 8x8"):
+        load_dataset(str(tmp_path), "train")
+
+
+def test_non_square_images_at_the_minimum_load(tmp_path):
+    _write_split(tmp_path, "train", np.zeros((8, 8, 12), np.uint8), np.arange(8, dtype=np.uint8) % 2)
+    _write_split(tmp_path, "test", np.zeros((4, 8, 12), np.uint8), np.arange(4, dtype=np.uint8) % 2)
+    assert load_dataset(str(tmp_path), "test").images.shape == (4, 8, 12, 1)
+
+
+def _deny(monkeypatch, target, method):
+    """Makes ``Path.method`` raise PermissionError for ``target`` (as root, chmod stops no read)."""
+    original = getattr(Path, method)
+
+    def denied(self, *args, **kwargs):
+        if Path(self) == target or target in Path(self).parents:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, denied)
+
+
+@pytest.mark.parametrize("method", ["is_dir", "is_file"])
+def test_unreadable_folder_names_it(idx_folder, monkeypatch, method):
+    _deny(monkeypatch, idx_folder, method)
+    with pytest.raises(DataError, match=f"cannot read dataset folder {idx_folder}: Permission denied"):
+        load_dataset(str(idx_folder), "train")
+
+
+def test_unreadable_file_names_it(idx_folder, monkeypatch):
+    target = idx_folder / "train-images-idx3-ubyte"
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == str(target):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    monkeypatch.setattr(io, "open", denied)  # what pathlib's read_bytes calls
+    with pytest.raises(DataError, match=f"cannot read IDX file {target}: Permission denied"):
+        load_dataset(str(idx_folder), "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Property-based: whatever the bytes, the IDX reader returns an array or raises DataError.
+
+_FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _read_or_data_error(path):
+    try:
+        array = read_idx(path)
+    except DataError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return None
+    assert array.dtype == np.uint8
+    return array
+
+
+@_FAST
+@given(data=st.binary(max_size=300), wrap=st.sampled_from(["raw", "gzip", "gzip-magic"]))
+def test_idx_any_bytes_give_an_array_or_a_data_error(tmp_path, data, wrap):
+    if wrap == "gzip":
+        data = gzip.compress(data, mtime=0)
+    elif wrap == "gzip-magic":  # a gzip header over arbitrary bytes: corrupt deflate streams
+        data = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + data
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    _read_or_data_error(path)
+
+
+@_FAST
+@given(
+    dims=st.lists(st.sampled_from([0, 0, 1, 2, 3, 5, 28, 255, 65536, 2**31, 2**32 - 1]), min_size=0, max_size=6),
+    ndim_lie=st.sampled_from([0, 0, 0, -1, 1]),
+    type_code=st.sampled_from([0x08, 0x08, 0x08, 0x09, 0x0D]),
+    payload=st.binary(max_size=200),
+    cut=st.one_of(st.none(), st.none(), st.integers(0, 240)),
+    compress=st.booleans(),
+    gzip_damage=st.one_of(st.none(), st.integers(0, 80), st.tuples(st.integers(0, 80), st.integers(1, 255))),
+)
+def test_idx_near_valid_files_give_an_array_or_a_data_error(
+    tmp_path, dims, ndim_lie, type_code, payload, cut, compress, gzip_damage
+):
+    ndim = max(0, min(255, len(dims) + ndim_lie))
+    raw = bytes([0, 0, type_code, ndim]) + struct.pack(f">{len(dims)}I", *dims) + payload
+    if cut is not None:
+        raw = raw[:cut]
+    if compress:
+        raw = gzip.compress(raw, mtime=0)
+        if isinstance(gzip_damage, int):  # truncated
+            raw = raw[:gzip_damage]
+        elif gzip_damage is not None and gzip_damage[0] < len(raw):  # one byte flipped
+            at, xor = gzip_damage
+            raw = raw[:at] + bytes([raw[at] ^ xor]) + raw[at + 1 :]
+    path = tmp_path / "f"
+    path.write_bytes(raw)
+    array = _read_or_data_error(path)
+    if array is not None:
+        assert array.size == len(raw if not compress else gzip.decompress(raw)) - 4 - 4 * array.ndim
+
+
+@_FAST
+@given(n=st.integers(1, 4), h=st.integers(1, 12), w=st.integers(1, 12), compress=st.booleans())
+def test_idx_valid_files_round_trip(tmp_path, n, h, w, compress):
+    array = np.random.default_rng(n * 1000 + h * 13 + w).integers(0, 256, (n, h, w), dtype=np.uint8)
+    path = tmp_path / ("f.gz" if compress else "f")
+    write_idx(path, array)
+    np.testing.assert_array_equal(read_idx(path), array)

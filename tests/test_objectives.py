@@ -1,4 +1,5 @@
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -214,3 +215,50 @@ def test_probe_beats_chance(sample_train, sample_test):
 def test_sparse_conv_is_refused():
     with pytest.raises(jaxae.JaxaeError, match="not available for the sparse variant"):
         TrainConfig(variant="sparse", arch="conv").validate()
+
+
+def _probe_features(labels, seed):
+    """Features that separate the classes well: one-hot labels plus noise."""
+    rng = np.random.default_rng(seed)
+    return np.eye(10, dtype=np.float32)[labels % 10] + 0.1 * rng.standard_normal((len(labels), 10), dtype=np.float32)
+
+
+def test_probe_refuses_test_labels_the_train_split_never_shows():
+    from jaxae.probe import logistic_regression_accuracy
+
+    y_train = np.arange(200) % 10
+    y_test = 10 + np.arange(50) % 10  # another dataset's classes: the probe used to report 0.0 silently
+    with pytest.raises(
+        jaxae.DataError, match=r"test labels 10, 11, 12, 13, 14, \.\.\. never occur in the train labels"
+    ):
+        logistic_regression_accuracy(_probe_features(y_train, 0), y_train, _probe_features(y_test, 1), y_test)
+
+
+@pytest.mark.parametrize(
+    "y_train, y_test, message",
+    [
+        (np.arange(200) % 10, np.arange(49) % 10, "50 test examples but 49 labels"),
+        (np.arange(199) % 10, np.arange(50) % 10, "200 train examples but 199 labels"),
+        (np.arange(200) % 10 - 1, np.arange(50) % 10, "labels must be class indices 0, 1, ...; found -1"),
+        (np.zeros(200, int), np.zeros(50, int), "hold 1 class; a classifier needs at least 2"),
+        (np.arange(200) % 10 * 1.0, np.arange(50) % 10, "train labels must be a 1-D integer array"),
+    ],
+)
+def test_probe_refuses_labels_it_cannot_score(y_train, y_test, message):
+    from jaxae.probe import logistic_regression_accuracy
+
+    with pytest.raises(jaxae.DataError, match=re.escape(message)):
+        logistic_regression_accuracy(
+            _probe_features(np.arange(200), 0), y_train, _probe_features(np.arange(50), 1), y_test
+        )
+
+
+def test_probe_class_count_comes_from_train_labels():
+    from jaxae.probe import logistic_regression_accuracy
+
+    y_train = np.arange(200) % 10
+    y_test = np.arange(50) % 3  # a test split showing only some of train's classes is fine
+    accuracy = logistic_regression_accuracy(
+        _probe_features(y_train, 0), y_train, _probe_features(y_test, 1), y_test, steps=100
+    )
+    assert accuracy > 0.9

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 import jaxae
+from jaxae.data import write_idx
 from jaxae.loop import fit
 from jaxae.train import TrainConfig, build
 
@@ -130,7 +131,8 @@ def test_fit_seed_reproducible_and_seed_sensitive(idx_folder):
     [
         ({"epochs": 0}, "--epochs must be positive"),
         ({"batch_size": -1}, "--batch-size must be positive"),
-        ({"lr": float("nan")}, "--lr must be a positive number"),
+        ({"lr": float("nan")}, "--lr must be a finite number"),
+        ({"lr": -1e-3}, "--lr must be a positive number"),
         ({"variant": "gan"}, "unknown variant 'gan'"),
         ({"normalize": "zscore"}, "unknown normalisation"),
         ({"batch_size": 100_000}, "larger than the 4000-image train split"),
@@ -140,3 +142,89 @@ def test_bad_settings_are_clear_errors(change, message):
     cfg = TrainConfig(**change)
     with pytest.raises(jaxae.JaxaeError, match=message):
         fit(cfg, progress=False)
+
+
+# Every entry point that takes images refuses anything but uint8: floats cast to int would index
+# the normalisation table as near-black pixels and return plausible nonsense.
+_ENTRY_POINTS = {
+    "encode": lambda t, s, x: jaxae.encode(t, s, x),
+    "train_step": lambda t, s, x: t.train_step(s, x),
+    "jit_train_step": lambda t, s, x: t.jit_train_step(s, x),
+    "train_epoch": lambda t, s, x: t.train_epoch(s, x, 4),
+    "jit_train_epoch": lambda t, s, x: t.jit_train_epoch(s, x, batch_size=4),
+    "evaluate": lambda t, s, x: t.evaluate(s, x, 4),
+    "jit_evaluate": lambda t, s, x: t.jit_evaluate(s, x, batch_size=4),
+    "jit_encode": lambda t, s, x: t.jit_encode(s.params, x),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(_ENTRY_POINTS))
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+def test_images_that_are_not_uint8_are_refused(sample_test, entry, dtype):
+    trainer, state = build(TrainConfig(hidden_dims=(16,), latent_dim=4), 784)
+    pixels = sample_test.images[:8].reshape(8, -1)
+    images = pixels / 255.0 if dtype == "float32" else pixels
+    images = jnp.asarray(images, dtype)
+    with pytest.raises(jaxae.JaxaeError, match=rf"images must be uint8 pixels 0\.\.255, got dtype {dtype}.*astype"):
+        _ENTRY_POINTS[entry](trainer, state, images)
+    if entry.startswith("jit_") or entry == "encode":  # (the eager forms run the same code, op by op: slow)
+        # the same pixels as uint8 go through
+        jax.block_until_ready(_ENTRY_POINTS[entry](trainer, state, jnp.asarray(pixels)))
+
+
+@pytest.mark.parametrize("setting", ["lr", "noise_std", "mask_prob", "sparsity_weight", "sparsity_target", "beta"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_float_settings_are_refused(setting, value):
+    flag = "--" + setting.replace("_", "-")
+    with pytest.raises(jaxae.JaxaeError, match=f"{flag} must be a finite number, got {value}"):
+        TrainConfig(**{setting: value}).validate()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64, 2**70, 1.5])
+def test_seeds_outside_32_bits_are_refused(seed):
+    with pytest.raises(jaxae.JaxaeError, match=r"--seed must be an integer from 0 to 4294967295"):
+        TrainConfig(seed=seed).validate()
+    with pytest.raises(jaxae.JaxaeError, match=r"--seed must be an integer from 0 to 4294967295"):
+        jaxae.create_train_state(jaxae.Autoencoder(rngs=nnx.Rngs(0)), optax.adam(1e-3), seed=seed)
+
+
+def test_largest_seed_gives_its_own_key():
+    # Below the bound every seed is distinct: JAX would alias 2**32 to 0, which is why it is the bound.
+    _, a = build(TrainConfig(seed=2**32 - 1, hidden_dims=(16,), latent_dim=4), 784)
+    _, b = build(TrainConfig(seed=0, hidden_dims=(16,), latent_dim=4), 784)
+    assert not np.array_equal(np.asarray(a.rng), np.asarray(b.rng))
+
+
+def _tiny_idx_folder(folder, h, w):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 16)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, h, w), dtype=np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 10)
+    return folder
+
+
+def test_images_too_small_for_the_model_and_figures_fail_before_training(tmp_path):
+    # 1x1 images used to train, then crash while drawing the figures.
+    cfg = TrainConfig(dataset=str(_tiny_idx_folder(tmp_path / "data", 1, 1)), epochs=1, batch_size=16)
+    with pytest.raises(jaxae.DataError, match="images are 1x1; jaxae needs images of at least 8x8"):
+        fit(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("variant, arch, h, w", [("vanilla", "mlp", 8, 8), ("vae", "mlp", 8, 12)])
+def test_smallest_allowed_images_train_and_draw_their_figures(tmp_path, variant, arch, h, w):
+    data = _tiny_idx_folder(tmp_path / "data", h, w)
+    cfg = TrainConfig(
+        variant=variant, arch=arch, dataset=str(data), epochs=1, batch_size=16, hidden_dims=(16,), latent_dim=4
+    )
+    fit(cfg, tmp_path / "run", progress=False)
+    figures = ["reconstructions.png", "loss.png"] + (["samples.png"] if variant == "vae" else [])
+    for name in figures:
+        assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+@pytest.mark.parametrize("change", [{"latent_dim": 99_999_999_999}, {"hidden_dims": (10**9, 64)}])
+def test_a_model_too_large_for_memory_is_refused_before_allocating(change):
+    with pytest.raises(jaxae.JaxaeError, match=r"the model has [\d,]+ parameters: training needs at least .* GiB"):
+        build(TrainConfig(**change), 784)
