@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -251,6 +252,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         train = load_dataset(config.dataset, "train", config.tfds_data_dir)
         out.update(linear_probe(trainer, state, train, test))
+    undefined = sorted(k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v))
+    if undefined:
+        # JSON has no NaN: print null, and fail so that scripts notice a broken model.
+        out.update({k: None for k in undefined})
+        print(json.dumps(out))
+        print(
+            f"jaxae: error: {', '.join(undefined)} are not finite: the model in {args.workdir} has NaN or Inf "
+            "parameters or outputs",
+            file=sys.stderr,
+        )
+        return 1
     print(json.dumps(out))
     return 0
 
@@ -481,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dim", type=int, default=d.latent_dim, help="code size (default: %(default)s)")
     p.add_argument(
         "--hidden-dims",
-        type=lambda s: tuple(int(v) for v in s.split(",")),
+        type=_positive_ints,
         default=d.hidden_dims,
         help="encoder hidden widths, comma-separated (default: 128,64)",
     )
@@ -522,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-sizes",
-        type=lambda s: [int(v) for v in s.split(",")],
+        type=lambda s: list(_positive_ints(s)),
         default=[256, 1024, 4096],
         help="comma-separated; the first is the headline (default: 256,1024,4096)",
     )

@@ -320,7 +320,11 @@ class Trainer:
             return None, {k: jnp.sum(v * mask_b) for k, v in per_example.items()}
 
         _, sums = jax.lax.scan(body, None, (ids, mask))
-        return {k: jnp.sum(v) / n for k, v in sums.items()}
+        # A model with a NaN or Inf parameter has no meaningful metrics. Say so with NaN rather
+        # than trust the arithmetic: XLA:CPU fuses a matmul with the ReLU after it into a kernel
+        # that turns NaN into 0, so NaN weights can otherwise give a finite, plausible loss.
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(state.params)]))
+        return {k: jnp.where(finite, jnp.sum(v) / n, jnp.nan) for k, v in sums.items()}
 
     # -- compiled forms -------------------------------------------------------------------
 

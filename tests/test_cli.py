@@ -263,3 +263,22 @@ def test_bad_flag_values_from_a_real_process_have_no_traceback(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith("jaxae: error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_of_a_model_with_nan_parameters_prints_null_and_fails(tmp_path, capsys):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxae import checkpoint
+    from jaxae.train import TrainConfig, build
+
+    config = TrainConfig()
+    _, state = build(config, (28, 28, 1))
+    state = state.replace(params=jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.nan), state.params))
+    checkpoint.save(tmp_path / "nan", state, config)
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--workdir", str(tmp_path / "nan")]) == 1
+    out, err = capsys.readouterr()
+    metrics = json.loads(out)  # valid JSON: null, not NaN
+    assert metrics["test_loss"] is None and metrics["test_mse"] is None
+    assert err.count("\n") == 1 and "not finite" in err

@@ -228,3 +228,24 @@ def test_smallest_allowed_images_train_and_draw_their_figures(tmp_path, variant,
 def test_a_model_too_large_for_memory_is_refused_before_allocating(change):
     with pytest.raises(jaxae.JaxaeError, match=r"the model has [\d,]+ parameters: training needs at least .* GiB"):
         build(TrainConfig(**change), 784)
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "vae"])
+def test_a_model_with_nan_parameters_has_nan_metrics(sample_test, variant):
+    # XLA:CPU fuses a matmul with the ReLU after it into a kernel that maps NaN to 0, so before
+    # this check a model whose weights were all NaN evaluated to a finite, plausible loss.
+    trainer, state = build(TrainConfig(variant=variant), (28, 28, 1))
+    poisoned = jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.nan), state.params)
+    metrics = jax.device_get(trainer.jit_evaluate(state.replace(params=poisoned), _images(sample_test)[:200]))
+    assert metrics and all(np.isnan(v) for v in metrics.values()), metrics
+    one_inf = jax.tree_util.tree_map(lambda p: p, state.params)
+    leaves, treedef = jax.tree_util.tree_flatten(one_inf)
+    leaves[-1] = leaves[-1].at[0].set(jnp.inf)
+    metrics = jax.device_get(
+        trainer.jit_evaluate(
+            state.replace(params=jax.tree_util.tree_unflatten(treedef, leaves)), _images(sample_test)[:200]
+        )
+    )
+    assert all(np.isnan(v) for v in metrics.values()), metrics
+    healthy = jax.device_get(trainer.jit_evaluate(state, _images(sample_test)[:200]))
+    assert all(np.isfinite(v) for v in healthy.values())
