@@ -6,6 +6,7 @@ The workdir checks must run before any data is loaded or anything compiled: test
 second run on one workdir, a killed holder, a read-only mount) use real processes.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -112,10 +113,31 @@ def test_an_unusable_workdir_fails_before_loading_data(tmp_path, capsys, no_data
     assert not (tmp_path / "gone").exists()  # a dangling link is reported, not followed
 
 
-def test_a_read_only_mount_is_one_line_from_a_real_process(tmp_path):
-    """A real read-only tmpfs, mounted in a private mount namespace (needs root and unshare)."""
+def test_a_read_only_file_system_fails_before_loading_data(tmp_path, monkeypatch, no_data_loading):
+    """The OS call raises EROFS (monkeypatched; the real mount is the next test, where it can run)."""
+    real_mkdir = Path.mkdir
+    read_only = tmp_path / "ro"
+
+    def mkdir(self, *args, **kwargs):
+        if self == read_only or read_only in self.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(JaxaeError, match=f"--workdir {read_only / 'run'} cannot be used: Read-only file system"):
+        fit(TrainConfig(epochs=1), read_only / "run", progress=False)
+
+
+def _can_mount() -> bool:
     if shutil.which("unshare") is None or os.geteuid() != 0:
-        pytest.fail("this test needs root and unshare(1) to mount a read-only tmpfs")
+        return False
+    probe = subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", "/mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs root and unshare(1) to mount a read-only tmpfs")
+def test_a_read_only_mount_is_one_line_from_a_real_process(tmp_path):
+    """A real read-only tmpfs, mounted in a private mount namespace."""
     mountpoint = tmp_path / "ro"
     mountpoint.mkdir()
     script = 'mount -t tmpfs -o ro tmpfs "$1" && shift && exec "$@"'
