@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from jaxae.errors import JaxaeError, TrainingInterrupted
@@ -178,6 +179,13 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
         help="this process's index, 0..N-1 (default: $JAX_PROCESS_ID)",
     )
     g.add_argument(
+        "--coordinator-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=60,
+        help="how long to wait for every process to reach the coordinator before giving up (default: %(default)s)",
+    )
+    g.add_argument(
         "--distributed",
         action="store_true",
         help="join a multi-process run whose settings JAX detects from a cluster launcher (SLURM, "
@@ -190,7 +198,9 @@ def _strategy_from_args(args: argparse.Namespace):
 
     if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
         # Before anything touches a device: the backend must see every process.
-        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        parallel.initialize_distributed(
+            args.coordinator, args.num_processes, args.process_id, timeout=args.coordinator_timeout
+        )
     return parallel.get_strategy(args.parallel)
 
 
@@ -200,16 +210,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     config.validate()
     strategy = _strategy_from_args(args)
-    result = fit(
-        config,
-        args.workdir,
-        progress=not args.no_progress,
-        strategy=strategy,
-        init_from=args.init_from,
-        resume=args.resume,
-        save_every=args.save_every,
-        keep=args.keep,
-    )
+    with warnings.catch_warnings():
+        # A warning is one line on stderr, like an error (Python's own format adds the source line).
+        warnings.showwarning = lambda message, *_, **__: print(f"jaxae: warning: {message}", file=sys.stderr)
+        result = fit(
+            config,
+            args.workdir,
+            progress=not args.no_progress,
+            strategy=strategy,
+            init_from=args.init_from,
+            resume=args.resume,
+            save_every=args.save_every,
+            keep=args.keep,
+        )
     if not strategy.is_primary:
         return 0
     if result.start_epoch >= config.epochs:

@@ -8,24 +8,35 @@ strategy (:mod:`jaxae.parallel`), Orbax checkpoints (:mod:`jaxae.checkpoint`) an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import signal
+import socket
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+# filelock: maintained, cross-platform, and its FileLock is an OS lock (flock(2) on Unix, LockFileEx
+# on Windows) that the OS drops when the holding process dies, even by SIGKILL, so a crashed run never
+# leaves its workdir blocked. A SoftFileLock (the file's existence is the lock) would need stale-lock
+# guessing, which is exactly what must not go wrong here.
+import filelock
 import jax
 from tqdm.auto import tqdm
 
-from jaxae import checkpoint, plots
+from jaxae import checkpoint, parallel, plots
 from jaxae.data import load_dataset
 from jaxae.errors import JaxaeError, TrainingInterrupted
 from jaxae.parallel import Strategy, get_strategy
 from jaxae.train import TrainConfig, Trainer, TrainState, build, summarize_epoch
+
+LOCK_FILE = ".jaxae.lock"
 
 
 def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -> TrainState:
@@ -50,6 +61,187 @@ def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -
         )
     params = saved.params
     return state.replace(params=params, opt_state=trainer.tx.init(params))
+
+
+class WorkdirLock:
+    """An exclusive lock on a run's workdir, held while a run writes there.
+
+    Two runs on one workdir would write the same checkpoint steps and ``metrics.jsonl``; the
+    second one to start is refused at once instead. :func:`fit` takes this lock for its whole
+    run; a loop of your own can take it the same way::
+
+        with WorkdirLock("runs/a"):
+            ...  # train, save
+
+    The lock is an OS file lock on ``WORKDIR/.jaxae.lock``, so it dies with its process (a killed
+    run never blocks the next one). The holder's PID and host are written next to it for the
+    message a refused run prints. In a multi-process run each process locks its own file
+    (``.jaxae.process<I>.lock`` for process ``I > 0``), so the processes of one run share a
+    workdir while a second run's processes are refused.
+
+    Args:
+        workdir: the run's folder; it must exist.
+        process_index: this process's index in a multi-process run.
+    """
+
+    def __init__(self, workdir: str | Path, process_index: int = 0):
+        self.workdir = Path(workdir)
+        self.path = self.workdir / (LOCK_FILE if process_index == 0 else f".jaxae.process{process_index}.lock")
+        self.holder_path = self.path.with_name(self.path.name + ".holder")
+        self._lock = filelock.FileLock(str(self.path), thread_local=False)
+
+    def holder(self) -> str | None:
+        """Who holds the lock, as ``"PID 123"`` (``"PID 123 on HOST"`` for another host); None if unknown."""
+        try:
+            pid, host = self.holder_path.read_text().split()[:2]
+        except (OSError, ValueError):
+            return None
+        return f"PID {pid}" if host == socket.gethostname() else f"PID {pid} on {host}"
+
+    def acquire(self) -> WorkdirLock:
+        """Takes the lock without waiting.
+
+        Raises:
+            JaxaeError: another run holds it, or the lock file cannot be created.
+        """
+        try:
+            self._lock.acquire(blocking=False)
+        except filelock.Timeout:
+            who = self.holder() or "another process"
+            raise JaxaeError(
+                f"{self.workdir} is in use by another jaxae run ({who}); wait for it to end, or use another --workdir"
+            ) from None
+        except OSError as e:
+            raise JaxaeError(f"cannot lock {self.path}: {e.strerror or e}") from None
+        try:
+            # A holder file left by a killed run is simply overwritten: its lock died with it.
+            tmp = self.holder_path.with_name(f"{self.holder_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+            os.replace(tmp, self.holder_path)
+        except OSError:
+            pass  # only the refusal message of another run loses the PID
+        return self
+
+    def release(self) -> None:
+        """Releases the lock (the lock file stays, so every waiter locks the same file)."""
+        if self._lock.is_locked:
+            with contextlib.suppress(OSError):
+                self.holder_path.unlink()  # while still holding it: no other run's holder file
+            self._lock.release()
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _workdir_path(workdir: str | Path | None) -> Path | None:
+    if workdir is None:
+        return None
+    if not str(workdir).strip():
+        # Path("") is the current folder: config.json, metrics.jsonl and the figures there would be overwritten.
+        raise JaxaeError("--workdir is empty; name a folder for the run's outputs, e.g. --workdir runs/first")
+    return Path(workdir)
+
+
+def _why_unusable(out: Path, e: OSError) -> str:
+    """The reason an OSError gives for ``out``, said in terms of the path the user gave."""
+    if e.errno == errno.ENAMETOOLONG:
+        return "a name in it is too long for the file system"
+    for p in (out, *out.parents):
+        try:
+            if p.is_symlink() and not p.exists():
+                return f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
+            if p.exists() and not p.is_dir():
+                return f"{p} is a file, not a folder"
+        except OSError:
+            continue  # this part cannot even be looked at: the error's own reason says why
+    return e.strerror or str(e)
+
+
+def check_workdir_writable(workdir: str | Path) -> None:
+    """Creates ``workdir`` if needed and writes and removes a small file there.
+
+    Raises:
+        JaxaeError: it cannot be created or written (under a file, on a read-only file system,
+            through a dangling symbolic link, a name too long, ...).
+    """
+    out = Path(workdir)
+    probe = out / f".jaxae-write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"jaxae")
+        probe.unlink()
+    except OSError as e:
+        raise JaxaeError(
+            f"--workdir {out} cannot be used: {_why_unusable(out, e)}; pass a folder this process can create and write"
+        ) from None
+
+
+@contextlib.contextmanager
+def _claim_workdir(out: Path, config: TrainConfig, resume: bool) -> Iterator[None]:
+    """Checks ``out`` can hold this run and holds its :class:`WorkdirLock` while the run goes on.
+
+    Everything here runs before any data is loaded or anything is compiled. A run that fails
+    before writing anything leaves no folder behind that it created.
+    """
+    created = _missing_folders(out)
+    try:
+        with contextlib.ExitStack() as held:
+
+            def check_and_lock() -> None:
+                if resume and not out.is_dir():
+                    checkpoint.check_resumable(out, config)  # says there is nothing to resume; creates nothing
+                check_workdir_writable(out)
+                held.enter_context(WorkdirLock(out, jax.process_index()))
+
+            if jax.process_count() == 1:
+                check_and_lock()
+            else:
+                # Every process must reach each collective below, so a process's own problem is
+                # shared and raised everywhere instead of leaving the others waiting.
+                problem = None
+                try:
+                    check_and_lock()
+                except JaxaeError as e:
+                    problem = str(e)
+                parallel.check_shared_workdir(out, problem)
+            # Under the lock: no other run is writing checkpoints while they are read.
+            if resume:
+                checkpoint.check_resumable(out, config)
+            else:
+                checkpoint.check_fresh(out)
+            yield
+    except BaseException:
+        _remove_if_unused(created)
+        raise
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """The folders from ``out`` up that do not exist yet, deepest first."""
+    missing = []
+    for p in (out, *out.parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_if_unused(created: list[Path]) -> None:
+    """Removes the folders a failed run created if they hold nothing but its own ``.jaxae*`` files."""
+    if not created:
+        return
+    try:
+        names = os.listdir(created[0])
+        if not all(name.startswith(".jaxae") for name in names):
+            return  # the run wrote something: keep it
+        for name in names:
+            os.remove(created[0] / name)
+        for folder in created:
+            os.rmdir(folder)
+    except OSError:
+        pass  # already gone, or another process is using it now
 
 
 @dataclasses.dataclass
@@ -79,7 +271,9 @@ def fit(
     as it goes), Orbax checkpoints under ``checkpoints/`` (asynchronously, every ``save_every``
     epochs and after the last; the ``keep`` latest plus the best by test loss are kept),
     ``reconstructions.png`` and ``loss.png``. The first SIGINT or SIGTERM finishes the epoch,
-    saves a checkpoint and raises :class:`~jaxae.errors.TrainingInterrupted`.
+    saves a checkpoint and raises :class:`~jaxae.errors.TrainingInterrupted`. The workdir is
+    checked (created, written) and locked (:class:`WorkdirLock`) before any data is loaded; in a
+    multi-process run every process must see the same workdir (shared storage).
 
     Args:
         config: the run; ``config.epochs`` is the total, counting epochs done before a resume.
@@ -98,9 +292,10 @@ def fit(
             parameters with a fresh optimizer (see :func:`init_params_from`); ignored on resume.
 
     Raises:
-        JaxaeError: bad settings or data (e.g. a batch larger than the split), nothing to
-            resume or a checkpoint of a different run, or a non-finite loss (the last good
-            checkpoint stays the latest).
+        JaxaeError: bad settings or data (e.g. a batch larger than the split), an empty or
+            unwritable workdir, one another run holds, or (multi-process) one that is not shared,
+            nothing to resume or a checkpoint of a different run, or a non-finite loss (the last
+            good checkpoint stays the latest).
         TrainingInterrupted: a SIGINT or SIGTERM stopped training after a checkpoint was saved.
     """
     config.validate()
@@ -110,13 +305,25 @@ def fit(
         raise JaxaeError(f"--keep must be at least 1, got {keep}")
     if resume and workdir is None:
         raise JaxaeError("resuming needs the workdir of the run to continue")
-    out = Path(workdir) if workdir is not None else None
-    if out is not None:
-        # Before loading anything: a wrong --resume or a taken workdir fails fast.
-        if resume:
-            checkpoint.check_resumable(out, config)
-        else:
-            checkpoint.check_fresh(out)
+    out = _workdir_path(workdir)
+    with contextlib.ExitStack() as held:
+        if out is not None:
+            # Before loading anything: a bad, taken or already used workdir fails fast.
+            held.enter_context(_claim_workdir(out, config, resume))
+        return _fit(config, out, progress, callbacks, strategy, init_from, resume, save_every, keep)
+
+
+def _fit(
+    config: TrainConfig,
+    out: Path | None,
+    progress: bool,
+    callbacks: Iterable[Callable[[dict[str, Any]], None]],
+    strategy: Any,
+    init_from: str | Path | None,
+    resume: bool,
+    save_every: int,
+    keep: int,
+) -> FitResult:
     train = load_dataset(config.dataset, "train", config.tfds_data_dir)
     test = load_dataset(config.dataset, "test", config.tfds_data_dir)
     if config.batch_size > len(train):
@@ -235,18 +442,38 @@ def _check_finite(epoch: int, train_metrics: dict[str, float], test_metrics: dic
 
 
 def _previous_records(out: Path, epochs_done: int) -> list[dict[str, Any]]:
-    """The metrics of the epochs a resumed checkpoint holds (later lines are re-run)."""
+    """The metrics of the epochs a resumed checkpoint holds (later lines are re-run).
+
+    Lines that are not an epoch's record (cut short by a killed process, damaged bytes, no
+    integer ``epoch``) are skipped with one warning: they never stop a resume.
+    """
     path = out / "metrics.jsonl"
-    if not path.exists():
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    except OSError as e:
+        warnings.warn(f"cannot read {path} ({e.strerror}); it restarts with this run's epochs", stacklevel=3)
+        return []
+    records, skipped = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed process
-        if isinstance(record, dict) and record.get("epoch", epochs_done + 1) <= epochs_done:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            skipped += 1
+        elif epoch <= epochs_done:
             records.append(record)
+    if skipped:
+        warnings.warn(
+            f"skipped {skipped} unreadable line{'s' * (skipped != 1)} of {path} (not an epoch's JSON record); "
+            "the resumed run rewrites it without them",
+            stacklevel=3,
+        )
     return records
 
 

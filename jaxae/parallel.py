@@ -34,7 +34,11 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
+import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -49,6 +53,9 @@ STRATEGIES = ("auto", "none", "pmap", "shard")
 
 PMAP_AXIS = "batch"
 MESH_AXIS = "data"
+
+SHARED_MARKER = ".jaxae-shared-check"
+DEFAULT_COORDINATOR_TIMEOUT = 60
 
 
 class Strategy:
@@ -288,7 +295,10 @@ def get_strategy(name: str, devices: list | None = None) -> Strategy:
 
 
 def initialize_distributed(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout: float = DEFAULT_COORDINATOR_TIMEOUT,
 ) -> None:
     """Joins a multi-process run through ``jax.distributed.initialize``.
 
@@ -297,8 +307,16 @@ def initialize_distributed(
     JAX's own cluster detection (SLURM, Open MPI, Cloud TPU, Kubernetes). CPU processes
     exchange gradients through Gloo.
 
+    Args:
+        coordinator: ``HOST:PORT`` of process 0.
+        num_processes: how many processes the run has.
+        process_id: this process's index.
+        timeout: seconds to wait for every process to reach the coordinator (JAX's own
+            default is 300).
+
     Raises:
-        JaxaeError: settings JAX rejects (e.g. a process id not below the process count).
+        JaxaeError: settings JAX rejects (e.g. a process id not below the process count), or
+            the coordinator not reached within ``timeout``.
     """
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
@@ -310,12 +328,102 @@ def initialize_distributed(
         raise JaxaeError(f"--process-id must be in [0, {num_processes}), got {process_id}")
     if coordinator is not None and (":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()):
         raise JaxaeError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    if not timeout >= 1:
+        raise JaxaeError(f"--coordinator-timeout must be at least 1 second, got {timeout}")
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator is not None and process_id not in (None, 0):
+        _wait_for_coordinator(coordinator, timeout)
     # Gloo is already JAX's CPU default in recent releases; older ones default to no
     # cross-process CPU collectives at all.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        # JAX takes whole seconds.
+        jax.distributed.initialize(
+            coordinator, num_processes, process_id, initialization_timeout=max(1, round(timeout))
+        )
     except (ValueError, TypeError, RuntimeError) as e:
-        # RuntimeError: e.g. an unreachable coordinator, or devices already in use.
+        # RuntimeError: e.g. devices already in use.
         message = " ".join(str(e).split())
-        raise JaxaeError(f"cannot join the multi-process run: {message}") from None
+        raise JaxaeError(f"cannot join the multi-process run: {message[:500]}") from None
+
+
+def _wait_for_coordinator(coordinator: str, timeout: float) -> None:
+    """Waits until ``HOST:PORT`` accepts a TCP connection (process 0 may start later).
+
+    JAX's own wait cannot be turned into an error: when its registration times out, the C++
+    runtime aborts the process with a stack trace. So the one failure a user can fix, a
+    coordinator that is not there, is found here first.
+    """
+    host, port = coordinator.rsplit(":", 1)
+    host = host.strip("[]")  # an IPv6 address in brackets
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise JaxaeError(
+                f"cannot reach the coordinator {coordinator} within {timeout:g} s ({reason}); check that process 0 "
+                "is running with the same --coordinator and that this host can reach it, or raise --coordinator-timeout"
+            )
+        time.sleep(0.25)
+
+
+def _share_text(text: str, size: int = 1024) -> list[str]:
+    """Every process's ``text`` (at most ``size`` UTF-8 bytes), by process index: a collective."""
+    from jax.experimental import multihost_utils
+
+    data = text.encode()[:size]
+    buffer = np.zeros(size, np.uint8)
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(buffer)).reshape(-1, size)
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in everyone]
+
+
+def check_shared_workdir(workdir: str | Path, problem: str | None = None) -> None:
+    """Checks that every process of a multi-process run sees the same ``workdir``.
+
+    Orbax's multi-process save waits forever when the processes write to different folders
+    (e.g. each host's local disk). Process 0 writes a marker holding a random token; after a
+    collective (a barrier) every process reads it back, and a second collective tells every
+    process who saw it. Every process calls this, and every process raises the same error.
+
+    Args:
+        workdir: the run's folder, already created.
+        problem: this process's own problem with the workdir, if any (e.g. locked by another
+            run); raised in every process, so none is left waiting in a later collective.
+
+    Raises:
+        JaxaeError: some process has a problem with the workdir, or does not see process 0's marker.
+    """
+    workdir = Path(workdir)
+    marker = workdir / SHARED_MARKER
+    token = ""
+    if jax.process_index() == 0 and problem is None:
+        token = secrets.token_hex(16)
+        try:
+            marker.write_text(token)
+        except OSError as e:
+            problem = f"cannot write {marker}: {e.strerror or e}"
+    problems = _share_text(problem or "")
+    for index, text in enumerate(problems):
+        if text:
+            raise JaxaeError(text if index == jax.process_index() else f"process {index}: {text}")
+    token = _share_text(token)[0]
+    try:
+        seen = marker.read_text()
+    except OSError:
+        seen = ""
+    views = _share_text(seen)
+    if jax.process_index() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [i for i, view in enumerate(views) if view != token]
+    if blind:
+        raise JaxaeError(
+            f"--workdir {workdir} is not the same folder for every process ("
+            f"{'process ' if len(blind) == 1 else 'processes '}{', '.join(map(str, blind))} "
+            f"{'does' if len(blind) == 1 else 'do'} not see what process 0 writes there); --workdir must be "
+            "storage every process sees (a shared file system or a mounted bucket)"
+        )

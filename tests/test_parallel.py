@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -20,7 +21,7 @@ import pytest
 from jaxae import checkpoint, cli, parallel
 from jaxae.data import write_idx
 from jaxae.errors import JaxaeError
-from jaxae.loop import fit
+from jaxae.loop import LOCK_FILE, WorkdirLock, fit
 from jaxae.train import TrainConfig
 
 HELPER = Path(__file__).with_name("parallel_helper.py")
@@ -200,6 +201,100 @@ def test_only_process_zero_reports(two_processes):
         assert (workdir / name).stat().st_size > 0, name
 
 
+def _start_two_processes(dataset, workdirs, port, *flags) -> list[subprocess.Popen]:
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxae", "train", "--dataset", str(dataset), "--epochs", "1"]
+            + ["--batch-size", str(BATCH), "--parallel", "shard", "--workdir", str(workdir), "--no-progress"]
+            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(2),
+        )
+        for i, workdir in enumerate(workdirs)
+    ]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Every process's (stdout, stderr); a process still running after ``timeout`` fails the test."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_processes_that_do_not_share_the_workdir_fail_at_once_instead_of_hanging(tmp_path, dataset):
+    # Each process's own folder stands for each host's local disk: Orbax's first save would wait forever.
+    workdirs = [tmp_path / "host0" / "run", tmp_path / "host1" / "run"]
+    start = time.monotonic()
+    outputs = _finish(_start_two_processes(dataset, workdirs, _free_port()), timeout=120)
+    assert time.monotonic() - start < 120
+    for index, (_, err) in enumerate(outputs):
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[-1].startswith("jaxae: error: --workdir "), (index, err[-3000:])
+        assert "process 1 does not see what process 0 writes there" in lines[-1]
+        assert "must be storage every process sees (a shared file system or a mounted bucket)" in lines[-1]
+        assert not checkpoint.complete_steps(workdirs[index]) and not (workdirs[index] / "metrics.jsonl").exists()
+
+
+def test_a_second_multi_process_run_on_a_busy_workdir_is_refused_in_every_process(tmp_path, dataset):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    # A single-process run holds the workdir: process 0 of the new run cannot lock it, and
+    # process 1 (which can lock its own file) must not be left waiting for process 0.
+    with WorkdirLock(workdir):
+        outputs = _finish(_start_two_processes(dataset, [workdir, workdir], _free_port()), timeout=120)
+    for index, (_, err) in enumerate(outputs):
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and f"{workdir} is in use by another jaxae run (PID {os.getpid()})" in lines[-1], err[
+            -3000:
+        ]
+        assert lines[-1].startswith("jaxae: error: " + ("" if index == 0 else "process 0: "))
+    assert not (workdir / "metrics.jsonl").exists()
+
+
+def test_an_unreachable_coordinator_fails_within_coordinator_timeout_in_one_line(tmp_path):
+    port = _free_port()  # nothing listens there
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxae", "train", "--workdir", str(tmp_path / "run"), "--no-progress"]
+        + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1"]
+        + ["--coordinator-timeout", "3"],
+        capture_output=True,
+        text=True,
+        env=_env(1),
+        timeout=120,
+    )
+    took = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"jaxae: error: cannot reach the coordinator 127.0.0.1:{port}")
+    assert "within 3 s" in lines[0] and "--coordinator-timeout" in lines[0]
+    assert 3 <= took < 60  # JAX alone waits 300 s
+    assert not (tmp_path / "run").exists()
+
+
+def test_coordinator_timeout_reaches_jax(monkeypatch):
+    seen = {}
+
+    def initialize(*args, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # this process stays single-process
+    monkeypatch.setattr(parallel, "_wait_for_coordinator", lambda *args: None)
+    parallel.initialize_distributed("127.0.0.1:1234", 2, 1, timeout=7)
+    assert seen == {"initialization_timeout": 7}
+    args = cli.build_parser().parse_args(["train"])
+    assert args.coordinator_timeout == 60
+    with pytest.raises(JaxaeError, match="--coordinator-timeout must be at least 1 second, got 0"):
+        parallel.initialize_distributed("127.0.0.1:1234", 2, 1, timeout=0)
+
+
 # -- one device (this process) ----------------------------------------------------------------
 
 
@@ -222,8 +317,8 @@ def test_only_the_primary_process_writes_outputs(tmp_path, idx_folder):
     workdir = tmp_path / "run"
     result = fit(TrainConfig(dataset=str(idx_folder), epochs=1, batch_size=128), workdir, strategy=_SecondaryProcess())
     assert len(result.history) == 1
-    # Every process takes part in the checkpoint; nothing else is written.
-    assert sorted(p.name for p in workdir.iterdir()) == [checkpoint.CHECKPOINT_DIR]
+    # Every process takes part in the checkpoint; nothing else is written but the run's lock file.
+    assert sorted(p.name for p in workdir.iterdir()) == [LOCK_FILE, checkpoint.CHECKPOINT_DIR]
 
 
 @pytest.mark.parametrize(
