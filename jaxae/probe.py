@@ -37,7 +37,7 @@ def logistic_regression_accuracy(
     are ``0..max(y_train)``.
 
     Raises:
-        DataError: labels that cannot be scored (see :func:`_class_count`): wrong counts, negative
+        DataError: labels that cannot be scored: wrong counts, negative
             labels, one class only, or test labels that the train split never shows.
     """
     classes = _class_count(x_train, y_train, x_test, y_test)
