@@ -428,14 +428,18 @@ def _check_model_fits(config: TrainConfig, image_shape: tuple[int, ...]) -> None
     if available is not None and needed > available:
         raise JaxaeError(
             f"the model has {count:,} parameters: training needs at least {needed / 2**30:,.1f} GiB for them and "
-            f"Adam's state, more than the {available / 2**30:,.1f} GiB of {jax.devices()[0].platform} memory; "
+            f"Adam's state, more than the {available / 2**30:,.1f} GiB of {jax.local_devices()[0].platform} memory; "
             "use a smaller --latent-dim / --hidden-dims"
         )
 
 
 def _device_memory_bytes() -> int | None:
-    """Memory of the first device (an accelerator's limit, or the host's RAM on CPU), if known."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Memory of this process's first device (an accelerator's limit, or the host's RAM on CPU), if known.
+
+    ``jax.local_devices()``, not ``jax.devices()``: in a multi-process run the first global
+    device belongs to process 0, and asking another process's device for its memory fails.
+    """
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     try:
