@@ -479,9 +479,10 @@ class Checkpoints:
 
     def _failed(self, step: int | None, e: BaseException, what: str | None = None) -> CheckpointSaveError:
         """Records that saving ``step`` failed and returns the error to raise (once for all)."""
-        step = -1 if step is None else step
         complete = [s for s in sorted(self._mngr.all_steps()) if s != step and step_dir(self.workdir, s).is_dir()]
-        what = what or f"saving checkpoint {step_dir(self.workdir, step)} (step {step})"
+        if what is None:
+            what = f"saving checkpoint {step_dir(self.workdir, step)} (step {step})" if step is not None else "a save"
+        step = -1 if step is None else step
         if complete:
             last = (
                 f"the last complete checkpoint is {step_dir(self.workdir, complete[-1])} (step {complete[-1]}); "
