@@ -734,6 +734,13 @@ def test_a_save_failing_for_another_reason_is_one_line_too(tmp_path, idx_folder)
     assert checkpoint.complete_steps(workdir) == []
 
 
+def _overwrite_middle(path, length=40):
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    data[start : start + length] = b"A" * len(data[start : start + length])
+    path.write_bytes(bytes(data))
+
+
 def test_damaged_orbax_metadata_is_one_line_from_the_command_line(tmp_path, idx_folder):
     pristine = tmp_path / "pristine"
     fit(_config(idx_folder, epochs=1, hidden_dims=(8,), latent_dim=2), pristine, progress=False)
@@ -742,6 +749,12 @@ def test_damaged_orbax_metadata_is_one_line_from_the_command_line(tmp_path, idx_
         # Same size, so only the content tells; Orbax once read it silently or failed noisily.
         "garbage _sharding": lambda d: (d / "_sharding").write_bytes(b"#" * (d / "_sharding").stat().st_size),
         "garbage _METADATA": lambda d: (d / "_METADATA").write_bytes(b"{" * (d / "_METADATA").stat().st_size),
+        # Without the file list (killed right after the commit) Orbax itself meets the damage: its
+        # reads still in flight once printed "Event loop is closed" tracebacks after the error.
+        "garbage manifest, no file list": lambda d: (
+            _overwrite_middle(d / "manifest.ocdbt"),
+            (d.parent / checkpoint.FILE_LIST).unlink(),
+        ),
     }
     for name, damage in damages.items():
         workdir = tmp_path / name.replace(" ", "-")
