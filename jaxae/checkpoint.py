@@ -239,12 +239,12 @@ def check_config_fits(state: TrainState, config: TrainConfig) -> None:
     have = _params_shapes(state.params)
     for name in sorted(set(want) | set(have)):
         if want.get(name) != have.get(name):
-            config_says = "no such parameter" if name not in want else "shape {} {}".format(*want[name])
-            state_has = "no such parameter" if name not in have else "shape {} {}".format(*have[name])
+            config_says = "absent" if name not in want else "shape {} {}".format(*want[name])
+            state_has = "absent" if name not in have else "shape {} {}".format(*have[name])
             raise JaxaeError(
                 f"cannot save: the config does not describe the state: parameter {name} is {state_has} in the "
-                f"state, {config_says} in a {config.variant} {config.arch} model with hidden_dims "
-                f"{list(config.hidden_dims)} and latent_dim {config.latent_dim}; pass the config the state was "
+                f"state but {config_says} in the config's model ({config.variant}, {config.arch}, hidden_dims "
+                f"{list(config.hidden_dims)}, latent_dim {config.latent_dim}); pass the config the state was "
                 "built from"
             )
 
@@ -653,6 +653,12 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...] | None]:
     }
 
 
+def _describe(shapes: dict[str, Any], name: str) -> str:
+    if name not in shapes:
+        return "absent"
+    return "an empty node" if shapes[name] is None else f"shape {shapes[name]}"
+
+
 def _check_optimizer(workdir: str | Path, step: int, template: TrainState) -> None:
     """Raises :class:`JaxaeError` if the checkpoint's optimizer state is another optimizer's."""
     try:
@@ -668,8 +674,8 @@ def _check_optimizer(workdir: str | Path, step: int, template: TrainState) -> No
         differ = sorted(set(saved_opt) ^ set(given_opt)) or sorted(k for k in saved_opt if saved_opt[k] != given_opt[k])
         raise JaxaeError(
             f"checkpoint {step_dir(workdir, step)} holds the state of another optimizer than the one given "
-            f"(first difference: {differ[0]} is {saved_opt.get(differ[0], 'absent')} there, "
-            f"{given_opt.get(differ[0], 'absent')} here); "
+            f"(first difference: {differ[0]} is {_describe(saved_opt, differ[0])} in the checkpoint but "
+            f"{_describe(given_opt, differ[0])} in the given optimizer's state); "
             "pass the optimizer the run was trained with, e.g. restore(workdir, tx=optax.sgd(0.1, momentum=0.9))"
         )
 
