@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxae import checkpoint, cli
-from jaxae.errors import JaxaeError, TrainingInterrupted
+from jaxae.errors import CheckpointSaveError, JaxaeError, TrainingInterrupted
 from jaxae.loop import fit
 from jaxae.parallel import Strategy
 from jaxae.train import TrainConfig, build
@@ -844,3 +844,22 @@ def test_a_mutated_checkpoint_restores_exactly_or_raises_a_jaxae_error(
         assert "Traceback" not in err and "Event loop" not in err, err[-3000:]
     finally:
         shutil.rmtree(workdir.parent)
+
+
+def test_a_save_on_a_read_only_filesystem_raises_once_and_keeps_the_last_checkpoint(small_disk):
+    """In-process, for library callers: the tmpfs is remounted read-only between two saves (EROFS)."""
+    config, _, state = _tiny()
+    workdir = small_disk / "run"
+    checkpoint.save(workdir, state, config)
+    ckpts = checkpoint.Checkpoints(workdir)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(CheckpointSaveError, match=r"Read-only file system \(EROFS\)") as info:
+        ckpts.save(state.replace(step=jnp.int32(1)), config)
+        ckpts.wait()
+    assert (info.value.step, info.value.last_complete_step) == (1, 0)
+    assert f"the last complete checkpoint is {checkpoint.step_dir(workdir, 0)} (step 0)" in str(info.value)
+    with pytest.raises(CheckpointSaveError):  # nothing more is saved after a failure
+        ckpts.save(state.replace(step=jnp.int32(2)), config)
+    ckpts.close()  # the failure was raised already: not again
+    _, restored, _ = checkpoint.restore(workdir)
+    _assert_same_tree(restored, state)
