@@ -26,6 +26,7 @@ Use from your own loop::
 
     checkpoint.save("runs/mine", state, config)                 # blocks until written
     trainer, state, config = checkpoint.restore("runs/mine")     # the latest complete one
+    trainer, state, config = checkpoint.restore("runs/sgd", tx=optax.sgd(0.1, momentum=0.9))  # not Adam
 
     with checkpoint.Checkpoints("runs/mine", keep=3) as ckpts:   # async, keeps 3 + the best
         for epoch in range(epochs):
