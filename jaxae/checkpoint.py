@@ -48,6 +48,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,10 @@ _quiet_installed = False
 def _quiet_orbax_aftermath() -> None:
     """Installs (once) the filters that keep Orbax's background failures off stderr."""
     global _quiet_installed
+    # The same abandoned coroutines, when collected, warn that they were never awaited; the
+    # warning names only the coroutine, so this silences that warning for every coroutine. Added
+    # each time (filterwarnings keeps one copy): a catch_warnings block may have dropped it.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     if _quiet_installed:
         return
     _quiet_installed = True
@@ -662,10 +667,15 @@ def _describe(shapes: dict[str, Any], name: str) -> str:
 
 def _check_optimizer(workdir: str | Path, step: int, template: TrainState) -> None:
     """Raises :class:`JaxaeError` if the checkpoint's optimizer state is another optimizer's."""
-    try:
-        saved = _shapes_by_path(ocp.StandardCheckpointHandler().metadata(step_dir(workdir, step) / "state").tree)
-    except Exception:
-        return  # unreadable metadata: the restore itself reports the damage
+    with warnings.catch_warnings():
+        # On damaged metadata Orbax abandons a coroutine, which warns when the error is dropped.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            saved = _shapes_by_path(ocp.StandardCheckpointHandler().metadata(step_dir(workdir, step) / "state").tree)
+        except Exception:
+            saved = None
+    if saved is None:
+        return  # unreadable metadata: reported as damage
     saved_opt = {k: v for k, v in saved.items() if k.startswith("opt_state/")}
     given_opt = {f"opt_state/{k}": v for k, v in _shapes_by_path(template.opt_state).items()}
     params_match = {k: v for k, v in saved.items() if k.startswith("params/")} == {
@@ -730,10 +740,10 @@ def restore_state(
         step, steps = _pick_step(mngr, workdir, step)
         _check_files(workdir, step, steps)
         meta = _read_meta(mngr, workdir, step, steps)
-        _check_optimizer(workdir, step, template)
         try:
             state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
         except Exception as e:
+            _check_optimizer(workdir, step, template)  # another optimizer is not damage
             raise _damaged(workdir, step, steps, _reason(e)) from e
     finally:
         mngr.close()
