@@ -4,10 +4,17 @@ what makes training survive faults.
 Layout: ``WORKDIR/checkpoints/<step>/{state,meta}``. ``state`` is the pytree (params, optimizer
 state, step, epoch and the two random keys, which fix the data order of every later epoch);
 ``meta`` is JSON: the run's config and input size (enough to rebuild the model before
-restoring into it), the epoch, and a SHA-256 of the state, checked on every restore because a
-damaged file can otherwise restore silently as wrong numbers. Once a save is complete,
-``jaxae_files.json`` beside them lists every file's size, so a deleted or truncated file is
-reported before anything is read.
+restoring into it), the epoch, a SHA-256 of the state and a SHA-256 of the metadata itself
+(canonical JSON), checked on every restore because a damaged file can otherwise restore
+silently as wrong numbers or a wrong config. Once a save is complete, ``jaxae_files.json``
+beside them lists every file's size and SHA-256, so a deleted, truncated or overwritten file
+(Orbax's own metadata files included) is reported before Orbax reads anything. A save refuses
+a config that does not describe the state (other layer sizes, variant, architecture).
+
+A save that fails (disk full, I/O error, permission) raises
+:class:`~jaxae.errors.CheckpointSaveError` naming the last complete checkpoint; training stops
+there. Orbax's background threads leave error logs and unraisable exceptions behind a failed
+save or read; jaxae reports the failure itself, so those are not printed.
 
 Orbax writes each save into ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a
 process killed mid-save leaves only a temporary folder, which is never read (and is removed
@@ -19,6 +26,7 @@ Use from your own loop::
 
     checkpoint.save("runs/mine", state, config)                 # blocks until written
     trainer, state, config = checkpoint.restore("runs/mine")     # the latest complete one
+    trainer, state, config = checkpoint.restore("runs/sgd", tx=optax.sgd(0.1, momentum=0.9))  # not Adam
 
     with checkpoint.Checkpoints("runs/mine", keep=3) as ckpts:   # async, keeps 3 + the best
         for epoch in range(epochs):
@@ -30,32 +38,39 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
 from jaxae._version import __version__
-from jaxae.errors import JaxaeError
+from jaxae.errors import CheckpointSaveError, JaxaeError
 from jaxae.models import image_shape_of
 from jaxae.train import TrainConfig, Trainer, TrainState, build
 
 CHECKPOINT_DIR = "checkpoints"
-# Written into each step folder once its save is complete: every file's size, so a deleted or
-# truncated file is found before Orbax reads it (a read failing halfway leaves Orbax's
-# background reads behind, which print pages of errors when the process exits).
+# Written into each step folder once its save is complete: every file's size and SHA-256, so a
+# deleted, truncated or overwritten file is found before Orbax reads it (a read failing halfway
+# leaves Orbax's background reads behind, which print pages of errors when the process exits).
 FILE_LIST = "jaxae_files.json"
-FORMAT_VERSION = 1
+# 1: the state's digest only. 2: also a digest of the metadata itself (``meta_sha256``).
+FORMAT_VERSION = 2
+LEGACY_FORMAT = 1
 BEST_METRIC = "test_loss"
 
 # Config fields a resumed run may change: how long it trains, how it evaluates, and where
@@ -97,11 +112,21 @@ def unfinished_saves(workdir: str | Path) -> list[Path]:
     return sorted(root.glob(f"*{atomicity.TMP_DIR_SUFFIX}*")) if root.is_dir() else []
 
 
-def _file_sizes(folder: Path) -> dict[str, int]:
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_listing(folder: Path) -> dict[str, Any]:
+    """``{"files": {name: size}, "sha256": {name: hex}}`` (today's readers use only the sizes)."""
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(FILE_LIST)]
+    names = [p.relative_to(folder).as_posix() for p in paths]
     return {
-        p.relative_to(folder).as_posix(): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.name.startswith(FILE_LIST)
+        "files": {name: p.stat().st_size for name, p in zip(names, paths, strict=True)},
+        "sha256": {name: _file_sha256(p) for name, p in zip(names, paths, strict=True)},
     }
 
 
@@ -112,8 +137,11 @@ def _check_files(workdir: str | Path, step: int, steps: list[int]) -> None:
     if not listing.is_file():
         return  # a save from before file lists, or one killed right after its commit
     try:
-        files = json.loads(listing.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
+        listed = json.loads(listing.read_bytes())
+        files, digests = listed["files"], listed.get("sha256", {})
+        if not all(isinstance(n, str) and type(z) is int for n, z in files.items()) or not isinstance(digests, dict):
+            raise TypeError("not a file list")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         raise _damaged(workdir, step, steps, f"its file list {FILE_LIST} is unreadable") from e
     for name, size in files.items():
         path = folder / name
@@ -121,6 +149,10 @@ def _check_files(workdir: str | Path, step: int, steps: list[int]) -> None:
             raise _damaged(workdir, step, steps, f"{name} is missing")
         if path.stat().st_size != size:
             raise _damaged(workdir, step, steps, f"{name} has {path.stat().st_size} bytes, {size} when saved")
+    for name in files:
+        # Lists written before format 2 hold sizes only; then the digests in the metadata decide.
+        if name in digests and _file_sha256(folder / name) != digests[name]:
+            raise _damaged(workdir, step, steps, f"{name} does not match the SHA-256 saved with it")
 
 
 def input_shape_of(state: TrainState) -> list[int]:
@@ -163,6 +195,65 @@ def state_digest(state: TrainState) -> str | None:
     return h.hexdigest()
 
 
+def _canonical_json(value: Any) -> bytes:
+    # Sorted keys, no spaces, ASCII: the same bytes for the same JSON value, however it was
+    # written (Python's float repr round-trips, so a value read back serialises identically).
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's metadata as canonical JSON, without its own ``meta_sha256``.
+
+    The metadata holds ``state_sha256``, so this one digest covers everything a checkpoint holds.
+    """
+    return hashlib.sha256(_canonical_json({k: v for k, v in meta.items() if k != "meta_sha256"})).hexdigest()
+
+
+def _params_shapes(params: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {
+        jax.tree_util.keystr(path): (tuple(np.shape(leaf)), str(np.dtype(leaf.dtype)))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
+
+
+def check_config_fits(state: TrainState, config: TrainConfig) -> None:
+    """Raises :class:`JaxaeError` unless ``config`` builds a model with ``state``'s parameters.
+
+    Only shapes are computed (``jax.eval_shape``): nothing is allocated or initialised.
+    """
+    try:
+        input_shape = tuple(input_shape_of(state))
+    except Exception as e:
+        raise JaxaeError(f"cannot save: the state's parameters are not a jaxae model's ({_reason(e)})") from e
+    key = (_canonical_json(config.to_dict()), input_shape)
+    want = _CONFIG_PARAMS.get(key)
+    if want is None:
+        try:
+            want = _params_shapes(jax.eval_shape(lambda: build(config, input_shape)[1].params))
+        except JaxaeError as e:
+            raise JaxaeError(f"cannot save: the config does not describe the state ({e})") from e
+        except Exception as e:
+            raise JaxaeError(
+                f"cannot save: the config's model cannot take the state's input shape {list(input_shape)} "
+                f"({_reason(e)}); pass the config the state was built from"
+            ) from e
+        _CONFIG_PARAMS[key] = want
+    have = _params_shapes(state.params)
+    for name in sorted(set(want) | set(have)):
+        if want.get(name) != have.get(name):
+            config_says = "absent" if name not in want else "shape {} {}".format(*want[name])
+            state_has = "absent" if name not in have else "shape {} {}".format(*have[name])
+            raise JaxaeError(
+                f"cannot save: the config does not describe the state: parameter {name} is {state_has} in the "
+                f"state but {config_says} in the config's model ({config.variant}, {config.arch}, hidden_dims "
+                f"{list(config.hidden_dims)}, latent_dim {config.latent_dim}); pass the config the state was "
+                "built from"
+            )
+
+
+_CONFIG_PARAMS: dict[Any, dict[str, Any]] = {}  # (config, input shape) -> its parameters' shapes
+
+
 class _SlowCommit(atomicity.AtomicRenameTemporaryPath):
     """Holds a step's commit (the rename out of its temporary folder) for a while: tests only."""
 
@@ -174,7 +265,59 @@ class _SlowCommit(atomicity.AtomicRenameTemporaryPath):
         await super().finalize(*args, **kwargs)
 
 
+def _is_orbax_aftermath(unraisable: Any) -> bool:
+    """An exception Orbax's abandoned background work raises where nobody can catch it.
+
+    After a failed save or read, Orbax's remaining writes and reads still complete on threads
+    whose event loop is closed, or are finalised at exit; each prints a traceback. The failure
+    itself reaches the caller as one exception, so these are noise.
+    """
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+        return True
+    code = getattr(unraisable.object, "cr_code", None)  # an abandoned coroutine
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+        return True
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _DropOrbaxErrors(logging.Filter):
+    # Orbax logs each background failure (with its traceback) before the caller sees it; jaxae
+    # raises it as one exception naming the checkpoint. Orbax's warnings and info still pass.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_quiet_installed = False
+
+
+def _quiet_orbax_aftermath() -> None:
+    """Installs (once) the filters that keep Orbax's background failures off stderr."""
+    global _quiet_installed
+    # The same abandoned coroutines, when collected, warn that they were never awaited; the
+    # warning names only the coroutine, so this silences that warning for every coroutine. Added
+    # each time (filterwarnings keeps one copy): a catch_warnings block may have dropped it.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+    if _quiet_installed:
+        return
+    _quiet_installed = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _is_orbax_aftermath(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+
+
 def _manager(workdir: str | Path, *, keep: int | None = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    _quiet_orbax_aftermath()
     if read_only:
         # Not Orbax's read_only mode, which warns on every use: this manager just never saves.
         options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
@@ -220,6 +363,27 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}"
 
 
+def _os_error_of(e: BaseException) -> int | None:
+    """The errno behind a failed write, from an OSError or TensorStore's ``os_error_code``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = re.search(r"os_error_code='?(\d+)", str(e))
+        if found:
+            return int(found.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _save_reason(e: BaseException) -> str:
+    code = _os_error_of(e)
+    if code is None:
+        return _reason(e)
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
 class Checkpoints:
     """``WORKDIR/checkpoints`` as a training loop uses it: asynchronous saves, the ``keep``
     latest checkpoints plus the best one by test loss.
@@ -238,6 +402,7 @@ class Checkpoints:
         self.keep = keep
         self._mngr = _manager(workdir, keep=keep)
         self._unlisted: list[int] = []  # saved steps whose file list is not written yet
+        self._failure: CheckpointSaveError | None = None  # once a save failed, nothing more is saved
 
     def save(self, state: TrainState, config: TrainConfig, *, metrics: dict[str, float] | None = None) -> int:
         """Starts saving ``state`` (one ordinary copy, e.g. ``strategy.host_state(state)``).
@@ -252,11 +417,16 @@ class Checkpoints:
             The step saved.
 
         Raises:
-            JaxaeError: a checkpoint of that step exists already.
+            JaxaeError: a checkpoint of that step exists already, or ``config`` does not
+                describe ``state`` (other layer sizes, variant or architecture).
+            CheckpointSaveError: this save, or the one before it, could not be written.
         """
+        if self._failure is not None:
+            raise self._failure
         step = int(jax.device_get(state.step))
         if step in self._mngr.all_steps():
             raise JaxaeError(f"a checkpoint of step {step} exists already in {checkpoint_dir(self.workdir)}")
+        check_config_fits(state, config)
         meta = {
             "format": FORMAT_VERSION,
             "jaxae_version": __version__,
@@ -268,30 +438,70 @@ class Checkpoints:
             "state_sha256": state_digest(state),
             "metrics": metrics,
         }
+        meta["meta_sha256"] = meta_digest(meta)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        # Always some metrics (Orbax warns without), an empty dict never being the best.
         self._list_files_of_finished_saves()  # Orbax would wait for the previous save here anyway
-        self._mngr.save(step, args=args, metrics=dict(metrics or {}), force=True)
+        try:
+            # Always some metrics (Orbax warns without), an empty dict never being the best.
+            self._mngr.save(step, args=args, metrics=dict(metrics or {}), force=True)
+        except Exception as e:
+            raise self._failed(step, e) from e
         self._unlisted.append(step)
         return step
 
     def wait(self) -> None:
-        """Blocks until the save in flight, if any, is complete on disk."""
-        self._mngr.wait_until_finished()
+        """Blocks until the save in flight, if any, is complete on disk.
+
+        Raises:
+            CheckpointSaveError: it (or an earlier one) could not be written.
+        """
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            raise self._failed(self._unlisted[-1] if self._unlisted else None, e) from e
         self._list_files_of_finished_saves()
 
     def _list_files_of_finished_saves(self) -> None:
         if not self._unlisted:
             return
-        self._mngr.wait_until_finished()
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            raise self._failed(self._unlisted[-1], e) from e
         if jax.process_index() == 0:
             for step in self._unlisted:
                 folder = step_dir(self.workdir, step)
                 if folder.is_dir():  # not already pruned
                     tmp = folder / (FILE_LIST + ".tmp")
-                    tmp.write_text(json.dumps({"files": _file_sizes(folder)}, indent=0))
-                    os.replace(tmp, folder / FILE_LIST)
+                    try:
+                        tmp.write_text(json.dumps(_file_listing(folder), indent=0))
+                        os.replace(tmp, folder / FILE_LIST)
+                    except OSError as e:
+                        tmp.unlink(missing_ok=True)
+                        raise self._failed(step, e, what=f"writing the file list of checkpoint {folder}") from e
         self._unlisted = []
+
+    def _failed(self, step: int | None, e: BaseException, what: str | None = None) -> CheckpointSaveError:
+        """Records that saving ``step`` failed and returns the error to raise (once for all)."""
+        complete = [s for s in sorted(self._mngr.all_steps()) if s != step and step_dir(self.workdir, s).is_dir()]
+        if what is None:
+            what = f"saving checkpoint {step_dir(self.workdir, step)} (step {step})" if step is not None else "a save"
+        step = -1 if step is None else step
+        if complete:
+            last = (
+                f"the last complete checkpoint is {step_dir(self.workdir, complete[-1])} (step {complete[-1]}); "
+                "fix the cause and continue from it with --resume"
+            )
+        else:
+            last = "no checkpoint was completed"
+        self._failure = CheckpointSaveError(
+            f"{what} failed: {_save_reason(e)}; training stopped, {last}",
+            step=step,
+            last_complete_step=complete[-1] if complete else None,
+        )
+        return self._failure
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints (and the one in flight), oldest first."""
@@ -305,9 +515,21 @@ class Checkpoints:
         return self._mngr.best_step()
 
     def close(self) -> None:
-        """Waits for the save in flight and releases the manager."""
-        self.wait()
-        self._mngr.close()
+        """Waits for the save in flight and releases the manager.
+
+        Raises:
+            CheckpointSaveError: the save in flight failed (not again if already raised).
+        """
+        try:
+            if self._failure is None:
+                self.wait()
+        finally:
+            try:
+                self._mngr.close()
+            except Exception:
+                # Orbax re-raises the failed save's error on close; it was raised once already.
+                if self._failure is None:
+                    raise
 
     def __enter__(self) -> Checkpoints:
         return self
@@ -383,7 +605,20 @@ def _read_meta(mngr: ocp.CheckpointManager, workdir: str | Path, step: int, step
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:
         raise _damaged(workdir, step, steps, _reason(e)) from e
-    if not isinstance(meta, dict) or "config" not in meta or "input_dim" not in meta:
+    if not isinstance(meta, dict):
+        raise _damaged(workdir, step, steps, "its metadata is not a JSON object")
+    if not (meta.get("format") == LEGACY_FORMAT and "meta_sha256" not in meta):
+        # Format 2 on: the metadata carries its own digest. Checked before any field is used, so
+        # a flipped bit is reported as damage, not as an unknown setting or a different run.
+        if meta.get("meta_sha256") != meta_digest(meta):
+            raise _damaged(workdir, step, steps, "its metadata does not match the digest saved with it")
+        if not isinstance(meta.get("format"), int) or meta["format"] > FORMAT_VERSION:
+            raise JaxaeError(
+                f"checkpoint {step_dir(workdir, step)} has format {meta.get('format')!r}, written by jaxae "
+                f"{meta.get('jaxae_version')}; this jaxae ({__version__}) reads formats up to {FORMAT_VERSION}: "
+                "upgrade jaxae"
+            )
+    if "config" not in meta or "input_dim" not in meta:
         raise _damaged(workdir, step, steps, "its metadata lacks the run's config")
     return meta
 
@@ -403,20 +638,97 @@ def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, dict[s
         mngr.close()
 
 
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _is_empty_node(x: Any) -> bool:
+    # Orbax saves an empty node (optax's EmptyState, an empty tuple or dict) as None.
+    return x is None or (isinstance(x, (tuple, list, dict)) and len(x) == 0)
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...] | None]:
+    """``{"opt_state/0/mu/encoder/...": shape}`` (None for an empty node): the same names for a
+    live tree and Orbax's saved one."""
+    return {
+        "/".join(_key_name(k) for k in path): None if _is_empty_node(leaf) else tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_empty_node)
+    }
+
+
+def _describe(shapes: dict[str, Any], name: str) -> str:
+    if name not in shapes:
+        return "absent"
+    return "an empty node" if shapes[name] is None else f"shape {shapes[name]}"
+
+
+def _check_optimizer(workdir: str | Path, step: int, template: TrainState) -> None:
+    """Raises :class:`JaxaeError` if the checkpoint's optimizer state is another optimizer's."""
+    with warnings.catch_warnings():
+        # On damaged metadata Orbax abandons a coroutine, which warns when the error is dropped.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            saved = _shapes_by_path(ocp.StandardCheckpointHandler().metadata(step_dir(workdir, step) / "state").tree)
+        except Exception:
+            saved = None
+    if saved is None:
+        return  # unreadable metadata: reported as damage
+    saved_opt = {k: v for k, v in saved.items() if k.startswith("opt_state/")}
+    given_opt = {f"opt_state/{k}": v for k, v in _shapes_by_path(template.opt_state).items()}
+    params_match = {k: v for k, v in saved.items() if k.startswith("params/")} == {
+        f"params/{k}": v for k, v in _shapes_by_path(template.params).items()
+    }
+    if params_match and saved_opt != given_opt:
+        differ = sorted(set(saved_opt) ^ set(given_opt)) or sorted(k for k in saved_opt if saved_opt[k] != given_opt[k])
+        raise JaxaeError(
+            f"checkpoint {step_dir(workdir, step)} holds the state of another optimizer than the one given "
+            f"(first difference: {differ[0]} is {_describe(saved_opt, differ[0])} in the checkpoint but "
+            f"{_describe(given_opt, differ[0])} in the given optimizer's state); "
+            "pass the optimizer the run was trained with, e.g. restore(workdir, tx=optax.sgd(0.1, momentum=0.9))"
+        )
+
+
 def restore_state(
     workdir: str | Path, template: TrainState, step: int | None = None, *, strategy: Any = None
 ) -> TrainState:
-    """Restores a checkpoint into the structure of ``template`` (a fresh state of the same
-    model), placed as ``strategy`` places states.
+    """Restores a checkpoint into the structure of ``template``, placed as ``strategy`` places states.
 
-    Where the strategy keeps the saved shapes (one device, or a replicated mesh) the arrays are
-    read straight into its sharding; otherwise (``pmap``'s leading device axis) they are read
-    onto one device and handed to ``strategy.put_state``. So a checkpoint saved under any
-    strategy and device count restores under any other.
+    ``template`` is a fresh state of the same model and optimizer (its values are not used, only
+    its structure, shapes and dtypes). Where the strategy keeps the saved shapes (one device, or a
+    replicated mesh) the arrays are read straight into its sharding; otherwise (``pmap``'s
+    leading device axis) they are read onto one device and handed to ``strategy.put_state``. So
+    a checkpoint saved under any strategy and device count restores under any other. Every file
+    and the arrays are checked against the digests saved with them.
+
+    Args:
+        workdir: a folder written by ``jaxae train`` or :func:`save`.
+        template: a state of the checkpoint's model and optimizer, e.g. from
+            :func:`~jaxae.train.build` or :func:`~jaxae.train.create_train_state`.
+        step: which checkpoint (default: the latest complete one).
+        strategy: place the state as this :class:`~jaxae.parallel.Strategy` does (default: one
+            device).
+
+    Returns:
+        The saved state, in ``template``'s structure.
 
     Raises:
-        JaxaeError: no (such) checkpoint; :class:`DamagedCheckpointError` if it does not
-            restore or does not match its saved digest.
+        JaxaeError: no (such) checkpoint, or one saved with another optimizer than
+            ``template``'s; :class:`DamagedCheckpointError` if it does not restore or does not
+            match its saved digests.
+
+    Example:
+        A run trained with SGD and momentum, restored into a fresh state of the same model::
+
+            import optax
+            from jaxae import Autoencoder, checkpoint, create_train_state
+            from flax import nnx
+
+            model = Autoencoder(rngs=nnx.Rngs(0))
+            trainer, template = create_train_state(model, optax.sgd(0.1, momentum=0.9))
+            state = checkpoint.restore_state("runs/sgd", template)
     """
     target = strategy.put_state(template) if strategy is not None else template
     same_shapes = all(
@@ -431,6 +743,7 @@ def restore_state(
         try:
             state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
         except Exception as e:
+            _check_optimizer(workdir, step, template)  # another optimizer is not damage
             raise _damaged(workdir, step, steps, _reason(e)) from e
     finally:
         mngr.close()
@@ -446,22 +759,50 @@ def restore_state(
 
 
 def restore(
-    workdir: str | Path, step: int | None = None, *, strategy: Any = None
+    workdir: str | Path,
+    step: int | None = None,
+    *,
+    strategy: Any = None,
+    tx: optax.GradientTransformation | None = None,
 ) -> tuple[Trainer, TrainState, TrainConfig]:
     """Rebuilds the model from a checkpoint's config and restores its state into it.
+
+    The optimizer is rebuilt too: Adam with the config's learning rate, as ``jaxae train``
+    uses. A checkpoint saved from your own loop with another optimizer needs it as ``tx``.
 
     Args:
         workdir: a folder written by ``jaxae train`` (or :func:`save`).
         step: which checkpoint (default: the latest complete one).
         strategy: place the state as this :class:`~jaxae.parallel.Strategy` does (default:
             one device).
+        tx: the optax optimizer the run was trained with (default: ``optax.adam(config.lr)``);
+            the returned trainer uses it.
 
     Returns:
         The trainer, the restored state and the run's config.
+
+    Raises:
+        JaxaeError: no (such) checkpoint, or its optimizer state is not ``tx``'s;
+            :class:`DamagedCheckpointError` if it cannot be read back as saved.
+
+    Example::
+
+        trainer, state, config = checkpoint.restore("runs/mine")
+        trainer, state, config = checkpoint.restore("runs/sgd", tx=optax.sgd(0.1, momentum=0.9))
     """
     _, meta = read_meta(workdir, step)
-    config = TrainConfig.from_dict(meta["config"])
-    trainer, fresh = build(config, tuple(meta.get("input_shape") or ()) or int(meta["input_dim"]))
+    try:
+        config = TrainConfig.from_dict(meta["config"])
+        trainer, fresh = build(config, tuple(meta.get("input_shape") or ()) or int(meta["input_dim"]))
+    except JaxaeError:
+        raise
+    except Exception as e:  # a format-1 checkpoint (no metadata digest) with damaged metadata
+        raise JaxaeError(
+            f"cannot rebuild the model of the checkpoint in {checkpoint_dir(workdir)}: {_reason(e)}"
+        ) from e
+    if tx is not None:
+        trainer = dataclasses.replace(trainer, tx=tx)
+        fresh = fresh.replace(opt_state=tx.init(fresh.params))
     return trainer, restore_state(workdir, fresh, step, strategy=strategy), config
 
 

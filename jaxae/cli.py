@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from jaxae.errors import JaxaeError, TrainingInterrupted
+from jaxae.errors import CheckpointSaveError, JaxaeError, TrainingInterrupted
 
 
 def _defaults():
@@ -582,6 +582,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JaxaeError as e:
         print(f"jaxae: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointSaveError as e:  # the storage failed, not the input
+        print(f"jaxae: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("jaxae: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,8 @@
-"""The one exception type jaxae raises for bad input.
+"""The exception types jaxae raises.
 
-The CLI turns a :class:`JaxaeError` into a one-line message on stderr and exit
-status 2; anything else is a bug and keeps its traceback.
+The CLI turns a :class:`JaxaeError` (bad input) into a one-line message on stderr and exit
+status 2, and a :class:`CheckpointSaveError` (failed storage) into one line and exit status 1;
+anything else is a bug and keeps its traceback.
 """
 
 
@@ -36,3 +37,20 @@ class TrainingInterrupted(Exception):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum
+
+
+class CheckpointSaveError(Exception):
+    """A checkpoint could not be written (disk full, I/O error, permission denied, ...).
+
+    Not a :class:`JaxaeError`: the input was fine, the storage failed. Training stops at the
+    first failed save; the CLI prints the message as one line and exits with status 1.
+
+    Attributes:
+        step: the step whose save failed.
+        last_complete_step: the latest checkpoint complete on disk (None if there is none).
+    """
+
+    def __init__(self, message: str, *, step: int, last_complete_step: int | None):
+        super().__init__(message)
+        self.step = step
+        self.last_complete_step = last_complete_step

@@ -297,6 +297,8 @@ def fit(
             nothing to resume or a checkpoint of a different run, or a non-finite loss (the last
             good checkpoint stays the latest).
         TrainingInterrupted: a SIGINT or SIGTERM stopped training after a checkpoint was saved.
+        CheckpointSaveError: a checkpoint could not be written (disk full, I/O error); training
+            stops at the first failed save.
     """
     config.validate()
     if save_every < 1:
@@ -390,11 +392,16 @@ def _fit(
                 "samples_per_s": len(train) / t_train,
                 "seconds": time.perf_counter() - t_start,
             }
+            saving = ckpts is not None and ((epoch + 1) % save_every == 0 or epoch + 1 == config.epochs)
+            if saving:
+                # The previous save must be complete before this one starts anyway; waiting here
+                # instead stops a run whose save failed (CheckpointSaveError) before it records more.
+                ckpts.wait()
             history.append(record)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-            if ckpts is not None and ((epoch + 1) % save_every == 0 or epoch + 1 == config.epochs):
+            if saving:
                 ckpts.save(_host_copy(strategy, state), config, metrics={"test_loss": test_metrics["loss"]})
             for callback in callbacks:
                 callback(record)

@@ -17,10 +17,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jaxae import checkpoint, cli
-from jaxae.errors import JaxaeError, TrainingInterrupted
+from jaxae.errors import CheckpointSaveError, JaxaeError, TrainingInterrupted
 from jaxae.loop import fit
 from jaxae.parallel import Strategy
 from jaxae.train import TrainConfig, build
@@ -526,3 +529,337 @@ def test_interrupted_fit_raises_for_library_callers(tmp_path, idx_folder):
     assert (e.signum, e.epoch, e.step, e.exit_status) == (signal.SIGTERM, 2, 16, 143)
     assert e.checkpoint == str(checkpoint.step_dir(tmp_path / "run", 16))
     assert checkpoint.complete_steps(tmp_path / "run") == [16]  # saved although save_every is 5
+
+
+# -- integrity: what a save accepts and what a restore trusts ----------------------------------
+
+
+def _tiny(**changes):
+    """A 16-pixel model small enough that a checkpoint is a few kB and a save a few ms."""
+    config = TrainConfig(hidden_dims=(8,), latent_dim=2, **changes)
+    return config, *build(config, 16)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"hidden_dims": (4,)}, {"hidden_dims": (8, 4)}, {"latent_dim": 3}, {"variant": "vae"}, {"arch": "conv"}],
+    ids=lambda c: next(iter(c)) + "=" + str(next(iter(c.values()))),
+)
+def test_save_refuses_a_config_that_does_not_describe_the_state(tmp_path, change):
+    config, _, state = _tiny()
+    wrong = dataclasses.replace(config, **change)
+    with pytest.raises(JaxaeError, match=r"cannot save: the config") as info:
+        checkpoint.save(tmp_path / "run", state, wrong)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    if "arch" not in change:  # an MLP state for a conv config has no first parameter to compare
+        assert "parameter " in message and "pass the config the state was built from" in message
+    assert checkpoint.complete_steps(tmp_path / "run") == []  # nothing written
+    assert checkpoint.save(tmp_path / "run", state, config) == 0  # the right config saves
+
+
+def _flip_bit(path, offset, bit=0):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def _meta_file(workdir, step):
+    return checkpoint.step_dir(workdir, step) / "meta" / "metadata"
+
+
+@pytest.mark.parametrize("file_list", ["kept", "deleted"])  # deleted: as when killed right after the commit
+def test_damaged_metadata_is_reported_as_damage_not_as_another_run(tmp_path, file_list):
+    config, _, state = _tiny(dataset="some-dataset")
+    pristine = tmp_path / "pristine"
+    checkpoint.save(pristine, state, config)
+    checkpoint.save(pristine, state.replace(step=jnp.int32(1)), config)
+
+    def damaged_copy(name, damage):
+        workdir = tmp_path / name
+        shutil.copytree(pristine, workdir)
+        if file_list == "deleted":
+            (checkpoint.step_dir(workdir, 1) / checkpoint.FILE_LIST).unlink()
+        damage(_meta_file(workdir, 1))
+        return workdir
+
+    # One flipped bit in a config key ("seed" -> "reed") once read as an unknown setting.
+    key = damaged_copy("bit", lambda p: _flip_bit(p, p.read_bytes().index(b'"seed"') + 1, 0))
+    # An edited value (same size, so the file list's sizes agree) once read as "another run".
+    seed = damaged_copy("seed", lambda p: p.write_bytes(p.read_bytes().replace(b'"seed": 0', b'"seed": 1')))
+    for workdir in (key, seed):
+        with pytest.raises(checkpoint.DamagedCheckpointError) as info:
+            checkpoint.restore(workdir)
+        assert info.value.step == 1 and info.value.older_steps == [0]
+        assert f"checkpoint {checkpoint.step_dir(workdir, 1)} is damaged" in str(info.value)
+        assert "read one with --step 0" in str(info.value)
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="is damaged"):
+        checkpoint.check_resumable(seed, dataclasses.replace(config, seed=1))
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="is damaged"):
+        checkpoint.read_meta(seed)
+    _, restored, _ = checkpoint.restore(seed, 0)  # the older one is untouched
+    _assert_same_tree(restored, state)
+
+
+def test_checkpoints_of_format_1_still_restore(tmp_path):
+    """Saved by jaxae before the metadata digest: no ``meta_sha256``, a file list of sizes only."""
+    config, _, state = _tiny()
+    workdir = tmp_path / "run"
+    checkpoint.save(workdir, state, config)
+    meta_path = _meta_file(workdir, 0)
+    meta = json.loads(meta_path.read_text())
+    del meta["meta_sha256"]
+    meta["format"] = 1
+    meta_path.write_text(json.dumps(meta))
+    listing = checkpoint.step_dir(workdir, 0) / checkpoint.FILE_LIST
+    sizes = json.loads(listing.read_text())["files"]
+    sizes["meta/metadata"] = meta_path.stat().st_size
+    listing.write_text(json.dumps({"files": sizes}))
+
+    trainer, restored, restored_config = checkpoint.restore(workdir)
+    assert restored_config == config
+    _assert_same_tree(restored, state)
+    assert checkpoint.check_resumable(workdir, config)[1]["format"] == 1
+    _, meta = checkpoint.read_meta(workdir)
+    assert "meta_sha256" not in meta
+
+
+def test_restore_takes_the_optimizer_a_run_was_trained_with(tmp_path):
+    config, trainer, state = _tiny()
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 16), dtype=np.uint8))
+    for name, tx in (("sgd", optax.sgd(0.1, momentum=0.9)), ("adamw", optax.adamw(1e-3))):
+        own = dataclasses.replace(trainer, tx=tx)
+        start = jax.tree.map(jnp.copy, state.replace(opt_state=tx.init(state.params)))  # the epoch donates it
+        trained, _ = own.jit_train_epoch(start, images, batch_size=16)
+        expected = jax.device_get(trained)
+        workdir = tmp_path / name
+        checkpoint.save(workdir, trained, config)
+
+        with pytest.raises(JaxaeError, match=r"holds the state of another optimizer than the one given") as info:
+            checkpoint.restore(workdir)  # rebuilds Adam from the config
+        assert not isinstance(info.value, checkpoint.DamagedCheckpointError)
+        assert "tx=" in str(info.value) and len(str(info.value).splitlines()) == 1
+
+        restored_trainer, restored, _ = checkpoint.restore(workdir, tx=tx)
+        assert restored_trainer.tx is tx
+        _assert_same_tree(restored, expected)
+        template = state.replace(opt_state=tx.init(state.params))
+        _assert_same_tree(checkpoint.restore_state(workdir, template), expected)
+
+
+# -- failed saves (a real process) ------------------------------------------------------------
+
+
+def _train_cli(workdir, idx_folder, epochs, *extra):
+    return [sys.executable, "-m", "jaxae", "train", "--dataset", str(idx_folder), "--batch-size", "64"] + [
+        "--hidden-dims", "8", "--latent-dim", "2", "--epochs", str(epochs), "--workdir", str(workdir), "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def _assert_quiet_failure(proc, status, *patterns):
+    """Exit ``status`` with one line on stderr: no traceback, no noise from Orbax's threads."""
+    err = proc.stderr.strip()
+    assert proc.returncode == status, err[-3000:]
+    assert len(err.splitlines()) == 1, err[-3000:]
+    assert err.startswith("jaxae: error: ") and "Traceback" not in err and "Event loop" not in err
+    for pattern in patterns:
+        assert pattern in err, err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 kB tmpfs: room for one checkpoint of the tiny model, not two."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_disk_full_stops_training_at_the_failed_save_with_one_line(tmp_path, idx_folder, small_disk):
+    workdir = small_disk / "run"
+    proc = subprocess.run(
+        _train_cli(workdir, idx_folder, 6), capture_output=True, text=True, env=_subprocess_env(), timeout=600
+    )
+    complete, _ = _step_dirs(workdir)
+    assert complete, proc.stderr[-3000:]  # the first save fitted
+    last = complete[-1]
+    failed = last + STEPS_PER_EPOCH
+    _assert_quiet_failure(
+        proc,
+        1,
+        f"saving checkpoint {checkpoint.step_dir(workdir, failed)} (step {failed}) failed: No space left on device",
+        f"the last complete checkpoint is {checkpoint.step_dir(workdir, last)} (step {last})",
+    )
+    # Stopped at the failed save: no epoch past it was recorded, none saved.
+    assert [r["epoch"] for r in _records(workdir)] == list(range(1, failed // STEPS_PER_EPOCH + 1))
+    _, state, _ = checkpoint.restore(workdir)  # the last complete checkpoint is intact
+    assert int(state.step) == last and int(state.epoch) == last // STEPS_PER_EPOCH
+
+
+# Runs the command given after it with a 40 kB file-size limit; an ignored SIGXFSZ survives the
+# exec, so a write past the limit fails with EFBIG instead of killing the process.
+_LIMIT_FILE_SIZE = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_a_save_failing_for_another_reason_is_one_line_too(tmp_path, idx_folder):
+    """A file-size limit (RLIMIT_FSIZE) makes every checkpoint's largest file fail to write (EFBIG)."""
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", _LIMIT_FILE_SIZE, *_train_cli(workdir, idx_folder, 4)],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=600,
+    )
+    _assert_quiet_failure(
+        proc,
+        1,
+        f"saving checkpoint {checkpoint.step_dir(workdir, STEPS_PER_EPOCH)} (step {STEPS_PER_EPOCH}) failed: File too large",
+        "no checkpoint was completed",
+    )
+    assert [r["epoch"] for r in _records(workdir)] == [1]
+    assert checkpoint.complete_steps(workdir) == []
+
+
+def _overwrite_middle(path, length=40):
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    data[start : start + length] = b"A" * len(data[start : start + length])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_orbax_metadata_is_one_line_from_the_command_line(tmp_path, idx_folder):
+    pristine = tmp_path / "pristine"
+    fit(_config(idx_folder, epochs=1, hidden_dims=(8,), latent_dim=2), pristine, progress=False)
+    state_dir = checkpoint.step_dir(pristine, STEPS_PER_EPOCH) / "state"
+    damages = {
+        # Same size, so only the content tells; Orbax once read it silently or failed noisily.
+        "garbage _sharding": lambda d: (d / "_sharding").write_bytes(b"#" * (d / "_sharding").stat().st_size),
+        "garbage _METADATA": lambda d: (d / "_METADATA").write_bytes(b"{" * (d / "_METADATA").stat().st_size),
+        # Without the file list (killed right after the commit) Orbax itself meets the damage: its
+        # reads still in flight once printed "Event loop is closed" tracebacks after the error.
+        "garbage manifest, no file list": lambda d: (
+            _overwrite_middle(d / "manifest.ocdbt"),
+            (d.parent / checkpoint.FILE_LIST).unlink(),
+        ),
+    }
+    for name, damage in damages.items():
+        workdir = tmp_path / name.replace(" ", "-")
+        shutil.copytree(pristine, workdir)
+        damage(checkpoint.step_dir(workdir, STEPS_PER_EPOCH) / "state")
+        for command in (
+            [sys.executable, "-m", "jaxae", "evaluate", "--workdir", str(workdir)],
+            _train_cli(workdir, idx_folder, 2, "--resume"),
+        ):
+            proc = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+            _assert_quiet_failure(proc, 2, f"checkpoint {checkpoint.step_dir(workdir, STEPS_PER_EPOCH)} is damaged")
+    assert state_dir.is_dir()
+
+
+# -- checkpoint folders as untrusted bytes (property-based) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """One saved checkpoint of the tiny model: (workdir, the state and config saved, its files)."""
+    config, _, state = _tiny()
+    workdir = tmp_path_factory.mktemp("tiny") / "run"
+    checkpoint.save(workdir, state, config)
+    files = sorted(p.relative_to(workdir).as_posix() for p in workdir.rglob("*") if p.is_file())
+    return workdir, (jax.device_get(state), config), files
+
+
+_REPLACEMENTS = st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"{}", b"[]", b"null", b'{"files": {}}']))
+_MUTATION = st.tuples(
+    st.sampled_from(["flip a bit", "truncate", "overwrite", "replace", "delete"]),
+    st.integers(min_value=0),  # which file (modulo their number)
+    st.integers(min_value=0),  # where in it (modulo its size)
+    _REPLACEMENTS,
+)
+
+
+def _mutate(workdir, files, mutation):
+    kind, which, where, data = mutation
+    path = workdir / files[which % len(files)]
+    if not path.is_file():
+        return
+    at = where % max(path.stat().st_size, 1)
+    if kind == "flip a bit":
+        data = bytearray(path.read_bytes()) or bytearray(b"\0")
+        data[at] ^= 1 << (where % 8)
+        path.write_bytes(bytes(data))
+    elif kind == "truncate":
+        os.truncate(path, at)
+    elif kind == "overwrite":
+        with open(path, "r+b") as f:
+            f.seek(at)
+            f.write(data or b"\0")
+    elif kind == "replace":
+        path.write_bytes(data)
+    else:
+        path.unlink()
+
+
+# "deleted": as when a process is killed between a save's commit and its file list, so the
+# metadata digest, Orbax's own checks and the state digest must catch what the list would have.
+@pytest.mark.parametrize("file_list", ["kept", "deleted"])
+@settings(
+    max_examples=int(os.environ.get("JAXAE_TEST_EXAMPLES", 30)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(mutations=st.lists(_MUTATION, min_size=1, max_size=3))
+def test_a_mutated_checkpoint_restores_exactly_or_raises_a_jaxae_error(
+    tiny_checkpoint, tmp_path_factory, capfd, file_list, mutations
+):
+    pristine, saved, files = tiny_checkpoint
+    workdir = tmp_path_factory.mktemp("mutated") / "run"
+    shutil.copytree(pristine, workdir)
+    if file_list == "deleted":
+        (checkpoint.step_dir(workdir, 0) / checkpoint.FILE_LIST).unlink()
+    for mutation in mutations:
+        _mutate(workdir, files, mutation)
+    try:
+        try:
+            _, restored, restored_config = checkpoint.restore(workdir)
+        except JaxaeError as e:
+            assert len(str(e).splitlines()) == 1, str(e)
+        else:  # never a wrong state or config silently
+            _assert_same_tree(restored, saved[0])
+            assert restored_config == saved[1]
+        err = capfd.readouterr().err  # includes late output of earlier examples' background threads
+        assert "Traceback" not in err and "Event loop" not in err, err[-3000:]
+    finally:
+        shutil.rmtree(workdir.parent)
+
+
+def test_a_save_on_a_read_only_filesystem_raises_once_and_keeps_the_last_checkpoint(small_disk):
+    """In-process, for library callers: the tmpfs is remounted read-only between two saves (EROFS)."""
+    config, _, state = _tiny()
+    workdir = small_disk / "run"
+    checkpoint.save(workdir, state, config)
+    ckpts = checkpoint.Checkpoints(workdir)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(CheckpointSaveError, match=r"Read-only file system \(EROFS\)") as info:
+        ckpts.save(state.replace(step=jnp.int32(1)), config)
+        ckpts.wait()
+    assert (info.value.step, info.value.last_complete_step) == (1, 0)
+    assert f"the last complete checkpoint is {checkpoint.step_dir(workdir, 0)} (step 0)" in str(info.value)
+    with pytest.raises(CheckpointSaveError):  # nothing more is saved after a failure
+        ckpts.save(state.replace(step=jnp.int32(2)), config)
+    ckpts.close()  # the failure was raised already: not again
+    _, restored, _ = checkpoint.restore(workdir)
+    _assert_same_tree(restored, state)
