@@ -207,7 +207,8 @@ def check_memory(estimate: MemoryEstimate, models: int, device: jax.Device) -> N
     raise JaxaeError(
         f"a sweep of {models} models needs about {_gib(estimate.total)} on each {device.platform} device "
         f"(the dataset {_gib(estimate.data)} once + {_gib(estimate.per_model)} per model x "
-        f"{estimate.models_per_device} models) but one holds {_gib(limit)}; sweep fewer models at once "
+        f"{estimate.models_per_device} models) but one holds {_gib(limit)}, of which a sweep plans at most "
+        f"{MEMORY_FRACTION:.0%} ({_gib(int(MEMORY_FRACTION * limit))}); sweep fewer models at once "
         "(e.g. fewer --seeds), a smaller --batch-size, or more devices"
     )
 
