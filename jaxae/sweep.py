@@ -209,7 +209,7 @@ def check_memory(estimate: MemoryEstimate, models: int, device: jax.Device) -> N
         f"(the dataset {_gib(estimate.data)} once + {_gib(estimate.per_model)} per model x "
         f"{estimate.models_per_device} models) but one holds {_gib(limit)}, of which a sweep plans at most "
         f"{MEMORY_FRACTION:.0%} ({_gib(int(MEMORY_FRACTION * limit))}); sweep fewer models at once "
-        "(e.g. fewer --seeds), a smaller --batch-size, or more devices"
+        "(e.g. fewer --seeds) or spread them over more devices"
     )
 
 
@@ -658,7 +658,11 @@ def _summary(
     diverged: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """``runs`` (each model's settings, workdir and final test metrics) and ``groups`` (per setting
-    other than the seed: ``n`` and each test metric's mean and sample standard deviation)."""
+    other than the seed: ``n`` and each test metric's mean and sample standard deviation).
+
+    A run whose loss stopped being finite carries ``diverged_at_epoch`` and is left out of its
+    group's figures (the group counts it under ``diverged``).
+    """
     diverged = diverged or {}
     shown = ["seed", *[n for n in varying if n != "seed"]]
     runs = []
@@ -678,13 +682,17 @@ def _summary(
     group_list = []
     for key, members in groups.items():
         group = dict(zip(group_keys, key, strict=True))
-        group["n"] = len(members)
-        metrics = sorted({k for m in members for k in m if k.startswith("test_")})
+        # A diverged run's metrics are not finite: the group's figures are over the others.
+        healthy = [m for m in members if "diverged_at_epoch" not in m]
+        group["n"] = len(healthy)
+        if len(healthy) < len(members):
+            group["diverged"] = len(members) - len(healthy)
+        metrics = sorted({k for m in healthy for k in m if k.startswith("test_")})
         for metric in metrics:
-            values = np.asarray([m[metric] for m in members if metric in m], np.float64)
+            values = np.asarray([m[metric] for m in healthy if metric in m], np.float64)
             group[f"{metric}_mean"] = float(values.mean())
             group[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        group["seeds"] = [m["seed"] for m in members]
+        group["seeds"] = [m["seed"] for m in healthy]
         group_list.append(group)
     return {
         "models": len(configs),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxae import cli, sweep
-from jaxae.errors import JaxaeError
+from jaxae.errors import JaxaeError, TrainingInterrupted
 from jaxae.loop import fit
 from jaxae.sweep import fit_sweep, sweep_configs
 from jaxae.train import TrainConfig
@@ -115,19 +116,39 @@ def test_evaluate_and_train_resume_work_on_one_swept_model(swept, references, tm
     assert records[-1]["test_loss"] == pytest.approx(references[i].history[EPOCHS]["test_loss"], abs=1e-5)
 
 
-def test_sweep_resume_continues_to_the_uninterrupted_result(swept, tmp_path):
+def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(swept, tmp_path):
     _, uninterrupted, _ = swept
-    configs = sweep_configs(TrainConfig(epochs=EPOCHS - 1, batch_size=256), **GRID)
-    fit_sweep(configs, tmp_path, progress=False, figures=False)
+    configs = sweep_configs(BASE, **GRID)
+
+    def interrupt_after_first_epoch(records):
+        if records[0]["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C: finish, save every model, stop
+
+    with pytest.raises(TrainingInterrupted, match="after epoch 1 of 3") as stopped:
+        fit_sweep(configs, tmp_path, progress=False, figures=False, callbacks=[interrupt_after_first_epoch])
+    assert stopped.value.epoch == 1
     with pytest.raises(JaxaeError, match="already holds a sweep"):
         fit_sweep(configs, tmp_path, progress=False)
-    resumed = fit_sweep(sweep_configs(BASE, **GRID), tmp_path, resume=True, progress=False, figures=False)
-    assert resumed.start_epoch == EPOCHS - 1
+    resumed = fit_sweep(configs, tmp_path, resume=True, progress=False, figures=False)
+    assert resumed.start_epoch == 1
     for a, b in zip(resumed.histories, uninterrupted.histories, strict=True):
         assert [r["epoch"] for r in a] == [1, 2, 3]
         np.testing.assert_allclose([r["test_loss"] for r in a], [r["test_loss"] for r in b], atol=1e-6, rtol=0)
     with pytest.raises(JaxaeError, match="sweep of other runs"):
         fit_sweep(sweep_configs(BASE, seed=[0, 1, 2]), tmp_path, resume=True, progress=False)
+
+
+def test_a_diverged_model_is_marked_and_left_out_of_its_group():
+    configs = sweep_configs(BASE, seed=[0, 1, 2])
+    histories = [[{"epoch": 3, "test_loss": v}] for v in (0.1, float("nan"), 0.3)]
+    placement = sweep.Placement(3, "none")
+    summary = sweep._summary(["a", "b", "c"], configs, ["seed"], histories, placement, {1: 2})
+    assert summary["runs"][1]["diverged_at_epoch"] == 2
+    (group,) = summary["groups"]
+    assert group["n"] == 2 and group["diverged"] == 1 and group["seeds"] == [0, 2]
+    assert group["test_loss_mean"] == pytest.approx(0.2) and group["test_loss_std"] == pytest.approx(
+        np.std([0.1, 0.3], ddof=1)
+    )
 
 
 @pytest.mark.parametrize(
