@@ -25,13 +25,14 @@ timeout 90 python3 experiments/parallel_throughput.py --dataset "$DATA" --epochs
 cp experiments/results/parallel_throughput-gpu.json "$OUT/" 2>/dev/null
 
 # The sweep: 1, 8, 64, 256 models (seeds 0..M-1), 20 epochs, one GPU, no figures (256 PNGs
-# would time matplotlib). Wall time includes start-up, the per-model init and compiling.
+# would time matplotlib) and one checkpoint per model at the end (256 Orbax saves every epoch
+# would time the disk). Wall time includes start-up, the per-model init and compiling.
 : > "$OUT/sweep_gpu.jsonl"
 for M in 1 8 64 256; do
     rm -rf "/tmp/gpu_sweep$M"
     SECONDS=0
     timeout 600 python3 -m jaxae sweep --dataset "$DATA" --epochs 20 --seeds "$(seq -s, 0 $((M - 1)))" \
-        --parallel none --no-progress --no-figures --workdir "/tmp/gpu_sweep$M" > /dev/null 2> "/tmp/gpu_sweep$M.err" \
+        --parallel none --no-progress --no-figures --save-every 20 --workdir "/tmp/gpu_sweep$M" > /dev/null 2> "/tmp/gpu_sweep$M.err" \
         || { echo "sweep of $M models failed:"; tail -3 "/tmp/gpu_sweep$M.err"; continue; }
     WALL=$SECONDS python3 - "$M" "/tmp/gpu_sweep$M" >> "$OUT/sweep_gpu.jsonl" <<'PY'
 import json, os, statistics, sys
