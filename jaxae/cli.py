@@ -205,13 +205,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _value_list(kind, flag: str):
-    """``"1e-3,5e-4"`` -> ``[0.001, 0.0005]``: a sweep flag's comma list (one line if not numbers)."""
+    """``"1e-3,5e-4"`` -> ``[0.001, 0.0005]``: a sweep flag's comma list (JaxaeError if not numbers)."""
 
     def parse(text: str) -> list:
         try:
             values = [kind(v) for v in text.split(",")]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes a comma list of numbers, got {text!r}") from None
+            kinds = "integers" if kind is int else "numbers"
+            raise JaxaeError(f"{flag} takes one value or a comma list of {kinds}, e.g. 1,2,3; got {text!r}") from None
         return values
 
     return parse
@@ -236,16 +237,14 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
         "--seeds",
         "--seed",
         dest="seeds",
-        type=_value_list(int, "--seeds"),
-        default=[d.seed],
+        default=str(d.seed),
         help="comma list of seeds, e.g. 0,1,2 (default: 0)",
     )
-    for flag, field, kind in _SWEEP_LISTS:
+    for flag, field, _ in _SWEEP_LISTS:
         p.add_argument(
             flag,
             dest=field,
-            type=_value_list(kind, flag),
-            default=[getattr(d, field)],
+            default=str(getattr(d, field)),
             help="one value or a comma list",
         )
     # Shape settings: nargs="+" only to catch a list and say why it is refused.
@@ -278,7 +277,9 @@ def _sweep_configs_from_args(args: argparse.Namespace):
         args.hidden_dims = tuple(int(v) for v in args.hidden_dims.split(","))
     except ValueError:
         raise JaxaeError("--latent-dim takes one integer and --hidden-dims one comma list of integers") from None
-    lists = {"seed": args.seeds, **{field: getattr(args, field) for _, field, _ in _SWEEP_LISTS}}
+    # Parsed here, not by argparse, so a bad list is the one-line error every other bad input gives.
+    lists = {"seed": _value_list(int, "--seeds")(args.seeds)}
+    lists.update({field: _value_list(kind, flag)(getattr(args, field)) for flag, field, kind in _SWEEP_LISTS})
     args.seed = lists["seed"][0]
     for _, field, _ in _SWEEP_LISTS:
         setattr(args, field, lists[field][0])

@@ -168,6 +168,13 @@ def test_a_list_of_a_shape_setting_is_one_line_exit_2(flags, what, tmp_path, cap
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("flags", [["--seeds", "0,a"], ["--lr", "1e-3,"], ["--beta", "x"]])
+def test_a_list_that_is_not_numbers_is_one_line_exit_2(flags, tmp_path, capsys):
+    assert cli.main(["sweep", "--workdir", str(tmp_path / "w"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"jaxae: error: {flags[0]} takes one value or a comma list")
+
+
 def test_library_refuses_grids_that_cannot_be_one_program():
     with pytest.raises(JaxaeError, match="--latent-dim takes one value"):
         sweep_configs(BASE, latent_dim=[16, 32])
