@@ -19,6 +19,7 @@ from jaxae.models import VAE, Autoencoder, ConvAutoencoder, ConvVAE
 from jaxae.objectives import VARIANTS, Objective, Variant, get_variant, importance_weighted_nll, reconstruction_mse
 from jaxae.parallel import Strategy, get_strategy
 from jaxae.probe import linear_probe
+from jaxae.sweep import SweepResult, fit_sweep, sweep_configs
 from jaxae.train import (
     TrainConfig,
     Trainer,
@@ -65,5 +66,8 @@ __all__ = [
     "read_state_dict",
     "reconstruction_mse",
     "summarize_epoch",
+    "SweepResult",
+    "fit_sweep",
+    "sweep_configs",
     "to_torch_state_dict",
 ]

@@ -237,6 +237,119 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _value_list(kind, flag: str):
+    """``"1e-3,5e-4"`` -> ``[0.001, 0.0005]``: a sweep flag's comma list (JaxaeError if not numbers)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            kinds = "integers" if kind is int else "numbers"
+            raise JaxaeError(f"{flag} takes one value or a comma list of {kinds}, e.g. 1,2,3; got {text!r}") from None
+        return values
+
+    return parse
+
+
+# Sweep flags that may take a comma list, as (flag, TrainConfig field, type).
+_SWEEP_LISTS = (
+    ("--lr", "lr", float),
+    ("--noise-std", "noise_std", float),
+    ("--mask-prob", "mask_prob", float),
+    ("--sparsity-weight", "sparsity_weight", float),
+    ("--sparsity-target", "sparsity_target", float),
+    ("--beta", "beta", float),
+)
+
+
+def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    """Every ``train`` flag; the shape-keeping settings take comma lists, the shape settings one value."""
+    d = _defaults()
+    _add_train_flags(p)
+    p.add_argument(
+        "--seeds",
+        "--seed",
+        dest="seeds",
+        default=str(d.seed),
+        help="comma list of seeds, e.g. 0,1,2 (default: 0)",
+    )
+    for flag, field, _ in _SWEEP_LISTS:
+        p.add_argument(
+            flag,
+            dest=field,
+            default=str(getattr(d, field)),
+            help="one value or a comma list",
+        )
+    # Shape settings: nargs="+" only to catch a list and say why it is refused.
+    p.add_argument("--variant", nargs="+", default=[d.variant], help="one variant (default: %(default)s)")
+    p.add_argument("--arch", nargs="+", default=[d.arch], help="mlp or conv, one value (default: mlp)")
+    p.add_argument("--latent-dim", nargs="+", type=str, default=[str(d.latent_dim)], help="one code size")
+    p.add_argument(
+        "--hidden-dims",
+        nargs="+",
+        default=[",".join(map(str, d.hidden_dims))],
+        help="one comma-separated list of encoder widths, e.g. 128,64 (default: 128,64)",
+    )
+
+
+def _sweep_configs_from_args(args: argparse.Namespace):
+    from jaxae.sweep import SHAPE_SETTINGS, sweep_configs
+
+    for field in SHAPE_SETTINGS:
+        given = getattr(args, field)
+        separators = ";/" if field == "hidden_dims" else ",;/"
+        if len(given) > 1 or any(sep in given[0] for sep in separators):
+            from jaxae.sweep import _shape_message
+
+            raise JaxaeError(_shape_message(field))
+        setattr(args, field, given[0])
+    if args.arch not in ("mlp", "conv"):
+        raise JaxaeError(f"unknown --arch {args.arch!r}; choose mlp or conv")
+    try:
+        args.latent_dim = int(args.latent_dim)
+        args.hidden_dims = tuple(int(v) for v in args.hidden_dims.split(","))
+    except ValueError:
+        raise JaxaeError("--latent-dim takes one integer and --hidden-dims one comma list of integers") from None
+    # Parsed here, not by argparse, so a bad list is the one-line error every other bad input gives.
+    lists = {"seed": _value_list(int, "--seeds")(args.seeds)}
+    lists.update({field: _value_list(kind, flag)(getattr(args, field)) for flag, field, kind in _SWEEP_LISTS})
+    args.seed = lists["seed"][0]
+    for _, field, _ in _SWEEP_LISTS:
+        setattr(args, field, lists[field][0])
+    base = _config_from_args(args)
+    return sweep_configs(base, **{k: v for k, v in lists.items() if len(v) > 1 or k == "seed"})
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from jaxae.sweep import fit_sweep
+
+    configs = _sweep_configs_from_args(args)
+    result = fit_sweep(
+        configs,
+        args.workdir,
+        strategy=args.parallel,
+        resume=args.resume,
+        progress=not args.no_progress,
+        save_every=args.save_every,
+        keep=args.keep,
+        figures=not args.no_figures,
+    )
+    if result.start_epoch >= configs[0].epochs:
+        print(f"jaxae: {args.workdir} is already at epoch {result.start_epoch}; nothing to train", file=sys.stderr)
+    summary = result.summary
+    print(
+        json.dumps(
+            {
+                "workdir": args.workdir,
+                "models": summary["models"],
+                "placement": summary["placement"],
+                "groups": summary["groups"],
+            }
+        )
+    )
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
 
@@ -435,6 +548,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the K latest checkpoints, plus the best by test loss (default: %(default)s)",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "sweep",
+        help="train a grid of models (seeds, learning rates, loss weights) as one compiled program",
+        conflict_handler="resolve",  # the list flags replace train's single-value ones
+    )
+    _add_sweep_flags(p)
+    p.add_argument("--workdir", default="runs/sweep", help="the sweep's folder, one run folder per model inside")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-figures", action="store_true", help="no per-model figures (large grids)")
+    p.add_argument(
+        "--parallel",
+        choices=("auto", "none", "pmap", "shard"),
+        default="auto",
+        help="none: one device; otherwise every visible device: models spread over them when the grid has at "
+        "least as many models as devices, else each model data-parallel (default: %(default)s)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --workdir; --epochs is the total")
+    p.add_argument("--save-every", type=int, default=1, help="checkpoint every N epochs (default: %(default)s)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept per model, plus the best (default: 3)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="print a trained model's test metrics as JSON")
     p.add_argument("--workdir", required=True, help="a folder written by 'jaxae train'")

@@ -85,17 +85,26 @@ def corrupt(
     every step, and the same however the batch is split.
     """
     low, high = normalization.low, normalization.high
+    # A traced setting (one per model in a sweep) cannot pick a branch: it takes both, and a
+    # zero std or probability then leaves ``y`` exactly as the skipped branch would.
+    add_noise = _maybe_positive(noise_std)
+    add_mask = _maybe_positive(mask_prob)
 
     def one(key, xi):
         noise_key, mask_key = jax.random.split(key)
         y = xi
-        if noise_std > 0:
+        if add_noise:
             y = y + noise_std * (high - low) * jax.random.normal(noise_key, xi.shape, xi.dtype)
-        if mask_prob > 0:
+        if add_mask:
             y = jnp.where(jax.random.bernoulli(mask_key, mask_prob, xi.shape), low, y)
         return jnp.clip(y, low, high)
 
     return jax.vmap(one)(keys, x)
+
+
+def _maybe_positive(value: float | jax.Array) -> bool:
+    """``value > 0`` for a Python number; True for an array, whose value is known only at run time."""
+    return not isinstance(value, (int, float)) or value > 0
 
 
 def denoising_objective(config: Any, normalization: Normalization) -> Objective:

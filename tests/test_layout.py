@@ -28,6 +28,7 @@ LAYERS = [
     "probe",
     "convert",
     "loop",
+    "sweep",
     "bench",
     "cli",
     "__main__",

@@ -1,0 +1,711 @@
+"""Many models as one compiled program: a grid of runs trained together, each an ordinary run.
+
+:func:`fit_sweep` trains a list of :class:`~jaxae.train.TrainConfig` that differ only in
+settings that keep the parameter shapes (:data:`SWEEPABLE`: the seed, the learning rate and
+the objectives' weights). Their train states are stacked along a leading model axis and one
+``jax.vmap`` of :meth:`Trainer.train_epoch <jaxae.train.Trainer.train_epoch>` trains them all
+in one ``lax.scan`` per epoch; the dataset is an unmapped argument, held once per device.
+
+Each model is the run ``jaxae train`` makes with its config: the same initialisation
+(:func:`~jaxae.train.build` per model), data order (its own ``data_rng``) and per-step keys;
+its learning rate and loss weights enter as per-model values instead of Python constants. The
+batched matmuls round differently from one model's: the losses agree to ~1e-8 for the first
+~100 steps, and training then grows the difference to the size of the spread between seeds.
+Each model gets an ordinary workdir (``config.json``, ``metrics.jsonl``, Orbax checkpoints,
+figures), so ``jaxae evaluate``, ``export`` and ``train --resume`` work on one of them, and
+the sweep's folder gets ``summary.json`` (every run's final test metrics and each group's mean
+and standard deviation over seeds).
+
+On several devices the models are spread over the devices (a mesh axis ``models``, no
+communication at all) when there are at least as many models as devices; a smaller grid
+trains each model data-parallel over every device (the batch split along ``data`` and the
+gradients summed, as ``--parallel shard`` does for one run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxae import checkpoint, plots
+from jaxae.data import get_normalization, load_dataset
+from jaxae.errors import JaxaeError, TrainingInterrupted
+from jaxae.loop import _previous_records, _write_records
+from jaxae.objectives import get_variant
+from jaxae.parallel import MESH_AXIS
+from jaxae.train import TrainConfig, Trainer, TrainState, build, summarize_epoch
+
+#: Settings a sweep may vary: none of them changes a parameter's shape.
+SWEEPABLE = ("seed", "lr", "noise_std", "mask_prob", "sparsity_weight", "sparsity_target", "beta")
+#: Settings that change the parameter shapes: one value per sweep.
+SHAPE_SETTINGS = ("variant", "arch", "hidden_dims", "latent_dim")
+#: The sweepable settings that are per-model values inside the compiled program.
+HYPERPARAMETERS = SWEEPABLE[1:]
+
+MODEL_AXIS = "models"
+SUMMARY = "summary.json"
+GRID_FILE = "sweep.json"
+# Share of a device's memory a sweep may plan to use (the rest: XLA's temporaries, fragmentation).
+MEMORY_FRACTION = 0.9
+
+
+def sweep_configs(base: TrainConfig, **values: Sequence[Any]) -> list[TrainConfig]:
+    """The grid of configs: ``base`` with every combination of ``values``.
+
+    Example: ``sweep_configs(TrainConfig(epochs=3), seed=[0, 1, 2], lr=[1e-3, 5e-4])`` is six
+    configs, seeds varying fastest within each learning rate.
+
+    Args:
+        base: the settings every model shares.
+        **values: a list of values per setting of :data:`SWEEPABLE`.
+
+    Raises:
+        JaxaeError: a setting that is not sweepable (e.g. one that changes shapes), or an
+            empty list.
+    """
+    for name, options in values.items():
+        if name in SHAPE_SETTINGS:
+            raise JaxaeError(_shape_message(name))
+        if name not in SWEEPABLE:
+            raise JaxaeError(f"{_flag(name)} cannot be swept; sweepable settings: {', '.join(SWEEPABLE)}")
+        if len(options) == 0:
+            raise JaxaeError(f"{_flag(name)} needs at least one value")
+    # Seeds vary fastest, so the runs of one group sit next to each other.
+    names = sorted(values, key=lambda n: (n == "seed", SWEEPABLE.index(n)))
+    return [
+        dataclasses.replace(base, **dict(zip(names, combo, strict=True)))
+        for combo in itertools.product(*(values[n] for n in names))
+    ]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shape_message(name: str) -> str:
+    return (
+        f"{_flag(name)} takes one value in a sweep: it changes the parameter shapes, and the models of "
+        "one sweep are stacked into one program; run one sweep per value"
+    )
+
+
+def varying_settings(configs: Sequence[TrainConfig]) -> list[str]:
+    """The sweepable settings whose value differs between ``configs``, in :data:`SWEEPABLE` order."""
+    return [n for n in SWEEPABLE if len({getattr(c, n) for c in configs}) > 1]
+
+
+def check_grid(configs: Sequence[TrainConfig]) -> None:
+    """Raises :class:`JaxaeError` unless ``configs`` can train as one sweep.
+
+    Every config must be valid, and all must agree on everything but :data:`SWEEPABLE`.
+    """
+    if not configs:
+        raise JaxaeError("a sweep needs at least one config")
+    for config in configs:
+        config.validate()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SWEEPABLE:
+            continue
+        values = {json.dumps(_plain(getattr(c, f.name))) for c in configs}
+        if len(values) > 1:
+            if f.name in SHAPE_SETTINGS:
+                raise JaxaeError(_shape_message(f.name))
+            raise JaxaeError(
+                f"the configs of a sweep differ in {f.name} ({', '.join(sorted(values))}); only "
+                f"{', '.join(SWEEPABLE)} may differ: run one sweep per value"
+            )
+    names = [run_name(c, varying_settings(configs)) for c in configs]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise JaxaeError(f"the grid holds the same run twice ({duplicate}); give each setting distinct values")
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def run_name(config: TrainConfig, varying: Sequence[str]) -> str:
+    """A model's workdir name inside the sweep: its seed and the other settings that vary."""
+    parts = [f"seed{config.seed}"] + [f"{n}{_short(getattr(config, n))}" for n in varying if n != "seed"]
+    return "_".join(parts)
+
+
+def _short(value: float) -> str:
+    """``0.001`` for 1e-3; the full repr where the short form would merge two values."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """How many bytes ``device`` can hold: the allocator's limit, or the host's RAM for a CPU."""
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends do not implement it
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """A rough plan of one device's memory for a sweep (bytes)."""
+
+    data: int  # the train and test splits, once
+    per_model: int  # state (params + Adam moments), gradients, a step's activations
+    models_per_device: int
+
+    @property
+    def total(self) -> int:
+        return self.data + self.per_model * self.models_per_device
+
+
+def estimate_memory(
+    config: TrainConfig, param_count: int, input_dim: int, data_bytes: int, models_per_device: int
+) -> MemoryEstimate:
+    """The memory a device needs for ``models_per_device`` models and the dataset.
+
+    Per model: parameters, two Adam moments, gradients and an update (5 float32 copies), plus the
+    larger of a train batch's activations with their gradients and an evaluation batch's
+    activations. The activation count is rough (the MLP: every layer's width, in and out; the
+    conv net: 64 feature values per pixel), good to a small factor, which is what a refusal
+    before compiling needs.
+    """
+    widths = 2 * sum(config.hidden_dims) + config.latent_dim
+    train_floats, eval_floats = (6 * input_dim + 4 * widths, 4 * input_dim + 2 * widths)
+    if config.arch == "conv":
+        train_floats, eval_floats = 128 * input_dim, 64 * input_dim
+    eval_batch = config.eval_batch_size
+    activations = max(config.batch_size * train_floats, eval_batch * eval_floats)
+    per_model = 4 * (5 * param_count + activations)
+    return MemoryEstimate(data_bytes, per_model, models_per_device)
+
+
+def check_memory(estimate: MemoryEstimate, models: int, device: jax.Device) -> None:
+    """Raises :class:`JaxaeError` when ``estimate`` does not fit in ``device``'s memory."""
+    limit = device_memory_bytes(device)
+    if limit is None or estimate.total <= MEMORY_FRACTION * limit:
+        return
+    raise JaxaeError(
+        f"a sweep of {models} models needs about {_gib(estimate.total)} on each {device.platform} device "
+        f"(the dataset {_gib(estimate.data)} once + {_gib(estimate.per_model)} per model x "
+        f"{estimate.models_per_device} models) but one holds {_gib(limit)}, of which a sweep plans at most "
+        f"{MEMORY_FRACTION:.0%} ({_gib(int(MEMORY_FRACTION * limit))}); sweep fewer models at once "
+        "(e.g. fewer --seeds) or spread them over more devices"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+# -- the compiled program ------------------------------------------------------------------------
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """Pytrees of equal structure -> one pytree whose leaves have a leading model axis."""
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def unstack(tree: Any, count: int) -> list[Any]:
+    """The inverse of :func:`stack` (host arrays)."""
+    host = jax.device_get(tree)
+    return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(count)]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SweepProgram:
+    """The static half of a sweep: one model structure, and per-model values for the settings
+    that differ (``hyper``: name -> float32 ``[models]``), turned into a trainer inside the trace.
+    """
+
+    base: TrainConfig
+    graphdef: Any
+    hyper_names: tuple[str, ...]
+
+    def trainer(self, hyper: dict[str, jax.Array]) -> Trainer:
+        """The :class:`Trainer` of one model, its swept settings being (traced) scalars.
+
+        Settings that do not vary stay Python numbers, so their code is the one ``jaxae train``
+        compiles.
+        """
+        config = dataclasses.replace(self.base, **hyper)
+        normalization = get_normalization(config.normalize)
+        objective = get_variant(config.variant).build_objective(config, normalization)
+        # optax.adam(lr) scales the update by -lr: with a traced lr, the same multiply.
+        return Trainer(self.graphdef, optax.adam(config.lr), objective, normalization)
+
+    def train_epoch(self, state: TrainState, hyper: dict[str, jax.Array], images: jax.Array, batch_size: int):
+        """Every model's epoch: ``state`` and ``hyper`` carry the model axis, ``images`` not."""
+        return jax.vmap(lambda s, h: self.trainer(h).train_epoch(s, images, batch_size))(state, hyper)
+
+    def evaluate(self, state: TrainState, hyper: dict[str, jax.Array], images: jax.Array, batch_size: int):
+        """Every model's test metrics, ``{name: [models]}``."""
+        return jax.vmap(lambda s, h: self.trainer(h).evaluate(s, images, batch_size))(state, hyper)
+
+    def train_epoch_data_parallel(
+        self, state: TrainState, hyper: dict[str, jax.Array], images: jax.Array, batch_size: int, mesh: Any
+    ):
+        """Every model's epoch, each one data-parallel over ``mesh``'s ``data`` axis."""
+        n = images.shape[0]
+
+        def device_epoch(state, hyper, images, ids, mask):
+            def one(s, h, i, m):
+                return self.trainer(h).train_epoch_shard(s, images, i, m, axis_name=MESH_AXIS)
+
+            return jax.vmap(one)(state, hyper, ids, mask)
+
+        sharded = jax.shard_map(
+            device_epoch,
+            mesh=mesh,
+            in_specs=(P(), P(), P(), P(None, None, MESH_AXIS), P(None, None, MESH_AXIS)),
+            out_specs=(P(), P()),
+            check_vma=False,  # train_step's psum is the all-reduce, as in ShardStrategy
+        )
+        ids, mask = jax.vmap(lambda s, h: self.trainer(h).epoch_batches(s, n, batch_size))(state, hyper)
+        columns = NamedSharding(mesh, P(None, None, MESH_AXIS))
+        ids, mask = jax.sharding.reshard(ids, columns), jax.sharding.reshard(mask, columns)
+        return sharded(state, hyper, images, ids, mask)
+
+
+class Placement:
+    """Where the stacked models and the dataset live, and the compiled epoch and evaluation.
+
+    ``kind`` is ``"one device"``, ``"models over devices"`` (each device trains its own slice of
+    the grid, no communication) or ``"data-parallel"`` (every model's batch split over the
+    devices, gradients summed).
+    """
+
+    def __init__(self, models: int, strategy: str = "none", devices: list | None = None):
+        if strategy not in ("auto", "none", "pmap", "shard"):
+            raise JaxaeError(f"unknown parallel strategy {strategy!r}; choose one of auto, none, pmap, shard")
+        if jax.process_count() > 1:
+            raise JaxaeError("jaxae sweep runs in one process; start one sweep per host with its own --workdir")
+        devices = list(devices or jax.devices())
+        if strategy == "none" or len(devices) == 1:
+            devices = devices[:1]
+        self.devices = devices
+        self.models = models
+        if len(devices) == 1:
+            self.kind = "one device"
+            self.padded = models
+        elif models >= len(devices):
+            self.kind = "models over devices"
+            # Pad to a multiple of the device count with copies of the last model (discarded).
+            self.padded = -(-models // len(devices)) * len(devices)
+        else:
+            self.kind = "data-parallel"
+            self.padded = models
+        axis = MODEL_AXIS if self.kind == "models over devices" else MESH_AXIS
+        self.mesh = jax.make_mesh((len(devices),), (axis,), devices=devices)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.model_sharded = NamedSharding(self.mesh, P(MODEL_AXIS)) if self.kind == "models over devices" else None
+
+    @property
+    def models_per_device(self) -> int:
+        return self.padded // len(self.devices) if self.kind == "models over devices" else self.padded
+
+    def describe(self) -> str:
+        if self.kind == "one device":
+            return f"{self.models} models on one {self.devices[0].platform} device"
+        if self.kind == "models over devices":
+            return f"{self.models} models spread over {len(self.devices)} devices ({self.models_per_device} each)"
+        return f"{self.models} models, each data-parallel over {len(self.devices)} devices"
+
+    def pad(self, tree: Any) -> Any:
+        extra = self.padded - self.models
+        if not extra:
+            return tree
+        return jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]), tree)
+
+    def put_models(self, tree: Any) -> Any:
+        """Host arrays with a model axis -> the devices (sharded along it or replicated)."""
+        sharding = self.model_sharded or self.replicated
+        return jax.device_put(self.pad(tree), sharding)
+
+    def put_data(self, images: np.ndarray) -> jax.Array:
+        return jax.device_put(images, self.replicated)
+
+    def compile(
+        self, program: SweepProgram, state: Any, hyper: Any, images: jax.Array, batch_size: int, fn: str
+    ) -> Callable:
+        """``(state, hyper, images) -> ...`` of ``program``'s ``fn`` ("train_epoch" or "evaluate")."""
+        if fn == "train_epoch" and self.kind == "data-parallel":
+            if batch_size % len(self.devices):
+                raise JaxaeError(
+                    f"--batch-size {batch_size} is not divisible by the {len(self.devices)} devices each model is "
+                    f"split over; use a multiple of {len(self.devices)}"
+                )
+
+            def body(s, h, x):
+                return program.train_epoch_data_parallel(s, h, x, batch_size, self.mesh)
+        else:
+            method = getattr(program, fn)
+
+            def body(s, h, x):
+                return method(s, h, x, batch_size)
+
+        if self.kind == "models over devices":
+            # Each device runs the vmapped program on its own models: nothing crosses devices.
+            body = jax.shard_map(
+                body,
+                mesh=self.mesh,
+                in_specs=(P(MODEL_AXIS), P(MODEL_AXIS), P()),
+                out_specs=P(MODEL_AXIS),
+                check_vma=False,
+            )
+        donate = (0,) if fn == "train_epoch" else ()
+        return jax.jit(body, donate_argnums=donate).lower(state, hyper, images).compile()
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What :func:`fit_sweep` returns.
+
+    Attributes:
+        configs: the grid, one config per model.
+        workdirs: each model's workdir (None without a sweep workdir).
+        states: each model's final state (host arrays).
+        histories: each model's metrics records, one per epoch (as in ``metrics.jsonl``).
+        summary: the content of ``summary.json``.
+        placement: how the models ran ("one device", "models over devices", "data-parallel").
+        compile_seconds: time to compile the epoch and the evaluation.
+        start_epoch: epochs done before this call (non-zero on resume).
+    """
+
+    configs: list[TrainConfig]
+    workdirs: list[Path | None]
+    states: list[TrainState]
+    histories: list[list[dict[str, Any]]]
+    summary: dict[str, Any]
+    placement: str
+    compile_seconds: float
+    start_epoch: int = 0
+
+
+def fit_sweep(
+    configs: Sequence[TrainConfig],
+    workdir: str | Path | None = None,
+    *,
+    strategy: str = "none",
+    devices: list | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    save_every: int = 1,
+    keep: int = 3,
+    figures: bool = True,
+    callbacks: Sequence[Callable[[list[dict[str, Any]]], None]] = (),
+) -> SweepResult:
+    """Trains every config of a grid (:func:`sweep_configs`) as one compiled program.
+
+    Each model's numbers are those of :func:`jaxae.fit` with its config, to float32 rounding:
+    batched matmuls round differently, and over hundreds of steps training grows that into a
+    gap the size of the spread between seeds (see the Sweeps guide). With a ``workdir`` each model writes an ordinary run
+    folder ``WORKDIR/<run name>`` (``config.json``, ``metrics.jsonl``, checkpoints, figures) and
+    the sweep writes ``WORKDIR/sweep.json`` (the grid) and ``WORKDIR/summary.json``.
+
+    Args:
+        configs: the models; they may differ only in :data:`SWEEPABLE` settings.
+        workdir: the sweep's folder (None: train in memory only).
+        strategy: ``"none"`` (one device) or ``"auto"``/``"shard"``/``"pmap"``: all visible devices,
+            models spread over them when there are at least as many models as devices, else each
+            model data-parallel.
+        devices: restrict to these devices.
+        resume: continue the sweep in ``workdir`` (every model from its latest checkpoint).
+        progress: show a progress bar.
+        save_every: checkpoint every this many epochs (and after the last).
+        keep: checkpoints kept per model (the best is kept besides).
+        figures: write each model's ``reconstructions.png`` and ``loss.png`` at the end.
+        callbacks: each gets every epoch's list of per-model metrics records.
+
+    Raises:
+        JaxaeError: a grid that cannot be one sweep, one that does not fit in memory (before
+            anything is compiled), a taken workdir, or nothing to resume.
+        TrainingInterrupted: SIGINT/SIGTERM stopped the sweep after every model was saved.
+    """
+    configs = list(configs)
+    check_grid(configs)
+    if save_every < 1:
+        raise JaxaeError(f"--save-every must be at least 1, got {save_every}")
+    if keep < 1:
+        raise JaxaeError(f"--keep must be at least 1, got {keep}")
+    if resume and workdir is None:
+        raise JaxaeError("resuming a sweep needs its workdir")
+    base = configs[0]
+    varying = varying_settings(configs)
+    names = [run_name(c, varying) for c in configs]
+    out = Path(workdir) if workdir is not None else None
+    run_dirs: list[Path | None] = [out / n if out is not None else None for n in names]
+    grid = {"varying": varying, "runs": [{"workdir": n, **c.to_dict()} for n, c in zip(names, configs, strict=True)]}
+    if out is not None:
+        _check_workdir(out, grid, run_dirs, configs, resume)
+    placement = Placement(len(configs), strategy, devices)
+
+    train = load_dataset(base.dataset, "train", base.tfds_data_dir)
+    test = load_dataset(base.dataset, "test", base.tfds_data_dir)
+    if base.batch_size > len(train):
+        raise JaxaeError(f"--batch-size {base.batch_size} is larger than the {len(train)}-image train split")
+    input_dim = math.prod(train.image_shape)
+    trainer0, state0 = build(base, train.image_shape)
+    param_count = sum(x.size for x in jax.tree.leaves(state0.params))
+    data_bytes = train.images.nbytes + test.images.nbytes
+    estimate = estimate_memory(base, param_count, input_dim, data_bytes, placement.models_per_device)
+    check_memory(estimate, len(configs), placement.devices[0])
+
+    states = [build(c, train.image_shape)[1] for c in configs]
+    if resume:
+        states = _restore(run_dirs, states)
+    start_epoch = int(states[0].epoch)
+    histories = [_previous_records(d, start_epoch) if resume else [] for d in run_dirs]
+    hyper_names = tuple(n for n in varying if n in HYPERPARAMETERS)
+    program = SweepProgram(base, trainer0.graphdef, hyper_names)
+    hyper_host = {n: np.asarray([getattr(c, n) for c in configs], np.float32) for n in hyper_names}
+    if start_epoch >= base.epochs:
+        summary = _summary(names, configs, varying, histories, placement)
+        return SweepResult(configs, run_dirs, states, histories, summary, placement.kind, 0.0, start_epoch)
+
+    state = placement.put_models(stack(states))
+    hyper = placement.put_models(hyper_host)
+    train_images = placement.put_data(train.images.reshape(len(train), input_dim))
+    test_images = placement.put_data(test.images.reshape(len(test), input_dim))
+    eval_batch = min(base.eval_batch_size, len(test))
+    t0 = time.perf_counter()
+    train_epoch = placement.compile(program, state, hyper, train_images, base.batch_size, "train_epoch")
+    evaluate = placement.compile(program, state, hyper, test_images, eval_batch, "evaluate")
+    compile_seconds = time.perf_counter() - t0
+
+    ckpts: list[Any] = []
+    metrics_files: list[Any] = []
+    stop = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / GRID_FILE).write_text(json.dumps(grid, indent=2) + "\n")
+        for d, c, h in zip(run_dirs, configs, histories, strict=True):
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+            _write_records(d / "metrics.jsonl", h)
+            metrics_files.append(open(d / "metrics.jsonl", "a"))
+            ckpts.append(checkpoint.Checkpoints(d, keep=keep))
+        stop = checkpoint.StopOnSignal().__enter__()
+    diverged: dict[int, int] = {}
+    bar = tqdm(
+        range(start_epoch, base.epochs),
+        initial=start_epoch,
+        total=base.epochs,
+        desc=f"sweep of {len(configs)} {base.variant} models",
+        unit="epoch",
+        disable=not progress,
+    )
+    host_states = states
+    try:
+        for epoch in bar:
+            if stop is not None and stop.signum is not None:
+                break
+            t_start = time.perf_counter()
+            state, step_metrics = train_epoch(state, hyper, train_images)
+            step_metrics = jax.device_get(step_metrics)
+            t_train = time.perf_counter() - t_start
+            test_metrics = jax.device_get(evaluate(state, hyper, test_images))
+            seconds = time.perf_counter() - t_start
+            records = []
+            for i in range(len(configs)):
+                train_i = summarize_epoch({k: v[i] for k, v in step_metrics.items()})
+                test_i = {k: float(v[i]) for k, v in test_metrics.items()}
+                record = {
+                    "epoch": epoch + 1,
+                    "step": int((epoch + 1) * -(-len(train) // base.batch_size)),
+                    **{f"train_{k}": v for k, v in train_i.items()},
+                    **{f"test_{k}": v for k, v in test_i.items()},
+                    "samples_per_s": len(train) / t_train,
+                    "sweep_samples_per_s": len(configs) * len(train) / t_train,
+                    "seconds": seconds,
+                }
+                if i not in diverged and not all(math.isfinite(v) for v in [*train_i.values(), *test_i.values()]):
+                    diverged[i] = epoch + 1  # its later checkpoints are not saved; the others go on
+                records.append(record)
+                histories[i].append(record)
+                if metrics_files:
+                    metrics_files[i].write(json.dumps(record) + "\n")
+                    metrics_files[i].flush()
+            last = epoch + 1 == base.epochs
+            if ckpts and ((epoch + 1) % save_every == 0 or last):
+                host_states = unstack(state, len(configs))
+                _save_all(ckpts, host_states, configs, records, diverged)
+            for callback in callbacks:
+                callback(records)
+            best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))
+            bar.set_postfix(best_test_loss=f"{best:.4f}", models_per_s=f"{len(configs) / seconds:.1f}")
+        host_states = unstack(state, len(configs))
+        if stop is not None and stop.signum is not None:
+            if int(host_states[0].epoch) > start_epoch:
+                _save_all(ckpts, host_states, configs, [h[-1] for h in histories], diverged)
+            raise _interrupted(stop.signum, host_states[0], base, ckpts[0], out)
+    finally:
+        if stop is not None:
+            stop.__exit__()
+        for f in metrics_files:
+            f.close()
+        for c in ckpts:
+            c.close()
+
+    summary = _summary(names, configs, varying, histories, placement, diverged)
+    if out is not None:
+        tmp = out / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, out / SUMMARY)
+        if figures:
+            for d, c, s, h in zip(run_dirs, configs, host_states, histories, strict=True):
+                trainer = SweepProgram(c, trainer0.graphdef, ()).trainer({})
+                plots.write_run_figures(d, trainer, s, test, h)
+    return SweepResult(configs, run_dirs, host_states, histories, summary, placement.kind, compile_seconds, start_epoch)
+
+
+def _check_workdir(out: Path, grid: dict, run_dirs: list, configs: list[TrainConfig], resume: bool) -> None:
+    """Before loading anything: a taken folder, or a resume of another grid, fails fast."""
+    saved_grid = out / GRID_FILE
+    if resume:
+        if not saved_grid.exists():
+            raise JaxaeError(f"--resume: {out} holds no sweep ({GRID_FILE} is missing); start it without --resume")
+        try:
+            saved = json.loads(saved_grid.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise JaxaeError(f"--resume: cannot read {saved_grid}: {e}") from None
+        saved_names = [r.get("workdir") for r in saved.get("runs", [])]
+        names = [r["workdir"] for r in grid["runs"]]
+        if saved_names != names:
+            raise JaxaeError(
+                f"--resume: {out} holds a sweep of other runs ({', '.join(map(str, saved_names))}); pass the same "
+                "lists as when it started, or use a new --workdir"
+            )
+        for d, c in zip(run_dirs, configs, strict=True):
+            checkpoint.check_resumable(d, c)
+        return
+    if saved_grid.exists():
+        raise JaxaeError(
+            f"{out} already holds a sweep ({saved_grid}); pass --resume to continue it, or use another --workdir"
+        )
+    for d in run_dirs:
+        checkpoint.check_fresh(d)
+
+
+def _restore(run_dirs: list[Path], fresh: list[TrainState]) -> list[TrainState]:
+    """Every model's latest checkpoint, all at the same epoch (the earliest, if a save was cut short)."""
+    latest = [checkpoint.complete_steps(d)[-1] for d in run_dirs]
+    step = min(latest)
+    states = []
+    for d, f in zip(run_dirs, fresh, strict=True):
+        states.append(checkpoint.restore_state(d, f, step))
+    return states
+
+
+def _save_all(ckpts: list, states: list[TrainState], configs: list, records: list[dict], diverged: dict) -> None:
+    for i, (ck, s, c, r) in enumerate(zip(ckpts, states, configs, records, strict=True)):
+        if i in diverged or int(s.step) in ck.steps():
+            continue  # a diverged model keeps its last good checkpoint; a resumed one may hold this step
+        ck.save(jax.tree.map(jnp.asarray, s), c, metrics={"test_loss": r["test_loss"]})
+
+
+def _interrupted(signum: int, state: TrainState, config: TrainConfig, ck: Any, out: Path) -> Exception:
+    import signal
+
+    epoch = int(state.epoch)
+    ck.wait()
+    step = ck.latest_step()
+    name = signal.Signals(signum).name
+    if step is None:
+        return TrainingInterrupted(
+            f"interrupted by {name} before the first epoch ended; no checkpoint was written",
+            signum=signum,
+            epoch=epoch,
+            step=None,
+            checkpoint=None,
+        )
+    return TrainingInterrupted(
+        f"interrupted by {name} after epoch {epoch} of {config.epochs}; every model saved in {out} (step {step})",
+        signum=signum,
+        epoch=epoch,
+        step=step,
+        checkpoint=str(out),
+    )
+
+
+def _summary(
+    names: list[str],
+    configs: list[TrainConfig],
+    varying: list[str],
+    histories: list[list[dict]],
+    placement: Placement,
+    diverged: dict[int, int] | None = None,
+) -> dict[str, Any]:
+    """``runs`` (each model's settings, workdir and final test metrics) and ``groups`` (per setting
+    other than the seed: ``n`` and each test metric's mean and sample standard deviation).
+
+    A run whose loss stopped being finite carries ``diverged_at_epoch`` and is left out of its
+    group's figures (the group counts it under ``diverged``).
+    """
+    diverged = diverged or {}
+    shown = ["seed", *[n for n in varying if n != "seed"]]
+    runs = []
+    for i, (name, config, history) in enumerate(zip(names, configs, histories, strict=True)):
+        final = history[-1] if history else {}
+        run = {n: getattr(config, n) for n in shown}
+        run["workdir"] = name
+        run["epochs"] = final.get("epoch", 0)
+        run.update({k: v for k, v in final.items() if k.startswith("test_")})
+        if i in diverged:
+            run["diverged_at_epoch"] = diverged[i]
+        runs.append(run)
+    group_keys = [n for n in shown if n != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[n] for n in group_keys), []).append(run)
+    group_list = []
+    for key, members in groups.items():
+        group = dict(zip(group_keys, key, strict=True))
+        # A diverged run's metrics are not finite: the group's figures are over the others.
+        healthy = [m for m in members if "diverged_at_epoch" not in m]
+        group["n"] = len(healthy)
+        if len(healthy) < len(members):
+            group["diverged"] = len(members) - len(healthy)
+        metrics = sorted({k for m in healthy for k in m if k.startswith("test_")})
+        for metric in metrics:
+            values = np.asarray([m[metric] for m in healthy if metric in m], np.float64)
+            group[f"{metric}_mean"] = float(values.mean())
+            group[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        group["seeds"] = [m["seed"] for m in healthy]
+        group_list.append(group)
+    return {
+        "models": len(configs),
+        "varying": varying,
+        "placement": placement.describe(),
+        "std": "sample standard deviation over the group's runs (ddof=1; 0 for one run)",
+        "runs": runs,
+        "groups": group_list,
+    }
