@@ -34,6 +34,7 @@ from jaxae.objectives import Objective, get_variant
 # Independent random streams derived from a run's key (fold_in constants).
 _PARAMS_STREAM, _DATA_STREAM, _STEP_STREAM = 0, 1, 2
 _TRAIN_NOISE, _EVAL_NOISE = 0, 1
+OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclasses.dataclass
@@ -66,6 +67,11 @@ class TrainConfig:
     # vae
     beta: float = 1.0
     likelihood: str = "bernoulli"
+    # optimizer: torch.optim.Adam's defaults; "adamw" is torch.optim.AdamW (decoupled weight decay)
+    optimizer: str = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
 
     def validate(self) -> None:
         """Raises :class:`JaxaeError` for settings no run can use."""
@@ -101,10 +107,19 @@ class TrainConfig:
             raise JaxaeError(f"--beta must be >= 0, got {self.beta}")
         if self.likelihood not in ("bernoulli", "gaussian"):
             raise JaxaeError(f"unknown --likelihood {self.likelihood!r}; choose bernoulli or gaussian")
+        if self.optimizer not in OPTIMIZERS:
+            raise JaxaeError(f"unknown --optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise JaxaeError(f"--betas must be two numbers in [0, 1), got {','.join(map(str, self.betas))}")
+        if not (0 <= self.eps < float("inf")):
+            raise JaxaeError(f"--eps must be >= 0, got {self.eps}")
+        if not (0 <= self.weight_decay < float("inf")):
+            raise JaxaeError(f"--weight-decay must be >= 0, got {self.weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden_dims"] = list(self.hidden_dims)
+        d["betas"] = list(self.betas)
         return d
 
     @classmethod
@@ -114,8 +129,9 @@ class TrainConfig:
         if unknown:
             raise JaxaeError(f"unknown config keys: {', '.join(unknown)}")
         d = dict(d)
-        if "hidden_dims" in d:
-            d["hidden_dims"] = tuple(d["hidden_dims"])
+        for key in ("hidden_dims", "betas"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -374,7 +390,24 @@ def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trai
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), _PARAMS_STREAM))
     model = variant.build_model(config, image_shape_of(input_shape), rngs)
     objective = variant.build_objective(config, normalization)
-    return create_train_state(model, optax.adam(config.lr), objective, normalization, config.seed)
+    return create_train_state(model, make_optimizer(config), objective, normalization, config.seed)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The optax twin of ``torch.optim.Adam`` / ``AdamW`` with the config's settings.
+
+    Adam's ``weight_decay`` is an L2 term added to the gradient before the moments
+    (``add_decayed_weights`` first); AdamW's is decoupled, ``lr * wd * param`` added after them
+    (``optax.adamw``). With no decay the chain is plain ``optax.adam``, as before these settings
+    existed, so older checkpoints' optimizer states keep their structure.
+    """
+    b1, b2 = config.betas
+    if config.optimizer == "adamw":
+        return optax.adamw(config.lr, b1, b2, config.eps, weight_decay=config.weight_decay)
+    adam = optax.adam(config.lr, b1, b2, config.eps)
+    if config.weight_decay:
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), adam)
+    return adam
 
 
 def encode(trainer: Trainer, state: TrainState, images: np.ndarray | jax.Array, batch_size: int = 1000) -> np.ndarray:
