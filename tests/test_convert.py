@@ -517,7 +517,9 @@ def test_from_torch_accepts_dicts_checkpoints_and_other_sizes(tmp_path, sample_t
     # the sizes are in the tensors: no flags needed, and flags given are checked against them
     inferred = jaxae.from_torch(other.state_dict())
     assert inferred.encode(jnp.asarray(x)).shape == (7, 16)
-    with pytest.raises(jaxae.JaxaeError, match=r"--hidden-dims 128,64 does not match .*its tensors give --hidden-dims 256,100,48"):
+    with pytest.raises(
+        jaxae.JaxaeError, match=r"--hidden-dims 128,64 does not match .*its tensors give --hidden-dims 256,100,48"
+    ):
         jaxae.from_torch(other.state_dict(), hidden_dims=(128, 64))
     wider = torch_twin(TrainConfig(hidden_dims=(256, 64)))
     with pytest.raises(jaxae.JaxaeError, match=r"--latent-dim 16 does not match .*its tensors give --latent-dim 32"):
