@@ -2,16 +2,16 @@
 
 The package, in the order a conversion goes:
 
-* :mod:`~jaxae.convert.files`: reading what PyTorch users save (a bare ``state_dict``, the
+* ``jaxae.convert.files``: reading what PyTorch users save (a bare ``state_dict``, the
   tutorial's general checkpoint, a Lightning ``.ckpt``, ``.safetensors``; ``torch.load`` only
   with ``weights_only=True``), and writing state_dicts and checkpoints back, atomically.
-* :mod:`~jaxae.convert.layouts`: the twins' key maps (:data:`TWINS`, :class:`ParamLink`),
+* ``jaxae.convert.layouts``: the twins' key maps (:data:`TWINS`, :class:`ParamLink`),
   ``--rename`` and prefix stripping (``module.``, ``_orig_mod.``, ``model.``), and reading the
   model (family, arch, sizes) off the tensors.
-* :mod:`~jaxae.convert.weights`: :func:`match` (a file -> the model it fits), :func:`from_torch`,
+* ``jaxae.convert.weights``: :func:`match` (a file -> the model it fits), :func:`from_torch`,
   and Flax params -> state_dicts (:func:`to_torch_state_dict`).
-* :mod:`~jaxae.convert.optimizer`: ``torch.optim.Adam``/``AdamW`` state <-> optax state.
-* :mod:`~jaxae.convert.parity`: both frameworks' models on the same images (:func:`parity_report`).
+* ``jaxae.convert.optimizer``: ``torch.optim.Adam``/``AdamW`` state <-> optax state.
+* ``jaxae.convert.parity``: both frameworks' models on the same images (:func:`parity_report`).
 
 ::
 

@@ -83,8 +83,11 @@ def match(
         source: a file (``.pt``/``.pth``/``.ckpt``/``.safetensors``) or a state_dict / checkpoint dict.
         config: a :class:`~jaxae.train.TrainConfig` for everything else (normalisation, dataset,
             the sparse code activation); default: the document's.
-        variant, arch, hidden_dims, latent_dim, input_dim: the model, if known; checked against
-            the file.
+        variant: the variant (default: ``"vae"`` for ``mean``/``logvar`` heads, else ``"vanilla"``).
+        arch: ``"mlp"`` or ``"conv"``, if known; checked against the file.
+        hidden_dims: the encoder's hidden widths, if known; checked against the file.
+        latent_dim: the code size, if known; checked against the file.
+        input_dim: the flattened input size, if known; checked against the file.
         rename: ``{old_prefix: new_prefix}`` applied to the keys first.
         allow_nonfinite: accept NaN or Inf weights.
 
