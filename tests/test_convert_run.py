@@ -385,3 +385,47 @@ def test_old_configs_without_optimizer_settings_load_with_adam_defaults():
         TrainConfig(betas=(0.9, 1.0)).validate()
     with pytest.raises(jaxae.JaxaeError, match="unknown --optimizer 'sgd'"):
         TrainConfig(optimizer="sgd").validate()
+
+
+def test_optimizer_of_an_older_torch_needs_to_be_named_when_it_decays(tmp_path, capsys):
+    model, opt = _opt_state(lambda p: torch.optim.AdamW(p, weight_decay=0.1))
+    ckpt = general_checkpoint(model, opt)
+    del ckpt["optimizer_state_dict"]["param_groups"][0]["decoupled_weight_decay"]  # as torch < 2.6 wrote it
+    torch.save(ckpt, tmp_path / "old.pt")
+    code = cli.main(["convert", str(tmp_path / "old.pt"), "--out", str(tmp_path / "out")])
+    one_line_error(capsys, code, "give --optimizer adam or --optimizer adamw")
+    assert not (tmp_path / "out").exists()
+    summary = convert_cli(capsys, tmp_path / "old.pt", tmp_path / "out", "--optimizer", "adamw")
+    assert summary["optimizer"]["optimizer"] == "adamw" and summary["optimizer"]["weight_decay"] == 0.1
+
+
+def test_nonfinite_moments_and_contradicting_flags_are_one_line(tmp_path, capsys):
+    model, opt = _opt_state(lambda p: torch.optim.Adam(p))
+    ckpt = general_checkpoint(model, opt)
+    ckpt["optimizer_state_dict"]["state"][3]["exp_avg_sq"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    code = cli.main(["convert", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "out")])
+    one_line_error(capsys, code, "(optimizer state): encoder.2.bias.exp_avg_sq has 1 NaN")
+    torch.save(torch_reference.MLPVAE().state_dict(), tmp_path / "vae.pt")
+    code = cli.main(["convert", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "out"), "--variant", "vanilla"])
+    one_line_error(capsys, code, "the file holds an MLP VAE's weights: give --variant vae --arch mlp")
+    code = cli.main(["convert", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "out"), "--hidden-dims", "64"])
+    one_line_error(capsys, code, "--hidden-dims 64 does not match")
+    assert not (tmp_path / "out").exists()
+
+
+def test_lightning_epoch_without_loop_state_is_its_0_based_epoch_plus_one():
+    model, opt = _opt_state(lambda p: torch.optim.Adam(p), steps=2)
+    ckpt = {
+        "epoch": 4,
+        "global_step": 50,
+        "state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [],
+    }
+    found = convert.match(ckpt)
+    assert (found.stripped, found.file.epoch, found.file.step) == ("net.", 5, 50)
+    assert "0-based epoch 4" in found.file.notes[0]
+    ckpt["optimizer_states"] = [opt.state_dict(), opt.state_dict()]
+    with pytest.raises(jaxae.JaxaeError, match="holds 2 optimizers"):
+        convert.match(ckpt)
