@@ -62,6 +62,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
+    _add_optimizer_flags(p, d)
     p.add_argument("--seed", type=int, default=d.seed, help="0 to 2**32-1 (default: %(default)s)")
     p.add_argument(
         "--normalize",
@@ -116,6 +117,24 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
+    g = p.add_argument_group("optimizer", "torch.optim.Adam's settings and defaults; adamw is torch.optim.AdamW")
+    g.add_argument("--optimizer", choices=("adam", "adamw"), default=d.optimizer, help="default: %(default)s")
+    g.add_argument(
+        "--betas",
+        type=lambda s: tuple(float(v) for v in s.split(",")),
+        default=d.betas,
+        help="Adam's beta1,beta2 (default: 0.9,0.999)",
+    )
+    g.add_argument("--eps", type=float, default=d.eps, help="default: %(default)s")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="adam: L2 term added to the gradient; adamw: decoupled decay (default: %(default)s)",
+    )
+
+
 def _config_from_args(args: argparse.Namespace):
     from jaxae.train import TrainConfig
 
@@ -139,6 +158,10 @@ def _config_from_args(args: argparse.Namespace):
         sparsity_target=args.sparsity_target,
         beta=args.beta,
         likelihood=args.likelihood,
+        optimizer=args.optimizer,
+        betas=args.betas,
+        eps=args.eps,
+        weight_decay=args.weight_decay,
     )
 
 
@@ -207,7 +230,7 @@ def _strategy_from_args(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxae.loop import fit
 
-    config = _config_from_args(args)
+    config = _with_saved_settings(args, _config_from_args(args))
     config.validate()
     strategy = _strategy_from_args(args)
     with warnings.catch_warnings():
@@ -350,6 +373,38 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# What --init-from takes from its checkpoint when the flags are left at their defaults: the model.
+_MODEL_FIELDS = ("variant", "arch", "hidden_dims", "latent_dim", "sparsity")
+
+
+def _with_saved_settings(args: argparse.Namespace, config):
+    """``config`` with the checkpoint's settings where a flag was left at its default.
+
+    ``--resume`` takes every setting a resumed run may not change (so a converted PyTorch run
+    continues with ``--resume --epochs N`` alone); ``--init-from`` takes the model's sizes.
+    """
+    import dataclasses
+
+    from jaxae import checkpoint
+    from jaxae.train import TrainConfig
+
+    source = args.workdir if args.resume else args.init_from
+    if source is None:
+        return config
+    try:
+        _, meta = checkpoint.read_meta(source)
+        saved = TrainConfig.from_dict(meta["config"])
+    except JaxaeError:
+        return config  # fit() says what is wrong with it, in its own words
+    if args.resume:
+        fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in checkpoint.RESUME_MAY_CHANGE]
+    else:
+        fields = _MODEL_FIELDS
+    defaults = TrainConfig()
+    changes = {f: getattr(saved, f) for f in fields if getattr(config, f) == getattr(defaults, f)}
+    return dataclasses.replace(config, **changes)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
 
@@ -394,41 +449,87 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
+
+    import jax.numpy as jnp
 
     from jaxae import checkpoint, convert
     from jaxae.data import load_dataset
     from jaxae.train import TrainConfig, build
 
-    config = TrainConfig(
-        variant=args.variant,
-        arch=args.arch,
+    base = TrainConfig(
         dataset=args.dataset,
         tfds_data_dir=args.tfds_data_dir,
         normalize=args.normalize,
-        hidden_dims=args.hidden_dims,
-        latent_dim=args.latent_dim,
         sparsity=args.sparsity,
     )
-    config.validate()
-    convert.get_twin(config.variant, config.arch)
+    base.validate()
+    if args.variant is not None:
+        convert.get_twin(args.variant, args.arch or "mlp")
     if not args.tolerance >= 0:
         raise JaxaeError(f"--tolerance must be a non-negative number, got {args.tolerance}")
     out = Path(args.out)
     _check_convert_out(out, checkpoint.checkpoint_dir(out), force=args.force)
     # Everything is read and checked before anything is written.
-    state_dict = convert.read_state_dict(args.model, allow_nonfinite=args.allow_nonfinite)
-    trainer, state = build(config, convert.INPUT_DIM)
-    what = convert.model_description(config, convert.INPUT_DIM)
-    params = convert.params_from_torch(
-        state_dict, state.params, config.variant, arch=config.arch, what=what, source=args.model
+    found = convert.match(
+        args.model,
+        base,
+        variant=args.variant,
+        arch=args.arch,
+        hidden_dims=args.hidden_dims,
+        latent_dim=args.latent_dim,
+        input_dim=convert.INPUT_DIM,
+        rename=convert.parse_renames(args.rename),
+        allow_nonfinite=args.allow_nonfinite,
     )
-    state = state.replace(params=params, opt_state=trainer.tx.init(params))
+    file = found.file
+    optimizer = None if args.no_optimizer else file.optimizer
+    config = found.config
+    if optimizer is not None:
+        if file.scheduler:
+            raise JaxaeError(
+                f"{args.model} holds a learning-rate scheduler's state ({file.scheduler!r}), which jaxae cannot "
+                "continue (it trains at a constant --lr); pass --no-optimizer to convert the weights alone"
+            )
+        settings = convert.optimizer_settings(optimizer, args.model, args.optimizer)
+        config = dataclasses.replace(config, **settings)
+    config.validate()
+    convert.get_twin(config.variant, config.arch)
+    trainer, state = build(config, found.input_dim)
+    params = convert.params_from_torch(
+        found.state_dict, state.params, config.variant, arch=config.arch, what=found.description, source=args.model
+    )
+    run = {}
+    if optimizer is not None:
+        links = convert.links_for(convert.get_twin(config.variant, config.arch), params)
+        opt_state, adam_step = convert.opt_state_from_torch(
+            optimizer,
+            list(found.state_dict),
+            links,
+            trainer.tx,
+            params,
+            args.model,
+            allow_nonfinite=args.allow_nonfinite,
+        )
+        step = file.step if file.step is not None else adam_step
+        epoch = file.epoch or 0
+        state = state.replace(
+            params=params,
+            opt_state=opt_state,
+            step=jnp.asarray(step, jnp.int32),
+            epoch=jnp.asarray(epoch, jnp.int32),
+        )
+        run = {"optimizer": {**settings, "step": adam_step}, "epoch": epoch, "step": step}
+    else:
+        state = state.replace(params=params, opt_state=trainer.tx.init(params))
 
     report = None
     if args.check:
         test = load_dataset(config.dataset, "test", config.tfds_data_dir)
-        report = convert.parity_report(state_dict, trainer.model(params), test.images, config, tolerance=args.tolerance)
+        report = convert.parity_report(
+            found.state_dict, trainer.model(params), test.images, config, tolerance=args.tolerance
+        )
         report = {"source": args.model, "dataset": config.dataset, "split": "test", **report}
         if not report["passed"]:
             print(json.dumps(report, indent=2))
@@ -445,10 +546,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     summary = {
         "workdir": str(out),
         "source": args.model,
+        "read": file.container,
         "variant": config.variant,
         "arch": config.arch,
-        "tensors": len(state_dict),
+        "tensors": len(found.state_dict),
     }
+    if found.stripped:
+        summary["stripped"] = found.stripped
+    if found.inferred:
+        summary["inferred"] = {k: list(v) if isinstance(v, tuple) else v for k, v in found.inferred.items()}
+    summary.update(run)
+    notes = found.notes + file.notes
+    if file.optimizer is not None and optimizer is None:
+        notes.append("optimizer state left out (--no-optimizer): a fresh Adam")
+    if notes:
+        summary["notes"] = notes
     if report is not None:
         (out / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({**summary, **report}, indent=2))
@@ -489,22 +601,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     from jaxae import checkpoint, convert
 
     fmt = args.format or ("safetensors" if Path(args.out).suffix == ".safetensors" else "torch")
+    if args.with_optimizer and fmt != "torch":
+        raise JaxaeError("--with-optimizer writes a torch.save checkpoint; give --format torch (a .pt file)")
     convert.check_output_file(args.out, overwrite=args.force)  # before the restore: fail before work
     trainer, state, config = checkpoint.restore(args.workdir, args.step)
     state_dict = convert.to_numpy_state_dict(state.params, config.variant, config.arch)
-    path = convert.save_state_dict(state_dict, args.out, fmt, overwrite=args.force)
-    print(
-        json.dumps(
-            {
-                "out": str(path),
-                "format": fmt,
-                "variant": config.variant,
-                "arch": config.arch,
-                "step": int(state.step),
-                "tensors": len(state_dict),
-            }
-        )
-    )
+    summary = {"format": fmt, "variant": config.variant, "arch": config.arch, "step": int(state.step)}
+    if args.with_optimizer:
+        from jaxae.torch_reference import require_torch
+
+        torch = require_torch()
+        links = convert.links_for(convert.get_twin(config.variant, config.arch), state.params)
+        general = {
+            "epoch": int(state.epoch),
+            "global_step": int(state.step),
+            "model_state_dict": {k: torch.from_numpy(v) for k, v in state_dict.items()},
+            "optimizer_state_dict": convert.torch_optimizer_state_dict(state.opt_state, links, config),
+        }
+        path = convert.save_torch_checkpoint(general, args.out, overwrite=args.force)
+        summary.update(epoch=int(state.epoch), optimizer=config.optimizer)
+    else:
+        path = convert.save_state_dict(state_dict, args.out, fmt, overwrite=args.force)
+    print(json.dumps({"out": str(path), **summary, "tensors": len(state_dict)}))
     return 0
 
 
@@ -595,7 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="a PyTorch state_dict (.pt/.pth/.safetensors) -> a checkpoint folder that evaluate and train accept",
     )
-    p.add_argument("model", metavar="MODEL.pt", help="torch.save(model.state_dict()) output, or a .safetensors file")
+    p.add_argument(
+        "model",
+        metavar="MODEL.pt",
+        help="torch.save(model.state_dict()) output, a training checkpoint (the tutorial's general checkpoint, "
+        "a Lightning .ckpt) or a .safetensors file",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="a new folder for the checkpoint")
     p.add_argument(
         "--force",
@@ -609,14 +732,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert weights holding NaN or Inf (refused by default: such a model computes NaN)",
     )
     p.add_argument(
-        "--variant", default=d.variant, help="vanilla, denoising, sparse or vae: the model's (default: %(default)s)"
+        "--variant",
+        default=None,
+        help="vanilla, denoising, sparse or vae: the model's (default: vae for a file with mean/logvar heads, "
+        "else vanilla: a linear code)",
     )
     p.add_argument(
         "--arch",
         choices=("mlp", "conv"),
-        default=d.arch,
+        default=None,
         help="mlp: the document's layout; conv: the conv twin (vanilla, denoising, vae) of "
-        "jaxae.torch_reference (default: %(default)s)",
+        "jaxae.torch_reference (default: from the tensors; checked against them when given)",
+    )
+    p.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rename keys starting with OLD (e.g. fc1.=encoder.0.); repeatable",
+    )
+    p.add_argument(
+        "--no-optimizer",
+        action="store_true",
+        help="leave out the optimizer state a training checkpoint holds (start a fresh Adam)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("adam", "adamw"),
+        default=None,
+        help="only for files of torch releases that do not record it: whether the optimizer was Adam or AdamW",
     )
     p.add_argument(
         "--sparsity",
@@ -637,12 +781,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="recorded for evaluate/train; --check uses its test split (default: %(default)s)",
     )
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (TFDS datasets only)")
-    p.add_argument("--latent-dim", type=int, default=d.latent_dim, help="code size (default: %(default)s)")
+    p.add_argument(
+        "--latent-dim", type=int, default=None, help="code size (default: from the tensors; checked when given)"
+    )
     p.add_argument(
         "--hidden-dims",
         type=_positive_ints,
-        default=d.hidden_dims,
-        help="encoder hidden widths, comma-separated (default: 128,64)",
+        default=None,
+        help="encoder hidden widths, comma-separated (default: from the tensors; checked when given)",
     )
     p.add_argument(
         "--check",
@@ -669,6 +815,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch (torch.save) or safetensors (default: safetensors if FILE ends in .safetensors, else torch)",
     )
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument(
+        "--with-optimizer",
+        action="store_true",
+        help="write the tutorial's general checkpoint: model_state_dict, optimizer_state_dict (torch.optim.Adam "
+        "or AdamW loads it), epoch, global_step",
+    )
     p.set_defaults(func=cmd_export)
     p = sub.add_parser(
         "bench",

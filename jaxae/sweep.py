@@ -24,6 +24,7 @@ gradients summed, as ``--parallel shard`` does for one run).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -37,7 +38,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -45,10 +45,10 @@ from tqdm.auto import tqdm
 from jaxae import checkpoint, plots
 from jaxae.data import get_normalization, load_dataset
 from jaxae.errors import JaxaeError, TrainingInterrupted
-from jaxae.loop import _previous_records, _write_records
+from jaxae.loop import WorkdirLock, _previous_records, _write_records, check_workdir_writable
 from jaxae.objectives import get_variant
 from jaxae.parallel import MESH_AXIS
-from jaxae.train import TrainConfig, Trainer, TrainState, build, summarize_epoch
+from jaxae.train import TrainConfig, Trainer, TrainState, build, device_memory_bytes, make_optimizer, summarize_epoch
 
 #: Settings a sweep may vary: none of them changes a parameter's shape.
 SWEEPABLE = ("seed", "lr", "noise_std", "mask_prob", "sparsity_weight", "sparsity_target", "beta")
@@ -154,23 +154,6 @@ def _short(value: float) -> str:
 # -- memory ------------------------------------------------------------------------------------
 
 
-def device_memory_bytes(device: jax.Device) -> int | None:
-    """How many bytes ``device`` can hold: the allocator's limit, or the host's RAM for a CPU."""
-    stats = None
-    try:
-        stats = device.memory_stats()
-    except Exception:  # some backends do not implement it
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    if device.platform == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            return None
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
     """A rough plan of one device's memory for a sweep (bytes)."""
@@ -256,8 +239,9 @@ class SweepProgram:
         config = dataclasses.replace(self.base, **hyper)
         normalization = get_normalization(config.normalize)
         objective = get_variant(config.variant).build_objective(config, normalization)
-        # optax.adam(lr) scales the update by -lr: with a traced lr, the same multiply.
-        return Trainer(self.graphdef, optax.adam(config.lr), objective, normalization)
+        # The run's own optimizer (Adam or AdamW, its betas, eps and decay): optax scales the
+        # update by -lr, and with a traced lr that is the same multiply.
+        return Trainer(self.graphdef, make_optimizer(config), objective, normalization)
 
     def train_epoch(self, state: TrainState, hyper: dict[str, jax.Array], images: jax.Array, batch_size: int):
         """Every model's epoch: ``state`` and ``hyper`` carry the model axis, ``images`` not."""
@@ -458,14 +442,54 @@ def fit_sweep(
         raise JaxaeError(f"--keep must be at least 1, got {keep}")
     if resume and workdir is None:
         raise JaxaeError("resuming a sweep needs its workdir")
-    base = configs[0]
     varying = varying_settings(configs)
     names = [run_name(c, varying) for c in configs]
     out = Path(workdir) if workdir is not None else None
     run_dirs: list[Path | None] = [out / n if out is not None else None for n in names]
     grid = {"varying": varying, "runs": [{"workdir": n, **c.to_dict()} for n, c in zip(names, configs, strict=True)]}
-    if out is not None:
-        _check_workdir(out, grid, run_dirs, configs, resume)
+    with contextlib.ExitStack() as held:
+        if out is not None:
+            # One sweep per folder, as one run per workdir: a second sweep (or a train run)
+            # there is refused at once instead of both writing the same checkpoints.
+            check_workdir_writable(out)
+            held.enter_context(WorkdirLock(out))
+            _check_workdir(out, grid, run_dirs, configs, resume)
+        return _train_grid(
+            configs,
+            out,
+            run_dirs,
+            names,
+            varying,
+            grid,
+            strategy,
+            devices,
+            resume,
+            progress,
+            save_every,
+            keep,
+            figures,
+            callbacks,
+        )
+
+
+def _train_grid(
+    configs,
+    out,
+    run_dirs,
+    names,
+    varying,
+    grid,
+    strategy,
+    devices,
+    resume,
+    progress,
+    save_every,
+    keep,
+    figures,
+    callbacks,
+):
+    """The body of :func:`fit_sweep`, once the grid is checked and its folder is held."""
+    base = configs[0]
     placement = Placement(len(configs), strategy, devices)
 
     train = load_dataset(base.dataset, "train", base.tfds_data_dir)

@@ -53,6 +53,9 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
+OPTIMIZERS = ("adam", "adamw")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a run; written to ``config.json`` and into checkpoints.
@@ -83,6 +86,11 @@ class TrainConfig:
     # vae
     beta: float = 1.0
     likelihood: str = "bernoulli"
+    # optimizer: torch.optim.Adam's defaults; "adamw" is torch.optim.AdamW (decoupled weight decay)
+    optimizer: str = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
 
     def validate(self) -> None:
         """Raises :class:`JaxaeError` for settings no run can use."""
@@ -128,10 +136,19 @@ class TrainConfig:
             raise JaxaeError(f"--beta must be >= 0, got {self.beta}")
         if self.likelihood not in ("bernoulli", "gaussian"):
             raise JaxaeError(f"unknown --likelihood {self.likelihood!r}; choose bernoulli or gaussian")
+        if self.optimizer not in OPTIMIZERS:
+            raise JaxaeError(f"unknown --optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise JaxaeError(f"--betas must be two numbers in [0, 1), got {','.join(map(str, self.betas))}")
+        if not (0 <= self.eps < float("inf")):
+            raise JaxaeError(f"--eps must be >= 0, got {self.eps}")
+        if not (0 <= self.weight_decay < float("inf")):
+            raise JaxaeError(f"--weight-decay must be >= 0, got {self.weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden_dims"] = list(self.hidden_dims)
+        d["betas"] = list(self.betas)
         return d
 
     @classmethod
@@ -141,8 +158,9 @@ class TrainConfig:
         if unknown:
             raise JaxaeError(f"unknown config keys: {', '.join(unknown)}")
         d = dict(d)
-        if "hidden_dims" in d:
-            d["hidden_dims"] = tuple(d["hidden_dims"])
+        for key in ("hidden_dims", "betas"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -407,7 +425,24 @@ def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trai
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(check_seed(config.seed)), _PARAMS_STREAM))
     model = variant.build_model(config, image_shape, rngs)
     objective = variant.build_objective(config, normalization)
-    return create_train_state(model, optax.adam(config.lr), objective, normalization, config.seed)
+    return create_train_state(model, make_optimizer(config), objective, normalization, config.seed)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The optax twin of ``torch.optim.Adam`` / ``AdamW`` with the config's settings.
+
+    Adam's ``weight_decay`` is an L2 term added to the gradient before the moments
+    (``add_decayed_weights`` first); AdamW's is decoupled, ``lr * wd * param`` added after them
+    (``optax.adamw``). With no decay the chain is plain ``optax.adam``, as before these settings
+    existed, so older checkpoints' optimizer states keep their structure.
+    """
+    b1, b2 = config.betas
+    if config.optimizer == "adamw":
+        return optax.adamw(config.lr, b1, b2, config.eps, weight_decay=config.weight_decay)
+    adam = optax.adam(config.lr, b1, b2, config.eps)
+    if config.weight_decay:
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), adam)
+    return adam
 
 
 # Training holds four float32 copies of every parameter: the values, the gradient and Adam's two moments.
@@ -424,7 +459,7 @@ def _check_model_fits(config: TrainConfig, image_shape: tuple[int, ...]) -> None
     abstract = nnx.eval_shape(lambda: variant.build_model(config, image_shape, nnx.Rngs(params=0)))
     count = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nnx.state(abstract, nnx.Param)))
     needed = _TRAINING_BYTES_PER_PARAMETER * count
-    available = _device_memory_bytes()
+    available = device_memory_bytes()
     if available is not None and needed > available:
         raise JaxaeError(
             f"the model has {count:,} parameters: training needs at least {needed / 2**30:,.1f} GiB for them and "
@@ -433,19 +468,26 @@ def _check_model_fits(config: TrainConfig, image_shape: tuple[int, ...]) -> None
         )
 
 
-def _device_memory_bytes() -> int | None:
-    """Memory of this process's first device (an accelerator's limit, or the host's RAM on CPU), if known.
+def device_memory_bytes(device: jax.Device | None = None) -> int | None:
+    """How many bytes ``device`` can hold (an accelerator's limit, or the host's RAM for a CPU), if known.
 
-    ``jax.local_devices()``, not ``jax.devices()``: in a multi-process run the first global
-    device belongs to process 0, and asking another process's device for its memory fails.
+    The default is this process's first device: ``jax.local_devices()``, not ``jax.devices()``,
+    since in a multi-process run the first global device belongs to process 0, and asking
+    another process's device for its memory fails.
     """
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
+    device = device or jax.local_devices()[0]
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not every platform reports it
-        return None
+        stats = device.memory_stats() or {}
+    except Exception:  # some backends do not implement it
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not every platform reports it
+            return None
+    return None
 
 
 def encode(trainer: Trainer, state: TrainState, images: np.ndarray | jax.Array, batch_size: int = 1000) -> np.ndarray:

@@ -249,3 +249,26 @@ def test_swept_loss_weights_give_the_train_step_of_each_config(variant, values, 
         for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(states.params), strict=True):
             # Adam's first update is about lr * sign(gradient): a tiny gradient's rounding shows.
             np.testing.assert_allclose(b[i], a, rtol=0, atol=1e-6)
+
+
+def test_a_sweep_refuses_a_folder_another_run_holds(tmp_path):
+    from jaxae.loop import WorkdirLock
+
+    workdir = tmp_path / "grid"
+    workdir.mkdir()
+    configs = sweep_configs(TrainConfig(epochs=1), seed=[0, 1])
+    with WorkdirLock(workdir):
+        with pytest.raises(JaxaeError, match=rf"in use by another jaxae run \(PID {os.getpid()}\)"):
+            fit_sweep(configs, workdir, progress=False)
+    assert list(workdir.iterdir()) == [workdir / ".jaxae.lock"]
+
+
+def test_a_sweep_keeps_the_runs_optimizer_settings(tmp_path):
+    # AdamW with decay in a sweep is AdamW with decay in each model, as in `jaxae train`.
+    base = TrainConfig(epochs=1, optimizer="adamw", weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)
+    result = fit_sweep(sweep_configs(base, lr=[1e-3, 3e-3]), None, progress=False)
+    for config, state in zip(result.configs, result.states, strict=True):
+        alone = fit(config, None, progress=False)
+        np.testing.assert_allclose(
+            jax.tree.leaves(state.params)[0], jax.tree.leaves(alone.state.params)[0], atol=1e-5, rtol=0
+        )

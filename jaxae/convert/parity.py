@@ -1,0 +1,104 @@
+"""The parity report: a PyTorch twin and its converted Flax model run on the same images."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxae import torch_reference
+from jaxae.convert.layouts import _call, get_twin
+from jaxae.convert.weights import _config, to_numpy_state_dict
+from jaxae.data import get_normalization
+from jaxae.errors import JaxaeError
+
+# Float32 outputs of the same weights differ by summation order alone, and more as weights grow
+# with training: ~6e-8 for fresh weights, ~9e-7 after 20 epochs on the sample (README).
+DEFAULT_TOLERANCE = 1e-5
+
+
+def torch_outputs(module: Any, x: np.ndarray, reconstruct: Callable = _call) -> np.ndarray:
+    """Runs a PyTorch module on float32 ``x`` in fp32 on the CPU."""
+    torch = torch_reference.require_torch()
+    module.eval()
+    with torch.no_grad():
+        return reconstruct(module, torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _flax_forward(graphdef: Any, reconstruct: Callable, state: Any, x: jax.Array) -> jax.Array:
+    # Module level, structure static: reports on models of one structure compile once.
+    return reconstruct(nnx.merge(graphdef, state), x)
+
+
+def flax_outputs(model: nnx.Module, x: np.ndarray, reconstruct: Callable = _call) -> np.ndarray:
+    """Runs a Flax module on float32 ``x`` with fp32 ("highest") matmuls, as PyTorch's CPU does."""
+    graphdef, state = nnx.split(model)
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(_flax_forward(graphdef, reconstruct, state, jnp.asarray(x)))
+
+
+def parity_report(
+    state_dict: Mapping[str, np.ndarray],
+    model: nnx.Module,
+    images_u8: np.ndarray,
+    config: Any = None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
+    """Runs the PyTorch twin (holding ``state_dict``) and ``model`` on the same images.
+
+    Args:
+        state_dict: the PyTorch weights (numpy, e.g. from :func:`read_state_dict`).
+        model: the converted Flax module.
+        images_u8: uint8 images ``[N, ...]``; both models see them normalised by
+            ``config.normalize`` exactly as torchvision's ``ToTensor`` + ``Normalize`` would.
+        config: gives the variant, the arch, the layer sizes and the normalisation.
+        tolerance: the largest max-abs difference (parameters and outputs) that passes.
+
+    Returns:
+        A JSON-ready dict: per-parameter max abs difference, the outputs' max and mean abs
+        difference, both models' MSE, and ``passed``.
+    """
+    config = _config(None, config)
+    if not (tolerance >= 0):
+        raise JaxaeError(f"--tolerance must be a non-negative number, got {tolerance}")
+    twin = get_twin(config.variant, config.arch)
+    torch = torch_reference.require_torch()
+    n = images_u8.shape[0]
+    x = get_normalization(config.normalize).table[np.asarray(images_u8).reshape(n, -1).astype(np.int64)]
+    input_dim = x.shape[1]
+
+    module = twin.torch_module(config, input_dim)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+    converted = to_numpy_state_dict(model, config.variant, config.arch)
+    param_diffs = {k: float(np.max(np.abs(converted[k] - state_dict[k]), initial=0.0)) for k in state_dict}
+
+    y_torch = torch_outputs(module, x, twin.reconstruct)
+    y_flax = flax_outputs(model, x, twin.reconstruct)
+    diff = np.abs(y_torch.astype(np.float64) - y_flax.astype(np.float64))
+    mse_torch = float(np.mean(np.square(y_torch.astype(np.float64) - x)))
+    mse_flax = float(np.mean(np.square(y_flax.astype(np.float64) - x)))
+    max_param = max(param_diffs.values(), default=0.0)
+    max_out = float(diff.max(initial=0.0))
+    return {
+        "variant": config.variant,
+        "arch": config.arch,
+        "normalize": config.normalize,
+        "examples": int(n),
+        "dtype": "float32",
+        "jax_matmul_precision": "highest",
+        "max_abs_diff_per_parameter": param_diffs,
+        "max_abs_diff_parameters": max_param,
+        "max_abs_diff_outputs": max_out,
+        "mean_abs_diff_outputs": float(diff.mean()),
+        "mse_torch": mse_torch,
+        "mse_flax": mse_flax,
+        "tolerance": tolerance,
+        "passed": bool(max_param <= tolerance and max_out <= tolerance),
+    }

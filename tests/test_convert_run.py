@@ -1,0 +1,431 @@
+"""Moving a whole PyTorch run to jaxae and back: checkpoint formats, prefixes, renames, inferred
+sizes, and Adam/AdamW state, proven against real torch (the files are written here by torch).
+
+The parity tests run both frameworks from the same migrated state over the same batches: one
+step (loss within 1e-6 relative, weights within 1e-5) and 50 steps (per-step losses within
+1e-5 relative), for Adam with non-default betas and eps, Adam with L2 weight decay, and AdamW.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxae
+from jaxae import checkpoint, cli, convert, torch_reference
+from jaxae.data import NORMALIZATIONS
+from jaxae.train import TrainConfig
+
+torch = pytest.importorskip("torch")
+
+BATCH = 32
+# A 784-64-32-16 model: not the document's sizes, so every test also exercises inference.
+HIDDEN, LATENT = (64, 32), 16
+
+
+@pytest.fixture(autouse=True)
+def fp32():
+    torch.set_default_dtype(torch.float32)
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def batches(sample_train):
+    """60 fixed uint8 batches [32, 784] and their normalised float32 copies."""
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(len(sample_train))[: 60 * BATCH].reshape(60, BATCH)
+    u8 = sample_train.images.reshape(len(sample_train), -1)[ids]
+    return u8, NORMALIZATIONS["unit"].table[u8]
+
+
+def torch_model(seed=0):
+    torch.manual_seed(seed)
+    return torch_reference.MLPAutoencoder(784, HIDDEN, LATENT)
+
+
+OPTIMIZERS = {
+    "adam-betas-eps": (lambda p: torch.optim.Adam(p, lr=2e-3, betas=(0.8, 0.95), eps=1e-6), "adam"),
+    "adam-l2": (lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.05), "adam"),
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1), "adamw"),
+}
+
+
+def torch_step(model, opt, x):
+    opt.zero_grad()
+    loss = torch.mean(torch.square(model(x) - x))
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def torch_run(batches, make_opt, steps=5):
+    """A PyTorch run of ``steps`` steps: the model, its optimizer, the per-step losses."""
+    model = torch_model()
+    opt = make_opt(model.parameters())
+    x = torch.from_numpy(batches[1])
+    losses = [torch_step(model, opt, x[i]) for i in range(steps)]
+    return model, opt, losses
+
+
+def general_checkpoint(model, opt, epoch=2):
+    return {
+        "epoch": epoch,
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": opt.state_dict(),
+        "loss": 0.1,
+    }
+
+
+def convert_cli(capsys, source, out, *flags):
+    code = cli.main(["convert", str(source), "--out", str(out), *flags])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def one_line_error(capsys, code, pattern):
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    err = captured.err.strip()
+    assert err.startswith("jaxae: error: ") and "\n" not in err and pattern in err, err
+    return err
+
+
+# --- reading what PyTorch users save --------------------------------------------------------------
+
+
+def test_every_container_and_prefix_reads_as_the_same_model(tmp_path, batches):
+    model, opt, _ = torch_run(batches, OPTIMIZERS["adam-betas-eps"][0], steps=2)
+    sd = model.state_dict()
+    x = batches[1][0]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    lightning = {  # the layout of a Lightning .ckpt, as the plain dict it is
+        "epoch": 0,
+        "global_step": 2,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": {f"model.{k}": v for k, v in sd.items()},
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [],
+        "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 1}}}},
+    }
+    sources = {
+        "bare": (dict(sd), ""),
+        "general": (general_checkpoint(model, opt), ""),
+        "model/optimizer": ({"model": sd, "optimizer": opt.state_dict(), "epoch": 1}, ""),
+        "state_dict/optimizer": ({"state_dict": sd, "optimizer": opt.state_dict()}, ""),
+        "ddp": ({f"module.{k}": v for k, v in sd.items()}, "module."),
+        "compiled ddp": ({f"module._orig_mod.{k}": v for k, v in sd.items()}, "module._orig_mod."),
+        "lightning": (lightning, "model."),
+    }
+    for name, (obj, stripped) in sources.items():
+        path = tmp_path / f"{name.replace('/', '-').replace(' ', '-')}.pt"
+        torch.save(obj, path)
+        found = convert.match(path)
+        assert found.stripped == stripped, name
+        assert (found.config.hidden_dims, found.config.latent_dim, found.config.variant) == (HIDDEN, LATENT, "vanilla")
+        out = np.asarray(convert.model_from_match(found)(jnp.asarray(x)))
+        np.testing.assert_allclose(out, expected, atol=1e-6, err_msg=name)
+    ckpt = convert.read_torch_file(tmp_path / "lightning.pt")
+    assert (ckpt.container, ckpt.epoch, ckpt.step) == ("a Lightning checkpoint", 1, 2)
+    assert ckpt.optimizer is not None
+    convert.save_state_dict({k: v.numpy() for k, v in sd.items()}, tmp_path / "m.safetensors", "safetensors")
+    assert convert.match(tmp_path / "m.safetensors").config.hidden_dims == HIDDEN
+
+
+def test_inference_reads_family_arch_and_sizes_and_checks_given_flags():
+    vae = torch_reference.MLPVAE(784, (96, 48), 12).state_dict()
+    found = convert.match(vae)
+    assert (found.config.variant, found.config.arch, found.config.hidden_dims, found.config.latent_dim) == (
+        "vae",
+        "mlp",
+        (96, 48),
+        12,
+    )
+    conv = convert.match(torch_reference.ConvVAE(latent_dim=8).state_dict())
+    assert (conv.config.variant, conv.config.arch, conv.config.latent_dim, conv.input_dim) == ("vae", "conv", 8, 784)
+    ae = convert.match(torch_model().state_dict())
+    assert ae.config.variant == "vanilla" and "linear code" in ae.notes[0]
+    # given settings are checked against the tensors
+    with pytest.raises(jaxae.JaxaeError, match=r"--latent-dim 32 does not match .*give --latent-dim 16"):
+        convert.match(torch_model().state_dict(), latent_dim=32)
+    with pytest.raises(jaxae.JaxaeError, match=r"--arch conv does not match"):
+        convert.match(torch_model().state_dict(), arch="conv")
+    with pytest.raises(jaxae.JaxaeError, match=r"the file holds an MLP VAE's weights: give --variant vae --arch mlp"):
+        convert.match(vae, variant="denoising")
+    # the Python API takes the same settings as keywords
+    model = jaxae.from_torch(torch_model().state_dict(), variant="denoising", hidden_dims=HIDDEN, latent_dim=LATENT)
+    assert isinstance(model, jaxae.Autoencoder)
+
+
+def test_other_layer_names_get_a_rename_line_that_works(tmp_path, capsys, batches):
+    model = torch_model()
+    names = {"encoder.0": "fc1", "encoder.2": "fc2", "encoder.4": "fc3", "decoder.0": "fc4"}
+    names.update({"decoder.2": "fc5", "decoder.4": "fc6"})
+    sd = {f"{names[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in model.state_dict().items()}
+    torch.save(sd, tmp_path / "fc.pt")
+    code = cli.main(["convert", str(tmp_path / "fc.pt"), "--out", str(tmp_path / "out")])
+    err = one_line_error(capsys, code, "matches no layout jaxae converts (its keys: fc1.weight [64, 784], ")
+    assert not (tmp_path / "out").exists()
+    flags = err[err.index("--rename") :].split()
+    assert flags[:2] == ["--rename", "fc1.=encoder.0."] and flags[-1] == "fc6.=decoder.4."
+    summary = convert_cli(capsys, tmp_path / "fc.pt", tmp_path / "out", *flags, "--check")
+    assert summary["passed"] and summary["inferred"] == {"arch": "mlp", "latent_dim": 16, "hidden_dims": [64, 32]}
+    # the same in Python
+    rename = dict(flag.split("=") for flag in flags[1::2])
+    jax_model = jaxae.from_torch(tmp_path / "fc.pt", rename=rename)
+    x = batches[1][0]
+    with torch.no_grad():
+        np.testing.assert_allclose(jax_model(jnp.asarray(x)), model(torch.from_numpy(x)).numpy(), atol=1e-6)
+    code = cli.main(["convert", str(tmp_path / "fc.pt"), "--out", str(tmp_path / "o2"), "--rename", "fc9.=encoder.0."])
+    one_line_error(capsys, code, "no key of")
+    code = cli.main(["convert", str(tmp_path / "fc.pt"), "--out", str(tmp_path / "o2"), "--rename", "fc1"])
+    one_line_error(capsys, code, "give OLD=NEW")
+    assert not (tmp_path / "o2").exists()
+
+
+# --- the optimizer: parity with torch -------------------------------------------------------------
+
+
+def _migrate(tmp_path, capsys, model, opt):
+    torch.save(general_checkpoint(model, opt), tmp_path / "run.pt")
+    summary = convert_cli(capsys, tmp_path / "run.pt", tmp_path / "jax")
+    return summary, *checkpoint.restore(tmp_path / "jax")
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_next_step_and_50_steps_match_torch(name, tmp_path, capsys, batches):
+    make_opt, optimizer = OPTIMIZERS[name]
+    model, opt, _ = torch_run(batches, make_opt, steps=5)
+    summary, trainer, state, config = _migrate(tmp_path, capsys, model, opt)
+    group = opt.state_dict()["param_groups"][0]
+    assert summary["optimizer"]["step"] == 5 and summary["epoch"] == 2 and summary["step"] == 5
+    assert (config.optimizer, config.lr, config.betas, config.eps, config.weight_decay) == (
+        optimizer,
+        group["lr"],
+        tuple(group["betas"]),
+        group["eps"],
+        group["weight_decay"],
+    )
+    assert (int(state.step), int(state.epoch), config.hidden_dims, config.latent_dim) == (5, 2, HIDDEN, LATENT)
+
+    u8, x = batches
+    x_t = torch.from_numpy(x)
+    step = jax.jit(trainer.train_step)
+    jax_losses, torch_losses = [], []
+    for i in range(5, 55):
+        state, metrics = step(state, jnp.asarray(u8[i]))
+        jax_losses.append(float(metrics["loss"]))
+        torch_losses.append(torch_step(model, opt, x_t[i]))
+        if i == 5:  # the first step from the migrated state
+            assert jax_losses[0] == pytest.approx(torch_losses[0], rel=1e-6)
+            got = convert.to_numpy_state_dict(state.params)
+            for key, value in model.state_dict().items():
+                np.testing.assert_allclose(got[key], value.numpy(), rtol=0, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adam-l2", "adamw"])
+def test_round_trip_torch_jaxae_torch_is_bit_exact(name, tmp_path, capsys, batches):
+    make_opt, _ = OPTIMIZERS[name]
+    model, opt, _ = torch_run(batches, make_opt, steps=3)
+    _migrate(tmp_path, capsys, model, opt)
+    code = cli.main(
+        ["export", "--workdir", str(tmp_path / "jax"), "--out", str(tmp_path / "back.pt"), "--with-optimizer"]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["epoch"] == 2
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert back["epoch"] == 2 and back["global_step"] == 3
+    for key, value in model.state_dict().items():
+        assert torch.equal(back["model_state_dict"][key], value), key
+    sent, got = opt.state_dict(), back["optimizer_state_dict"]
+    assert got["param_groups"] == sent["param_groups"]
+    assert sorted(got["state"]) == sorted(sent["state"])
+    for i, entry in sent["state"].items():
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(got["state"][i][field], entry[field]), (i, field)
+    # and torch takes it as it is: a fresh model and optimizer load it and step on
+    fresh = torch_model(seed=1)
+    fresh.load_state_dict(back["model_state_dict"], strict=True)
+    fresh_opt = make_opt(fresh.parameters())
+    fresh_opt.load_state_dict(back["optimizer_state_dict"])
+    x = torch.from_numpy(batches[1][9])
+    assert torch_step(fresh, fresh_opt, x) == torch_step(model, opt, x)
+
+
+def test_cli_resume_continues_the_pytorch_run(tmp_path, capsys, batches):
+    model, opt, _ = torch_run(batches, OPTIMIZERS["adamw"][0], steps=4)
+    torch.save(general_checkpoint(model, opt, epoch=1), tmp_path / "run.pt")
+    convert_cli(capsys, tmp_path / "run.pt", tmp_path / "jax")
+    argv = ["train", "--workdir", str(tmp_path / "jax"), "--resume", "--epochs", "2", "--no-progress"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    _, state, config = checkpoint.restore(tmp_path / "jax")
+    # one more epoch of the 4,000-digit sample in batches of 256: 16 steps after torch's 4
+    assert (int(state.epoch), int(state.step), config.optimizer, config.hidden_dims) == (2, 20, "adamw", HIDDEN)
+    assert optax_count(state.opt_state) == 20
+    # --init-from takes the sizes from the converted folder too
+    argv = ["train", "--workdir", str(tmp_path / "tuned"), "--init-from", str(tmp_path / "jax"), "--epochs", "1"]
+    assert cli.main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert checkpoint.restore(tmp_path / "tuned")[2].hidden_dims == HIDDEN
+
+
+def optax_count(opt_state):
+    import optax
+
+    return int(optax.tree_utils.tree_get(opt_state, "count"))
+
+
+# --- refused: one line, exit 2, nothing written ---------------------------------------------------
+
+
+def _saved(obj):
+    return lambda p: torch.save(obj, p)
+
+
+def _opt_state(make_opt, steps=1, model=None):
+    model = model or torch_model()
+    opt = make_opt(model.parameters())
+    x = torch.rand(4, 784)
+    for _ in range(steps):
+        torch_step(model, opt, x)
+    return model, opt
+
+
+def _with(make_opt, **changes):
+    model, opt = _opt_state(make_opt)
+    ckpt = general_checkpoint(model, opt)
+    ckpt.update(changes)
+    return ckpt
+
+
+def _other_model_optimizer():
+    model, _ = _opt_state(lambda p: torch.optim.Adam(p))
+    _, opt = _opt_state(lambda p: torch.optim.Adam(p), model=torch_reference.MLPAutoencoder(784, (64, 32), 8))
+    return general_checkpoint(model, opt)
+
+
+def _fewer_parameters():
+    model, opt = _opt_state(lambda p: torch.optim.Adam(p))
+    sd = opt.state_dict()
+    sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+    return {"model_state_dict": model.state_dict(), "optimizer_state_dict": sd}
+
+
+def _two_groups():
+    model = torch_model()
+    params = list(model.parameters())
+    opt = torch.optim.Adam([{"params": params[:6]}, {"params": params[6:], "lr": 1e-4}])
+    torch_step(model, opt, torch.rand(2, 784))
+    return general_checkpoint(model, opt)
+
+
+def _scheduled():
+    model, opt = _opt_state(lambda p: torch.optim.Adam(p))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 10)
+    return {**general_checkpoint(model, opt), "scheduler_state_dict": scheduler.state_dict()}
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda: _with(lambda p: torch.optim.Adam(p, amsgrad=True)), "amsgrad=True, which jaxae does not support"),
+        (lambda: _with(lambda p: torch.optim.Adam(p, maximize=True)), "maximize=True"),
+        (lambda: _with(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)), "SGD or RMSprop's"),
+        (lambda: _with(lambda p: torch.optim.RMSprop(p)), "RMSprop's"),
+        (lambda: _with(lambda p: torch.optim.NAdam(p)), "NAdam's"),
+        (_scheduled, "learning-rate scheduler's state ('scheduler_state_dict')"),
+        (
+            _other_model_optimizer,
+            "exp_avg of parameter 4 (encoder.4.weight) has shape (8, 32) but the parameter has (16, 32)",
+        ),
+        (_fewer_parameters, "the optimizer holds 11 parameters but the model has 12"),
+        (_two_groups, "parameter group 1 has its own lr"),
+    ],
+    ids=["amsgrad", "maximize", "sgd", "rmsprop", "nadam", "scheduler", "other-model", "count", "groups"],
+)
+def test_unsupported_or_mismatched_optimizer_state_is_one_line(tmp_path, capsys, make, pattern):
+    torch.save(make(), tmp_path / "run.pt")
+    code = cli.main(["convert", str(tmp_path / "run.pt"), "--out", str(tmp_path / "out")])
+    one_line_error(capsys, code, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_optimizer_converts_the_weights_alone(tmp_path, capsys):
+    torch.save(_scheduled(), tmp_path / "run.pt")
+    summary = convert_cli(capsys, tmp_path / "run.pt", tmp_path / "out", "--no-optimizer")
+    assert "optimizer" not in summary and "fresh Adam" in summary["notes"][-1]
+    _, state, _ = checkpoint.restore(tmp_path / "out")
+    assert (int(state.step), optax_count(state.opt_state)) == (0, 0)
+
+
+def test_export_with_optimizer_refuses_safetensors(tmp_path, capsys):
+    torch.save(torch_model().state_dict(), tmp_path / "m.pt")
+    convert_cli(capsys, tmp_path / "m.pt", tmp_path / "jax")
+    out = tmp_path / "m.safetensors"
+    code = cli.main(["export", "--workdir", str(tmp_path / "jax"), "--out", str(out), "--with-optimizer"])
+    one_line_error(capsys, code, "--with-optimizer writes a torch.save checkpoint")
+    assert not out.exists()
+
+
+def test_old_configs_without_optimizer_settings_load_with_adam_defaults():
+    old = TrainConfig().to_dict()
+    for key in ("optimizer", "betas", "eps", "weight_decay"):
+        old.pop(key)
+    config = TrainConfig.from_dict(old)
+    assert (config.optimizer, config.betas, config.eps, config.weight_decay) == ("adam", (0.9, 0.999), 1e-8, 0.0)
+    with pytest.raises(jaxae.JaxaeError, match="--betas must be two numbers in"):
+        TrainConfig(betas=(0.9, 1.0)).validate()
+    with pytest.raises(jaxae.JaxaeError, match="unknown --optimizer 'sgd'"):
+        TrainConfig(optimizer="sgd").validate()
+
+
+def test_optimizer_of_an_older_torch_needs_to_be_named_when_it_decays(tmp_path, capsys):
+    model, opt = _opt_state(lambda p: torch.optim.AdamW(p, weight_decay=0.1))
+    ckpt = general_checkpoint(model, opt)
+    del ckpt["optimizer_state_dict"]["param_groups"][0]["decoupled_weight_decay"]  # as torch < 2.6 wrote it
+    torch.save(ckpt, tmp_path / "old.pt")
+    code = cli.main(["convert", str(tmp_path / "old.pt"), "--out", str(tmp_path / "out")])
+    one_line_error(capsys, code, "give --optimizer adam or --optimizer adamw")
+    assert not (tmp_path / "out").exists()
+    summary = convert_cli(capsys, tmp_path / "old.pt", tmp_path / "out", "--optimizer", "adamw")
+    assert summary["optimizer"]["optimizer"] == "adamw" and summary["optimizer"]["weight_decay"] == 0.1
+
+
+def test_nonfinite_moments_and_contradicting_flags_are_one_line(tmp_path, capsys):
+    model, opt = _opt_state(lambda p: torch.optim.Adam(p))
+    ckpt = general_checkpoint(model, opt)
+    ckpt["optimizer_state_dict"]["state"][3]["exp_avg_sq"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    code = cli.main(["convert", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "out")])
+    one_line_error(capsys, code, "(optimizer state): encoder.2.bias.exp_avg_sq has 1 NaN")
+    torch.save(torch_reference.MLPVAE().state_dict(), tmp_path / "vae.pt")
+    code = cli.main(["convert", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "out"), "--variant", "vanilla"])
+    one_line_error(capsys, code, "the file holds an MLP VAE's weights: give --variant vae --arch mlp")
+    code = cli.main(["convert", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "out"), "--hidden-dims", "64"])
+    one_line_error(capsys, code, "--hidden-dims 64 does not match")
+    assert not (tmp_path / "out").exists()
+
+
+def test_lightning_epoch_without_loop_state_is_its_0_based_epoch_plus_one():
+    model, opt = _opt_state(lambda p: torch.optim.Adam(p), steps=2)
+    ckpt = {
+        "epoch": 4,
+        "global_step": 50,
+        "state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [],
+    }
+    found = convert.match(ckpt)
+    assert (found.stripped, found.file.epoch, found.file.step) == ("net.", 5, 50)
+    assert "0-based epoch 4" in found.file.notes[0]
+    ckpt["optimizer_states"] = [opt.state_dict(), opt.state_dict()]
+    with pytest.raises(jaxae.JaxaeError, match="holds 2 optimizers"):
+        convert.match(ckpt)
