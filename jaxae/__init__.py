@@ -13,7 +13,7 @@ The public API, re-exported::
 from jaxae._version import __version__
 from jaxae.convert import TWINS, from_torch, parity_report, read_state_dict, to_torch_state_dict
 from jaxae.data import NORMALIZATIONS, Dataset, Normalization, get_normalization, load_dataset, read_idx
-from jaxae.errors import DataError, JaxaeError
+from jaxae.errors import CheckpointSaveError, DataError, JaxaeError, TrainingInterrupted
 from jaxae.loop import FitResult, fit
 from jaxae.models import VAE, Autoencoder, ConvAutoencoder, ConvVAE
 from jaxae.objectives import VARIANTS, Objective, Variant, get_variant, importance_weighted_nll, reconstruction_mse
@@ -40,7 +40,9 @@ __all__ = [
     "get_strategy",
     "importance_weighted_nll",
     "linear_probe",
+    "CheckpointSaveError",
     "DataError",
+    "TrainingInterrupted",
     "Dataset",
     "FitResult",
     "JaxaeError",

@@ -5,8 +5,8 @@ A conversion is an explicit key map plus transposes (:class:`ParamLink`), one ma
 are checked against the Flax model the config describes; any mismatch is a
 :class:`~jaxae.errors.JaxaeError` naming the keys (and both shapes).
 
-Files saved by people rarely hold exactly the twins' keys. :func:`normalize_keys` applies the
-user's renames (``--rename OLD=NEW``) and strips a prefix every key shares (``module.`` from
+Files saved by people rarely hold exactly the twins' keys. :func:`rename_keys` applies the
+user's renames (``--rename OLD=NEW``) and :func:`strip_prefix` strips a prefix every key shares (``module.`` from
 DDP, ``_orig_mod.`` from ``torch.compile``, a LightningModule attribute such as ``model.``)
 when what is left is a known layout; :func:`infer_model` reads the variant family, the
 architecture and the layer sizes off the tensors' shapes; keys that match no layout get a
