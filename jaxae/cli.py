@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 
@@ -593,6 +594,13 @@ def _check_convert_out(out, checkpoints, *, force: bool) -> None:
             f"--out {out} already holds {' and '.join(existing)}, which convert would overwrite; "
             "convert into a new folder, or pass --force to replace them"
         )
+    try:  # before any work, and leaving nothing behind: can this process write there at all?
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as e:
+        raise JaxaeError(
+            f"--out {out} cannot be written ({e.strerror or e}); give a folder this process can write"
+        ) from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -870,6 +878,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except CheckpointSaveError as e:  # the storage failed, not the input
         print(f"jaxae: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the machine failed (a full disk, a vanished mount), not the input
+        where = f": {e.filename}" if e.filename else ""
+        print(f"jaxae: error: {e.strerror or e}{where}; nothing saved before it was lost", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("jaxae: interrupted", file=sys.stderr)

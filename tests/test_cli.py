@@ -282,3 +282,22 @@ def test_evaluate_of_a_model_with_nan_parameters_prints_null_and_fails(tmp_path,
     metrics = json.loads(out)  # valid JSON: null, not NaN
     assert metrics["test_loss"] is None and metrics["test_mse"] is None
     assert err.count("\n") == 1 and "not finite" in err
+
+
+def test_a_machine_fault_at_the_start_of_a_run_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    # A full disk while fit writes config.json is no bad input: one line and exit 1, no traceback.
+    import errno
+    from pathlib import Path
+
+    real_write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    code = cli.main(["train", "--epochs", "1", "--workdir", str(tmp_path / "run"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("jaxae: error: No space left on device: ") and "config.json" in err, err

@@ -1136,6 +1136,35 @@ def test_export_onto_a_read_only_mount_in_a_real_process(tmp_path, converted):
     assert proc.stderr.startswith(f"jaxae: error: cannot write --out {out}: Read-only file system"), proc.stderr
 
 
+def test_convert_onto_a_read_only_mount_is_one_line_before_any_work(tmp_path, converted):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not _read_only_mount_works(ro):
+        pytest.skip("needs unshare -m and mount (root); test_convert_into_an_unwritable_folder covers it without")
+    command = (
+        f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m jaxae convert {tmp_path / 'model.pt'} "
+        f"--out {ro / 'converted'}"
+    )
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+    assert "cannot be written (Read-only file system)" in proc.stderr, proc.stderr
+
+
+def test_convert_into_an_unwritable_folder_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, converted):
+    import errno
+    import tempfile as tempfile_module
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile_module, "TemporaryFile", read_only)
+    out = tmp_path / "elsewhere" / "converted"
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out)])
+    _one_line_error(capsys, code, f"--out {out} cannot be written (Read-only file system)")
+    assert not out.parent.exists()
+
+
 # --- property-based: untrusted files give a state_dict or a JaxaeError, never anything else --------
 
 import io  # noqa: E402
