@@ -39,6 +39,17 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _two_floats(text: str) -> tuple[float, float]:
+    """``--betas`` value ``"0.9,0.999"`` -> ``(0.9, 0.999)``."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.9,0.999, got {text!r}")
+    return values
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d = _defaults()
     p.add_argument(
@@ -123,7 +134,7 @@ def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--optimizer", choices=("adam", "adamw"), default=d.optimizer, help="default: %(default)s")
     g.add_argument(
         "--betas",
-        type=lambda s: tuple(float(v) for v in s.split(",")),
+        type=_two_floats,
         default=d.betas,
         help="Adam's beta1,beta2 (default: 0.9,0.999)",
     )

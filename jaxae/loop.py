@@ -63,6 +63,16 @@ def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -
     return state.replace(params=params, opt_state=trainer.tx.init(params))
 
 
+def check_run_settings(save_every: int, keep: int, resume: bool, workdir: str | Path | None) -> None:
+    """Raises :class:`JaxaeError` for checkpoint settings no run can use (``fit`` and sweeps alike)."""
+    if save_every < 1:
+        raise JaxaeError(f"--save-every must be at least 1, got {save_every}")
+    if keep < 1:
+        raise JaxaeError(f"--keep must be at least 1, got {keep}")
+    if resume and workdir is None:
+        raise JaxaeError("resuming needs the workdir of the run to continue")
+
+
 class WorkdirLock:
     """An exclusive lock on a run's workdir, held while a run writes there.
 
@@ -301,12 +311,7 @@ def fit(
             stops at the first failed save.
     """
     config.validate()
-    if save_every < 1:
-        raise JaxaeError(f"--save-every must be at least 1, got {save_every}")
-    if keep < 1:
-        raise JaxaeError(f"--keep must be at least 1, got {keep}")
-    if resume and workdir is None:
-        raise JaxaeError("resuming needs the workdir of the run to continue")
+    check_run_settings(save_every, keep, resume, workdir)
     out = _workdir_path(workdir)
     with contextlib.ExitStack() as held:
         if out is not None:
@@ -490,7 +495,13 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def _interrupted(signum: int, config: TrainConfig, state: TrainState, ckpts: Any) -> Exception:
+def _interrupted(
+    signum: int, config: TrainConfig, state: TrainState, ckpts: Any, *, saved_in: str | Path | None = None
+) -> Exception:
+    """The :class:`TrainingInterrupted` to raise once the final save is complete.
+
+    ``saved_in``: a sweep's folder, whose every model was saved; by default the checkpoint's own folder.
+    """
     epoch = int(state.epoch)
     ckpts.wait()
     step = ckpts.latest_step()
@@ -503,9 +514,10 @@ def _interrupted(signum: int, config: TrainConfig, state: TrainState, ckpts: Any
             step=None,
             checkpoint=None,
         )
-    path = str(checkpoint.step_dir(ckpts.workdir, step))
+    path = str(saved_in or checkpoint.step_dir(ckpts.workdir, step))
+    what = "every model saved in" if saved_in else "checkpoint saved in"
     return TrainingInterrupted(
-        f"interrupted by {name} after epoch {epoch} of {config.epochs}; checkpoint saved in {path} (step {step})",
+        f"interrupted by {name} after epoch {epoch} of {config.epochs}; {what} {path} (step {step})",
         signum=signum,
         epoch=epoch,
         step=step,

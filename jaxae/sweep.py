@@ -44,8 +44,15 @@ from tqdm.auto import tqdm
 
 from jaxae import checkpoint, plots
 from jaxae.data import get_normalization, load_dataset
-from jaxae.errors import JaxaeError, TrainingInterrupted
-from jaxae.loop import WorkdirLock, _previous_records, _write_records, check_workdir_writable
+from jaxae.errors import JaxaeError
+from jaxae.loop import (
+    WorkdirLock,
+    _interrupted,
+    _previous_records,
+    _write_records,
+    check_run_settings,
+    check_workdir_writable,
+)
 from jaxae.objectives import get_variant
 from jaxae.parallel import MESH_AXIS
 from jaxae.train import TrainConfig, Trainer, TrainState, build, device_memory_bytes, make_optimizer, summarize_epoch
@@ -436,12 +443,7 @@ def fit_sweep(
     """
     configs = list(configs)
     check_grid(configs)
-    if save_every < 1:
-        raise JaxaeError(f"--save-every must be at least 1, got {save_every}")
-    if keep < 1:
-        raise JaxaeError(f"--keep must be at least 1, got {keep}")
-    if resume and workdir is None:
-        raise JaxaeError("resuming a sweep needs its workdir")
+    check_run_settings(save_every, keep, resume, workdir)
     varying = varying_settings(configs)
     names = [run_name(c, varying) for c in configs]
     out = Path(workdir) if workdir is not None else None
@@ -454,161 +456,128 @@ def fit_sweep(
             check_workdir_writable(out)
             held.enter_context(WorkdirLock(out))
             _check_workdir(out, grid, run_dirs, configs, resume)
-        return _train_grid(
-            configs,
-            out,
-            run_dirs,
-            names,
-            varying,
-            grid,
-            strategy,
-            devices,
-            resume,
-            progress,
-            save_every,
-            keep,
-            figures,
-            callbacks,
+        base = configs[0]
+        placement = Placement(len(configs), strategy, devices)
+
+        train = load_dataset(base.dataset, "train", base.tfds_data_dir)
+        test = load_dataset(base.dataset, "test", base.tfds_data_dir)
+        if base.batch_size > len(train):
+            raise JaxaeError(f"--batch-size {base.batch_size} is larger than the {len(train)}-image train split")
+        input_dim = math.prod(train.image_shape)
+        trainer0, state0 = build(base, train.image_shape)
+        param_count = sum(x.size for x in jax.tree.leaves(state0.params))
+        data_bytes = train.images.nbytes + test.images.nbytes
+        estimate = estimate_memory(base, param_count, input_dim, data_bytes, placement.models_per_device)
+        check_memory(estimate, len(configs), placement.devices[0])
+
+        states = [build(c, train.image_shape)[1] for c in configs]
+        if resume:
+            states = _restore(run_dirs, states)
+        start_epoch = int(states[0].epoch)
+        histories = [_previous_records(d, start_epoch) if resume else [] for d in run_dirs]
+        hyper_names = tuple(n for n in varying if n in HYPERPARAMETERS)
+        program = SweepProgram(base, trainer0.graphdef, hyper_names)
+        hyper_host = {n: np.asarray([getattr(c, n) for c in configs], np.float32) for n in hyper_names}
+        if start_epoch >= base.epochs:
+            summary = _summary(names, configs, varying, histories, placement)
+            return SweepResult(configs, run_dirs, states, histories, summary, placement.kind, 0.0, start_epoch)
+
+        state = placement.put_models(stack(states))
+        hyper = placement.put_models(hyper_host)
+        train_images = placement.put_data(train.images.reshape(len(train), input_dim))
+        test_images = placement.put_data(test.images.reshape(len(test), input_dim))
+        eval_batch = min(base.eval_batch_size, len(test))
+        t0 = time.perf_counter()
+        train_epoch = placement.compile(program, state, hyper, train_images, base.batch_size, "train_epoch")
+        evaluate = placement.compile(program, state, hyper, test_images, eval_batch, "evaluate")
+        compile_seconds = time.perf_counter() - t0
+
+        ckpts: list[Any] = []
+        metrics_files: list[Any] = []
+        stop = None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / GRID_FILE).write_text(json.dumps(grid, indent=2) + "\n")
+            for d, c, h in zip(run_dirs, configs, histories, strict=True):
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+                _write_records(d / "metrics.jsonl", h)
+                metrics_files.append(open(d / "metrics.jsonl", "a"))
+                ckpts.append(checkpoint.Checkpoints(d, keep=keep))
+            stop = checkpoint.StopOnSignal().__enter__()
+        diverged: dict[int, int] = {}
+        bar = tqdm(
+            range(start_epoch, base.epochs),
+            initial=start_epoch,
+            total=base.epochs,
+            desc=f"sweep of {len(configs)} {base.variant} models",
+            unit="epoch",
+            disable=not progress,
         )
-
-
-def _train_grid(
-    configs,
-    out,
-    run_dirs,
-    names,
-    varying,
-    grid,
-    strategy,
-    devices,
-    resume,
-    progress,
-    save_every,
-    keep,
-    figures,
-    callbacks,
-):
-    """The body of :func:`fit_sweep`, once the grid is checked and its folder is held."""
-    base = configs[0]
-    placement = Placement(len(configs), strategy, devices)
-
-    train = load_dataset(base.dataset, "train", base.tfds_data_dir)
-    test = load_dataset(base.dataset, "test", base.tfds_data_dir)
-    if base.batch_size > len(train):
-        raise JaxaeError(f"--batch-size {base.batch_size} is larger than the {len(train)}-image train split")
-    input_dim = math.prod(train.image_shape)
-    trainer0, state0 = build(base, train.image_shape)
-    param_count = sum(x.size for x in jax.tree.leaves(state0.params))
-    data_bytes = train.images.nbytes + test.images.nbytes
-    estimate = estimate_memory(base, param_count, input_dim, data_bytes, placement.models_per_device)
-    check_memory(estimate, len(configs), placement.devices[0])
-
-    states = [build(c, train.image_shape)[1] for c in configs]
-    if resume:
-        states = _restore(run_dirs, states)
-    start_epoch = int(states[0].epoch)
-    histories = [_previous_records(d, start_epoch) if resume else [] for d in run_dirs]
-    hyper_names = tuple(n for n in varying if n in HYPERPARAMETERS)
-    program = SweepProgram(base, trainer0.graphdef, hyper_names)
-    hyper_host = {n: np.asarray([getattr(c, n) for c in configs], np.float32) for n in hyper_names}
-    if start_epoch >= base.epochs:
-        summary = _summary(names, configs, varying, histories, placement)
-        return SweepResult(configs, run_dirs, states, histories, summary, placement.kind, 0.0, start_epoch)
-
-    state = placement.put_models(stack(states))
-    hyper = placement.put_models(hyper_host)
-    train_images = placement.put_data(train.images.reshape(len(train), input_dim))
-    test_images = placement.put_data(test.images.reshape(len(test), input_dim))
-    eval_batch = min(base.eval_batch_size, len(test))
-    t0 = time.perf_counter()
-    train_epoch = placement.compile(program, state, hyper, train_images, base.batch_size, "train_epoch")
-    evaluate = placement.compile(program, state, hyper, test_images, eval_batch, "evaluate")
-    compile_seconds = time.perf_counter() - t0
-
-    ckpts: list[Any] = []
-    metrics_files: list[Any] = []
-    stop = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / GRID_FILE).write_text(json.dumps(grid, indent=2) + "\n")
-        for d, c, h in zip(run_dirs, configs, histories, strict=True):
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
-            _write_records(d / "metrics.jsonl", h)
-            metrics_files.append(open(d / "metrics.jsonl", "a"))
-            ckpts.append(checkpoint.Checkpoints(d, keep=keep))
-        stop = checkpoint.StopOnSignal().__enter__()
-    diverged: dict[int, int] = {}
-    bar = tqdm(
-        range(start_epoch, base.epochs),
-        initial=start_epoch,
-        total=base.epochs,
-        desc=f"sweep of {len(configs)} {base.variant} models",
-        unit="epoch",
-        disable=not progress,
-    )
-    host_states = states
-    try:
-        for epoch in bar:
+        host_states = states
+        try:
+            for epoch in bar:
+                if stop is not None and stop.signum is not None:
+                    break
+                t_start = time.perf_counter()
+                state, step_metrics = train_epoch(state, hyper, train_images)
+                step_metrics = jax.device_get(step_metrics)
+                t_train = time.perf_counter() - t_start
+                test_metrics = jax.device_get(evaluate(state, hyper, test_images))
+                seconds = time.perf_counter() - t_start
+                records = []
+                for i in range(len(configs)):
+                    train_i = summarize_epoch({k: v[i] for k, v in step_metrics.items()})
+                    test_i = {k: float(v[i]) for k, v in test_metrics.items()}
+                    record = {
+                        "epoch": epoch + 1,
+                        "step": int((epoch + 1) * -(-len(train) // base.batch_size)),
+                        **{f"train_{k}": v for k, v in train_i.items()},
+                        **{f"test_{k}": v for k, v in test_i.items()},
+                        "samples_per_s": len(train) / t_train,
+                        "sweep_samples_per_s": len(configs) * len(train) / t_train,
+                        "seconds": seconds,
+                    }
+                    if i not in diverged and not all(math.isfinite(v) for v in [*train_i.values(), *test_i.values()]):
+                        diverged[i] = epoch + 1  # its later checkpoints are not saved; the others go on
+                    records.append(record)
+                    histories[i].append(record)
+                    if metrics_files:
+                        metrics_files[i].write(json.dumps(record) + "\n")
+                        metrics_files[i].flush()
+                last = epoch + 1 == base.epochs
+                if ckpts and ((epoch + 1) % save_every == 0 or last):
+                    host_states = unstack(state, len(configs))
+                    _save_all(ckpts, host_states, configs, records, diverged)
+                for callback in callbacks:
+                    callback(records)
+                best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))
+                bar.set_postfix(best_test_loss=f"{best:.4f}", models_per_s=f"{len(configs) / seconds:.1f}")
+            host_states = unstack(state, len(configs))
             if stop is not None and stop.signum is not None:
-                break
-            t_start = time.perf_counter()
-            state, step_metrics = train_epoch(state, hyper, train_images)
-            step_metrics = jax.device_get(step_metrics)
-            t_train = time.perf_counter() - t_start
-            test_metrics = jax.device_get(evaluate(state, hyper, test_images))
-            seconds = time.perf_counter() - t_start
-            records = []
-            for i in range(len(configs)):
-                train_i = summarize_epoch({k: v[i] for k, v in step_metrics.items()})
-                test_i = {k: float(v[i]) for k, v in test_metrics.items()}
-                record = {
-                    "epoch": epoch + 1,
-                    "step": int((epoch + 1) * -(-len(train) // base.batch_size)),
-                    **{f"train_{k}": v for k, v in train_i.items()},
-                    **{f"test_{k}": v for k, v in test_i.items()},
-                    "samples_per_s": len(train) / t_train,
-                    "sweep_samples_per_s": len(configs) * len(train) / t_train,
-                    "seconds": seconds,
-                }
-                if i not in diverged and not all(math.isfinite(v) for v in [*train_i.values(), *test_i.values()]):
-                    diverged[i] = epoch + 1  # its later checkpoints are not saved; the others go on
-                records.append(record)
-                histories[i].append(record)
-                if metrics_files:
-                    metrics_files[i].write(json.dumps(record) + "\n")
-                    metrics_files[i].flush()
-            last = epoch + 1 == base.epochs
-            if ckpts and ((epoch + 1) % save_every == 0 or last):
-                host_states = unstack(state, len(configs))
-                _save_all(ckpts, host_states, configs, records, diverged)
-            for callback in callbacks:
-                callback(records)
-            best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))
-            bar.set_postfix(best_test_loss=f"{best:.4f}", models_per_s=f"{len(configs) / seconds:.1f}")
-        host_states = unstack(state, len(configs))
-        if stop is not None and stop.signum is not None:
-            if int(host_states[0].epoch) > start_epoch:
-                _save_all(ckpts, host_states, configs, [h[-1] for h in histories], diverged)
-            raise _interrupted(stop.signum, host_states[0], base, ckpts[0], out)
-    finally:
-        if stop is not None:
-            stop.__exit__()
-        for f in metrics_files:
-            f.close()
-        for c in ckpts:
-            c.close()
+                if int(host_states[0].epoch) > start_epoch:
+                    _save_all(ckpts, host_states, configs, [h[-1] for h in histories], diverged)
+                raise _interrupted(stop.signum, base, host_states[0], ckpts[0], saved_in=out)
+        finally:
+            if stop is not None:
+                stop.__exit__()
+            for f in metrics_files:
+                f.close()
+            for c in ckpts:
+                c.close()
 
-    summary = _summary(names, configs, varying, histories, placement, diverged)
-    if out is not None:
-        tmp = out / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, out / SUMMARY)
-        if figures:
-            for d, c, s, h in zip(run_dirs, configs, host_states, histories, strict=True):
-                trainer = SweepProgram(c, trainer0.graphdef, ()).trainer({})
-                plots.write_run_figures(d, trainer, s, test, h)
-    return SweepResult(configs, run_dirs, host_states, histories, summary, placement.kind, compile_seconds, start_epoch)
+        summary = _summary(names, configs, varying, histories, placement, diverged)
+        if out is not None:
+            tmp = out / (SUMMARY + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, out / SUMMARY)
+            if figures:
+                for d, c, s, h in zip(run_dirs, configs, host_states, histories, strict=True):
+                    trainer = SweepProgram(c, trainer0.graphdef, ()).trainer({})
+                    plots.write_run_figures(d, trainer, s, test, h)
+        return SweepResult(
+            configs, run_dirs, host_states, histories, summary, placement.kind, compile_seconds, start_epoch
+        )
 
 
 def _check_workdir(out: Path, grid: dict, run_dirs: list, configs: list[TrainConfig], resume: bool) -> None:
@@ -654,30 +623,6 @@ def _save_all(ckpts: list, states: list[TrainState], configs: list, records: lis
         if i in diverged or int(s.step) in ck.steps():
             continue  # a diverged model keeps its last good checkpoint; a resumed one may hold this step
         ck.save(jax.tree.map(jnp.asarray, s), c, metrics={"test_loss": r["test_loss"]})
-
-
-def _interrupted(signum: int, state: TrainState, config: TrainConfig, ck: Any, out: Path) -> Exception:
-    import signal
-
-    epoch = int(state.epoch)
-    ck.wait()
-    step = ck.latest_step()
-    name = signal.Signals(signum).name
-    if step is None:
-        return TrainingInterrupted(
-            f"interrupted by {name} before the first epoch ended; no checkpoint was written",
-            signum=signum,
-            epoch=epoch,
-            step=None,
-            checkpoint=None,
-        )
-    return TrainingInterrupted(
-        f"interrupted by {name} after epoch {epoch} of {config.epochs}; every model saved in {out} (step {step})",
-        signum=signum,
-        epoch=epoch,
-        step=step,
-        checkpoint=str(out),
-    )
 
 
 def _summary(

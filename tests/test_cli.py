@@ -233,6 +233,8 @@ def _main_exit_code(argv):
     "flags, pattern",
     [
         (["--hidden-dims", "abc"], "--hidden-dims: expected comma-separated positive integers like 128,64, got 'abc'"),
+        (["--betas", "abc"], "--betas: expected two comma-separated numbers like 0.9,0.999, got 'abc'"),
+        (["--betas", "0.9"], "--betas: expected two comma-separated numbers"),
         (["--hidden-dims", "128,,64"], "--hidden-dims: expected comma-separated positive integers like 128,64"),
         (["--hidden-dims", "128,0"], "--hidden-dims: expected comma-separated positive integers like 128,64"),
         (["--seed", str(2**70)], "--seed must be an integer from 0 to 4294967295"),
