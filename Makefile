@@ -35,5 +35,5 @@ lint:
 	$(PY) -m ruff format --check jaxae tests experiments
 
 clean:
-	rm -rf runs site .pytest_cache build *.egg-info jaxae.egg-info
+	rm -rf runs site .pytest_cache .hypothesis build *.egg-info jaxae.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
