@@ -195,10 +195,13 @@ def markdown(done: dict[str, dict], rows: list[dict]) -> str:
         "| dataset | variant | arch | n | test MSE | the application's number | probe accuracy: codes (pixels) | wall s, all seeds |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    commands = {"document": ["| row | command |", "|---|---|"], "variants": ["| row | command |", "|---|---|"]}
     for row in rows:
         r = done.get(row["id"])
         s = row["settings"]
         name = "mnist-sample" if row["dataset"] == "sample" else "Fashion-MNIST"
+        if r is not None:
+            commands[row["table"]].append(f"| {row['id']} | `{r['command']}` |")
         if row["table"] == "document":
             if r is None:
                 continue
@@ -215,6 +218,14 @@ def markdown(done: dict[str, dict], rows: list[dict]) -> str:
             if r is None:
                 continue
             seconds = f"{r['train']['train_seconds']:.0f} (one `jaxae train`)"
+            iw = f" --iw-samples {IW_SAMPLES}" if s["variant"] == "vae" else ""
+            dataset_arg = "mnist-sample" if row["dataset"] == "sample" else "data/fashion-mnist"
+            workdir = f"runs/{s['variant']}-{s['arch']}-{row['dataset']}"
+            command = (
+                f"jaxae train --workdir {workdir} --variant {s['variant']} --arch {s['arch']} --dataset {dataset_arg} "
+                f"--epochs {EPOCHS}; jaxae evaluate --workdir {workdir} --probe{iw}"
+            )
+            commands["variants"].append(f"| {row['id']} (seed 0 only) | `{command}` |")
         m = r["metrics"]
         mse = _pm(m["test_mse_pixels"], 4)
         if s["variant"] == "vanilla":
@@ -237,7 +248,7 @@ def markdown(done: dict[str, dict], rows: list[dict]) -> str:
             )
         probe = f"{_pm(m['probe_accuracy'], 3)} ({r['probe_accuracy_pixels']:.3f})"
         var.append(f"| {name} | {s['variant']} | {s['arch']} | {r['n']} | {mse} | {app} | {probe} | {seconds} |")
-    return "\n".join(var) + "\n\n" + "\n".join(doc)
+    return "\n\n".join("\n".join(t) for t in (var, commands["variants"], doc, commands["document"]))
 
 
 def main() -> None:
