@@ -260,6 +260,11 @@ def main() -> None:
     )
     parser.add_argument("--only", help="comma list of row ids or id words, e.g. document,mlp-sample (see --list)")
     parser.add_argument("--list", action="store_true", help="print the row ids and exit")
+    parser.add_argument(
+        "--slow-rows-too",
+        action="store_true",
+        help="give the slow rows (the conv nets on Fashion-MNIST) 3 seeds too, and include them when --only is absent",
+    )
     parser.add_argument("--runs-dir", default="runs/errorbars", help="one sweep folder per row inside")
     parser.add_argument("--markdown", action="store_true", help="print both tables of docs/results.md and exit")
     args = parser.parse_args()
@@ -272,7 +277,8 @@ def main() -> None:
         for r in rows:
             print(r["id"] + (f"  (1 seed: {ONE_SEED[r['id']]})" if r["id"] in ONE_SEED else ""))
         return
-    selected = _selected(rows, args.only)
+    one_seed = {} if args.slow_rows_too else ONE_SEED
+    selected = _selected(rows, args.only) if args.only or not args.slow_rows_too else rows
     done = _load()
     datasets = {"sample": ("mnist-sample", "mnist-sample"), "fashion": (args.fashion_dir, "data/fashion-mnist")}
     loaded: dict[str, tuple] = {}
@@ -281,7 +287,7 @@ def main() -> None:
         if row["dataset"] == "fashion" and not os.path.isdir(dataset):
             print(f"skipping {row['id']}: no Fashion-MNIST folder at {dataset}", flush=True)
             continue
-        seeds = (0,) if row["id"] in ONE_SEED else SEEDS
+        seeds = (0,) if row["id"] in one_seed else SEEDS
         s = row["settings"]
         base = TrainConfig(dataset=dataset, epochs=EPOCHS, **s)
         workdir = Path(args.runs_dir) / row["id"]
@@ -320,7 +326,7 @@ def main() -> None:
             out["probe_accuracy_pixels"] = loaded[row["dataset"]][2]
             if s["variant"] == "vae":
                 out["iw_samples"] = IW_SAMPLES
-        if row["id"] in ONE_SEED:
+        if row["id"] in one_seed:
             out["fewer_seeds_because"] = ONE_SEED[row["id"]]
         bad = [m for m, st in out["metrics"].items() if not math.isfinite(st["mean"])]
         if bad:
