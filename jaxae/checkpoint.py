@@ -278,12 +278,7 @@ def _is_orbax_aftermath(unraisable: Any) -> bool:
     code = getattr(unraisable.object, "cr_code", None)  # an abandoned coroutine
     if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
         return True
-    tb = unraisable.exc_traceback
-    while tb is not None:
-        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
+    return _through_orbax(unraisable.exc_traceback)
 
 
 class _DropOrbaxErrors(logging.Filter):
@@ -291,6 +286,27 @@ class _DropOrbaxErrors(logging.Filter):
     # raises it as one exception naming the checkpoint. Orbax's warnings and info still pass.
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _through_orbax(tb: Any) -> bool:
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _DropOrbaxUnretrievedTasks(logging.Filter):
+    # When Orbax's write tasks fail after the save has already been reported, asyncio finds
+    # their exceptions unretrieved when the tasks and futures are collected (often at exit) and
+    # logs each with a traceback ("Task/Future exception was never retrieved"). Only those whose
+    # exception was raised through Orbax's code, or while writing an Orbax temporary folder, are dropped.
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
+            return True
+        _, exc, tb = record.exc_info
+        # TensorStore's futures carry no Python frames; their error names the Orbax temporary folder.
+        return not (_through_orbax(tb) or atomicity.TMP_DIR_SUFFIX in str(exc))
 
 
 _quiet_installed = False
@@ -314,6 +330,7 @@ def _quiet_orbax_aftermath() -> None:
 
     sys.unraisablehook = hook
     logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+    logging.getLogger("asyncio").addFilter(_DropOrbaxUnretrievedTasks())
 
 
 def _manager(workdir: str | Path, *, keep: int | None = 3, read_only: bool = False) -> ocp.CheckpointManager:

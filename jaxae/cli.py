@@ -245,9 +245,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _with_saved_settings(args, _config_from_args(args))
     config.validate()
     strategy = _strategy_from_args(args)
-    with warnings.catch_warnings():
-        # A warning is one line on stderr, like an error (Python's own format adds the source line).
-        warnings.showwarning = lambda message, *_, **__: print(f"jaxae: warning: {message}", file=sys.stderr)
+    # A warning is one line on stderr, like an error (Python's own format adds the source line).
+    # Only the display is swapped, not the filters (as catch_warnings would restore them): the
+    # filters checkpoint.py adds against Orbax's shutdown noise must outlive this call.
+    show = warnings.showwarning
+    warnings.showwarning = lambda message, *_, **__: print(f"jaxae: warning: {message}", file=sys.stderr)
+    try:
         result = fit(
             config,
             args.workdir,
@@ -258,6 +261,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             save_every=args.save_every,
             keep=args.keep,
         )
+    finally:
+        warnings.showwarning = show
     if not strategy.is_primary:
         return 0
     if result.start_epoch >= config.epochs:
