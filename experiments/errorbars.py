@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxae import checkpoint
 from jaxae.data import load_dataset
-from jaxae.objectives import importance_weighted_nll
+from jaxae.objectives import VARIANTS, importance_weighted_nll
 from jaxae.probe import logistic_regression_accuracy
 from jaxae.sweep import fit_sweep, sweep_configs
 from jaxae.train import TrainConfig, encode
@@ -69,15 +69,8 @@ def _rows() -> list[dict]:
                     }
                 )
     for label in ("sample", "fashion"):
-        for variant, arch in [
-            ("vanilla", "mlp"),
-            ("denoising", "mlp"),
-            ("sparse", "mlp"),
-            ("vae", "mlp"),
-            ("vanilla", "conv"),
-            ("denoising", "conv"),
-            ("vae", "conv"),
-        ]:
+        # Every (variant, arch) the registry offers, MLPs first: the rows of the variants table.
+        for variant, arch in [(v, a) for a in ("mlp", "conv") for v, spec in VARIANTS.items() if a in spec.archs]:
             rows.append(
                 {
                     "id": f"variants-{label}-{variant}-{arch}",

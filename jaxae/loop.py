@@ -363,12 +363,7 @@ def _fit(
     ckpts = None
     stop = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if strategy.is_primary:
-            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            _write_records(out / "metrics.jsonl", history)  # on resume: drops epochs past the checkpoint
-            metrics_file = open(out / "metrics.jsonl", "a")
-        ckpts = checkpoint.Checkpoints(out, keep=keep)
+        metrics_file, ckpts = open_run_outputs(out, config, history, keep, primary=strategy.is_primary)
         stop = checkpoint.StopOnSignal().__enter__()
 
     bar = tqdm(
@@ -428,6 +423,27 @@ def _fit(
         if strategy.is_primary:
             plots.write_run_figures(out, trainer, strategy.host_state(state), test, history)
     return FitResult(trainer, strategy.host_state(state), history, compile_seconds, start_epoch)
+
+
+def open_run_outputs(
+    out: Path, config: TrainConfig, history: list[dict[str, Any]], keep: int, *, primary: bool = True
+) -> tuple[Any, checkpoint.Checkpoints]:
+    """Opens a run's folder for training: ``config.json``, ``metrics.jsonl`` and its checkpoints.
+
+    ``metrics.jsonl`` is rewritten to ``history`` first (on a resume that drops the epochs past
+    the checkpoint) and returned open for appending; only the ``primary`` process writes files,
+    while every process takes part in the checkpoints.
+
+    Returns:
+        The open ``metrics.jsonl`` (None when not ``primary``) and the run's :class:`~jaxae.checkpoint.Checkpoints`.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = None
+    if primary:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        _write_records(out / "metrics.jsonl", history)
+        metrics_file = open(out / "metrics.jsonl", "a")
+    return metrics_file, checkpoint.Checkpoints(out, keep=keep)
 
 
 def _host_copy(strategy: Any, state: TrainState) -> TrainState:

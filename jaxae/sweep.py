@@ -49,9 +49,9 @@ from jaxae.loop import (
     WorkdirLock,
     _interrupted,
     _previous_records,
-    _write_records,
     check_run_settings,
     check_workdir_writable,
+    open_run_outputs,
 )
 from jaxae.objectives import get_variant
 from jaxae.parallel import MESH_AXIS
@@ -499,11 +499,9 @@ def fit_sweep(
             out.mkdir(parents=True, exist_ok=True)
             (out / GRID_FILE).write_text(json.dumps(grid, indent=2) + "\n")
             for d, c, h in zip(run_dirs, configs, histories, strict=True):
-                d.mkdir(parents=True, exist_ok=True)
-                (d / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
-                _write_records(d / "metrics.jsonl", h)
-                metrics_files.append(open(d / "metrics.jsonl", "a"))
-                ckpts.append(checkpoint.Checkpoints(d, keep=keep))
+                metrics_file, ck = open_run_outputs(d, c, h, keep)  # each model's folder is an ordinary run's
+                metrics_files.append(metrics_file)
+                ckpts.append(ck)
             stop = checkpoint.StopOnSignal().__enter__()
         diverged: dict[int, int] = {}
         bar = tqdm(
