@@ -156,12 +156,15 @@ def _check_files(workdir: str | Path, step: int, steps: list[int]) -> None:
 
 
 def input_shape_of(state: TrainState) -> list[int]:
-    """The image shape ``[H, W, C]`` the model was built for, read off its parameters.
+    """The image shape ``[H, W, C]`` the model was built for.
 
-    An MLP's first kernel is ``[H * W * C, hidden]`` (square, one channel assumed, as the
-    IDX datasets are); a conv model's is ``[3, 3, C, c1]``, and its ``project`` layer makes
-    ``(H / 4) * (W / 4) * c2`` features for the decoder (square images).
+    ``state.image_shape`` when the state carries it (every state :func:`~jaxae.train.build`
+    makes does); otherwise read off the parameters, which assumes square images: an MLP's first
+    kernel is ``[H * W * C, hidden]`` (one channel assumed), a conv model's is ``[3, 3, C, c1]``
+    and its ``project`` layer makes ``(H / 4) * (W / 4) * c2`` features for the decoder.
     """
+    if state.image_shape is not None:
+        return [int(v) for v in state.image_shape]
     params = state.params
     kernel = params["encoder"]["layers"][0]["kernel"]
     if kernel.ndim == 2:
@@ -708,6 +711,26 @@ def _check_optimizer(workdir: str | Path, step: int, template: TrainState) -> No
         )
 
 
+def _shape_text(shape: Any) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def _check_image_shape(workdir: str | Path, step: int, meta: dict[str, Any], template: TrainState) -> None:
+    """Refuses a template built for other images than the checkpoint's model.
+
+    The parameters alone cannot tell: an MLP for 32x32x3 images has the shapes of one for
+    48x64x1 images (3072 inputs each), and would restore and run, reading every pixel wrongly.
+    """
+    saved = meta.get("input_shape")
+    if saved is None or template.image_shape is None or len(template.image_shape) != 3:
+        return
+    if [int(v) for v in saved] != [int(v) for v in template.image_shape]:
+        raise JaxaeError(
+            f"checkpoint {step_dir(workdir, step)} holds a model for {_shape_text(saved)} images, not "
+            f"{_shape_text(template.image_shape)}: use it with images of its dataset's shape"
+        )
+
+
 def restore_state(
     workdir: str | Path, template: TrainState, step: int | None = None, *, strategy: Any = None
 ) -> TrainState:
@@ -757,6 +780,7 @@ def restore_state(
         step, steps = _pick_step(mngr, workdir, step)
         _check_files(workdir, step, steps)
         meta = _read_meta(mngr, workdir, step, steps)
+        _check_image_shape(workdir, step, meta, template)
         try:
             state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
         except Exception as e:

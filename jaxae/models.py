@@ -61,7 +61,8 @@ def mlp_layers(dims: Sequence[int], *, init: str, rngs: nnx.Rngs) -> list:
 
 
 def image_shape_of(input_shape: int | Sequence[int]) -> tuple[int, ...]:
-    """``(H, W, C)`` from an image shape, or from a flat size (square, one channel)."""
+    """``(H, W, C)`` from an image shape, or from a flat size (square, one channel; ``(D,)`` when
+    ``D`` is not a square: a flat size alone cannot tell ``32x32x3`` from ``3072`` pixels in a row)."""
     if isinstance(input_shape, int):
         side = math.isqrt(input_shape)
         return (side, side, 1) if side * side == input_shape else (input_shape,)
@@ -69,7 +70,8 @@ def image_shape_of(input_shape: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def flatten_images(x: jax.Array, input_dim: int) -> jax.Array:
-    """[N, 28, 28, 1] or [N, 784] -> [N, 784], with a clear error for anything else."""
+    """``[N, H, W, C]`` or ``[N, H * W * C]`` -> ``[N, H * W * C]`` (flattened in ``(h, w, c)``
+    order), with a clear error for anything else."""
     if x.ndim < 1 or math.prod(x.shape[1:]) != input_dim or x.ndim == 1:
         raise JaxaeError(
             f"expected a batch of inputs of shape [N, {input_dim}] (or [N, H, W, C] with "
@@ -89,7 +91,9 @@ class Autoencoder(nnx.Module):
     corresponds to the PyTorch ``encoder[i]`` (ReLUs sit at the odd indices, as there).
 
     Args:
-        input_dim: flattened image size.
+        input_dim: the image shape ``(H, W, C)``, or the flattened image size (``784`` is taken
+            as 28x28x1). Inputs are ``[N, H, W, C]`` or ``[N, H * W * C]`` flattened in
+            ``(h, w, c)`` order; outputs are flat.
         hidden_dims: encoder hidden widths; the decoder mirrors them.
         latent_dim: code size.
         init: ``"torch"`` (``torch.nn.Linear`` defaults) or ``"flax"``.
@@ -101,7 +105,7 @@ class Autoencoder(nnx.Module):
 
     def __init__(
         self,
-        input_dim: int = 784,
+        input_dim: int | Sequence[int] = 784,
         hidden_dims: Sequence[int] = (128, 64),
         latent_dim: int = 32,
         *,
@@ -113,7 +117,8 @@ class Autoencoder(nnx.Module):
             raise JaxaeError(
                 f"unknown code activation {code_activation!r}; choose one of {', '.join(CODE_ACTIVATIONS)}"
             )
-        self.input_dim = input_dim
+        self.image_shape = image_shape_of(input_dim)
+        input_dim = self.input_dim = math.prod(self.image_shape)
         self.latent_dim = latent_dim
         dims = (input_dim, *hidden_dims, latent_dim)
         encoder = mlp_layers(dims, init=init, rngs=rngs)
@@ -123,11 +128,11 @@ class Autoencoder(nnx.Module):
         self.decoder = nnx.Sequential(*mlp_layers(dims[::-1], init=init, rngs=rngs), jax.nn.sigmoid)
 
     def encode(self, x: jax.Array) -> jax.Array:
-        """Images ``[N, 784]`` (or ``[N, 28, 28, 1]``) -> codes ``[N, latent_dim]``."""
+        """Images ``[N, H, W, C]`` (or flat ``[N, H * W * C]``) -> codes ``[N, latent_dim]``."""
         return self.encoder(flatten_images(x, self.input_dim))
 
     def decode(self, z: jax.Array) -> jax.Array:
-        """Codes ``[N, latent_dim]`` -> reconstructions ``[N, 784]`` in (0, 1)."""
+        """Codes ``[N, latent_dim]`` -> flat reconstructions ``[N, H * W * C]`` in (0, 1)."""
         return self.decoder(z)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -150,14 +155,15 @@ class VAE(nnx.Module):
 
     def __init__(
         self,
-        input_dim: int = 784,
+        input_dim: int | Sequence[int] = 784,
         hidden_dims: Sequence[int] = (128, 64),
         latent_dim: int = 32,
         *,
         init: str = "torch",
         rngs: nnx.Rngs,
     ):
-        self.input_dim = input_dim
+        self.image_shape = image_shape_of(input_dim)  # as Autoencoder's input_dim
+        input_dim = self.input_dim = math.prod(self.image_shape)
         self.latent_dim = latent_dim
         trunk = (input_dim, *hidden_dims)
         self.encoder = nnx.Sequential(*mlp_layers(trunk, init=init, rngs=rngs), jax.nn.relu)
@@ -289,12 +295,17 @@ def conv_transpose(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs) -> Con
 
 
 class _ConvBase(nnx.Module):
-    """Shared conv trunk: ``[N, 28, 28, C]`` -> two stride-2 convs -> ``[N, 7 * 7 * c2]``."""
+    """Shared conv trunk: ``[N, H, W, C]`` -> two stride-2 convs -> ``[N, (H / 4) * (W / 4) * c2]``."""
 
     def _build(self, image_shape, channels, init, rngs):
+        if len(image_shape) != 3:
+            raise JaxaeError(f"the conv architecture needs an image shape (H, W, C), got {tuple(image_shape)}")
         h, w, c = image_shape
         if h % 4 or w % 4:
-            raise JaxaeError(f"the conv architecture needs image sides divisible by 4, got {h}x{w}")
+            raise JaxaeError(
+                f"the conv architecture halves each side twice, so it needs image sides divisible by 4, got {h}x{w}; "
+                "use --arch mlp, or crop or pad the images"
+            )
         c1, c2 = channels
         self.image_shape = tuple(image_shape)
         self.input_dim = h * w * c
@@ -322,11 +333,12 @@ class _ConvBase(nnx.Module):
 
 
 class ConvAutoencoder(_ConvBase):
-    """A small convolutional autoencoder for 28x28 images (``--arch conv``).
+    """A small convolutional autoencoder for ``H x W x C`` images, H and W divisible by 4 (``--arch conv``).
 
     Encoder: conv 3x3/2 (16) -> ReLU -> conv 3x3/2 (32) -> ReLU -> linear code; decoder:
-    linear -> ReLU -> transposed conv 4x4/2 (16) -> ReLU -> transposed conv 4x4/2 -> Sigmoid.
-    Inputs and outputs are flat ``[N, 784]`` like the MLP's, so every objective works unchanged.
+    linear -> ReLU -> transposed conv 4x4/2 (16) -> ReLU -> transposed conv 4x4/2 (C) -> Sigmoid.
+    Inputs are ``[N, H, W, C]`` or flat; outputs are flat ``[N, H * W * C]`` like the MLP's, so
+    every objective works unchanged.
     """
 
     def __init__(self, image_shape=(28, 28, 1), channels=(16, 32), latent_dim=32, *, init="torch", rngs: nnx.Rngs):

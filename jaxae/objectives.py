@@ -291,7 +291,7 @@ def _autoencoder(code_activation: str = "linear"):
         if config.arch == "conv":
             return models.ConvAutoencoder(image_shape, latent_dim=config.latent_dim, init=config.init, rngs=rngs)
         return models.Autoencoder(
-            math.prod(image_shape),
+            image_shape,
             tuple(config.hidden_dims),
             config.latent_dim,
             init=config.init,
@@ -311,7 +311,7 @@ def _build_vae(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) 
     image_shape = models.image_shape_of(image_shape)
     if config.arch == "conv":
         return models.ConvVAE(image_shape, latent_dim=config.latent_dim, init=config.init, rngs=rngs)
-    return models.VAE(math.prod(image_shape), tuple(config.hidden_dims), config.latent_dim, init=config.init, rngs=rngs)
+    return models.VAE(image_shape, tuple(config.hidden_dims), config.latent_dim, init=config.init, rngs=rngs)
 
 
 VARIANTS: dict[str, Variant] = {

@@ -170,6 +170,10 @@ class TrainState(struct.PyTreeNode):
     ``rng`` and ``data_rng`` are raw key data (``jax.random.key_data``) so the state
     serialises as plain arrays. Per-step randomness is ``fold_in(rng, step)`` and the data
     order of an epoch is ``fold_in(data_rng, epoch)``: a resumed run replays the same keys.
+
+    ``image_shape`` is the ``(H, W, C)`` the model was built for: static (not an array, never
+    traced), because an MLP's parameters know only ``H * W * C`` and a conv model's cannot tell
+    ``32x16`` from ``16x32``; checkpoints save it so a restored model reads images the same way.
     """
 
     params: Any
@@ -178,6 +182,7 @@ class TrainState(struct.PyTreeNode):
     epoch: jax.Array
     rng: jax.Array
     data_rng: jax.Array
+    image_shape: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
 
 def _wrap(key_data: jax.Array) -> jax.Array:
@@ -407,8 +412,14 @@ def create_train_state(
         epoch=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.fold_in(root, _STEP_STREAM)),
         data_rng=jax.random.key_data(jax.random.fold_in(root, _DATA_STREAM)),
+        image_shape=_model_image_shape(model),
     )
     return Trainer(graphdef, tx, objective, normalization), state
+
+
+def _model_image_shape(model: nnx.Module) -> tuple[int, ...] | None:
+    shape = getattr(model, "image_shape", None)
+    return tuple(int(v) for v in shape) if shape is not None else None
 
 
 def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trainer, TrainState]:
@@ -416,7 +427,8 @@ def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trai
 
     Args:
         config: the run's settings.
-        input_shape: the image shape ``(H, W, C)``, or the flat input size (784).
+        input_shape: the image shape ``(H, W, C)``, or the flat input size (``784`` is taken as
+            28x28x1).
     """
     variant = get_variant(config.variant)
     normalization = get_normalization(config.normalize)

@@ -863,3 +863,32 @@ def test_a_save_on_a_read_only_filesystem_raises_once_and_keeps_the_last_checkpo
     ckpts.close()  # the failure was raised already: not again
     _, restored, _ = checkpoint.restore(workdir)
     _assert_same_tree(restored, state)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_the_image_shape_is_saved_and_a_model_for_other_images_is_refused(tmp_path, arch):
+    # 16x12x3 and 12x16x3 hold the same number of values and give the same parameter shapes
+    # (an MLP's first kernel sees only H*W*C; a conv model's only (H/4)*(W/4) features), so
+    # without the saved shape such a checkpoint would restore and read every pixel wrongly.
+    config = TrainConfig(arch=arch, latent_dim=4, hidden_dims=(8,))
+    _, state = build(config, (16, 12, 3))
+    checkpoint.save(tmp_path, state, config)
+    _, restored, _ = checkpoint.restore(tmp_path)
+    assert restored.image_shape == (16, 12, 3)
+    assert checkpoint.read_meta(tmp_path)[1]["input_shape"] == [16, 12, 3]
+    _, other = build(config, (12, 16, 3))
+    assert jax.tree.map(np.shape, other.params) == jax.tree.map(np.shape, state.params)
+    with pytest.raises(JaxaeError, match=r"a model for 16x12x3 images, not 12x16x3") as info:
+        checkpoint.restore_state(tmp_path, other)
+    assert "\n" not in str(info.value)
+
+
+def test_init_from_a_model_for_other_images_is_refused(tmp_path):
+    from jaxae.loop import init_params_from
+
+    config = TrainConfig(latent_dim=4, hidden_dims=(8,))
+    _, state = build(config, (16, 12, 3))
+    checkpoint.save(tmp_path, state, config)
+    trainer, other = build(config, (24, 8, 3))  # 576 values too
+    with pytest.raises(JaxaeError, match=r"16x12x3 images, but this run's images are 24x8x3"):
+        init_params_from(tmp_path, trainer, other)

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import jaxae
-from jaxae.models import Autoencoder
+from jaxae.errors import JaxaeError
+from jaxae.models import VAE, Autoencoder, ConvAutoencoder, ConvVAE
 
 
 def _layers(module):
@@ -82,3 +83,21 @@ def test_wrong_input_shape_is_a_clear_error(shape):
     model = Autoencoder(rngs=nnx.Rngs(0))
     with pytest.raises(jaxae.JaxaeError, match="expected a batch"):
         model(jnp.ones(shape))
+
+
+@pytest.mark.parametrize("cls", [Autoencoder, VAE])
+def test_mlps_take_an_image_shape_and_its_flattened_images(cls):
+    model = cls((16, 12, 3), (8,), 4, rngs=nnx.Rngs(0))
+    assert model.image_shape == (16, 12, 3) and model.input_dim == 576
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 12, 3))
+    np.testing.assert_array_equal(model(x), model(x.reshape(2, -1)))
+    assert model(x).shape == (2, 576)
+    with pytest.raises(JaxaeError, match=r"\[N, 576\]"):
+        model(jnp.zeros((2, 16, 16, 3)))
+
+
+def test_conv_models_take_any_sides_divisible_by_4_and_any_channels():
+    model = ConvVAE((16, 8, 3), latent_dim=4, rngs=nnx.Rngs(0))
+    assert model(jnp.zeros((2, 16, 8, 3))).shape == (2, 16 * 8 * 3)
+    with pytest.raises(JaxaeError, match=r"divisible by 4, got 18x8"):
+        ConvAutoencoder((18, 8, 3), rngs=nnx.Rngs(0))
