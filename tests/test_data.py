@@ -407,6 +407,15 @@ def test_idx4_images_load_under_any_accepted_name(tmp_path, name):
     np.testing.assert_array_equal(load_dataset(str(tmp_path), "train").images, images)
 
 
+def test_a_folder_mixing_idx3_and_idx4_names_across_splits_loads(tmp_path):
+    # train as an MNIST-standard idx3 file (N, H, W), test as a dotted idx4 file (N, H, W, 1): one shape
+    _write_split_as(tmp_path, "train", _images(4, 10, 10), _labels(4), "{prefix}-images-idx3-ubyte.gz")
+    _write_split_as(tmp_path, "test", _images(3, 10, 10, 1), _labels(3), "{prefix}-images.idx4-ubyte")
+    assert load_dataset(str(tmp_path), "train").images.shape == (4, 10, 10, 1)
+    assert load_dataset(str(tmp_path), "test").images.shape == (3, 10, 10, 1)
+    assert dataset_image_shape(str(tmp_path)) == (10, 10, 1)
+
+
 def test_a_folder_with_both_idx3_and_idx4_images_for_one_split_is_refused(tmp_path):
     _write_split_as(tmp_path, "train", _images(4, 28, 28), _labels(4), "{prefix}-images-idx3-ubyte.gz")
     write_idx(tmp_path / "train-images-idx4-ubyte", _images(4, 28, 28, 3))
