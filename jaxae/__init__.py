@@ -12,7 +12,16 @@ The public API, re-exported::
 
 from jaxae._version import __version__
 from jaxae.convert import TWINS, from_torch, parity_report, read_state_dict, to_torch_state_dict
-from jaxae.data import NORMALIZATIONS, Dataset, Normalization, get_normalization, load_dataset, read_idx
+from jaxae.data import (
+    NORMALIZATIONS,
+    Dataset,
+    Normalization,
+    dataset_image_shape,
+    get_normalization,
+    load_dataset,
+    read_idx,
+    write_idx_folder,
+)
 from jaxae.errors import CheckpointSaveError, DataError, JaxaeError, TrainingInterrupted
 from jaxae.loop import FitResult, fit
 from jaxae.models import VAE, Autoencoder, ConvAutoencoder, ConvVAE
@@ -57,6 +66,7 @@ __all__ = [
     "Variant",
     "build",
     "create_train_state",
+    "dataset_image_shape",
     "encode",
     "fit",
     "from_torch",
@@ -72,4 +82,5 @@ __all__ = [
     "fit_sweep",
     "sweep_configs",
     "to_torch_state_dict",
+    "write_idx_folder",
 ]

@@ -3,9 +3,15 @@
 ``load_dataset(name, split)`` returns images ``uint8[N, H, W, C]`` and labels ``int32[N]`` from
 
 * ``"mnist-sample"``: 4,000 train / 1,000 test real MNIST digits shipped inside the package;
-* a path to a folder with the four MNIST-format IDX files (``.gz`` or not);
-* any other name: a prepared TensorFlow Datasets dataset, read with ``tfds.data_source``
-  (random access, no TensorFlow needed to *read*).
+* a path to a folder of four IDX files (``.gz`` or not): the MNIST-format ``idx3`` image files
+  ``(N, H, W)`` for grayscale, or ``idx4`` image files ``(N, H, W, C)`` for colour, plus the ``idx1``
+  label files (:func:`write_idx_folder` writes such a folder from numpy arrays);
+* any other name: a prepared TensorFlow Datasets dataset with an ``image`` and a ``label`` feature,
+  read with ``tfds.data_source`` (random access, no TensorFlow needed to *read*).
+
+Every source goes through one check where its images enter (:func:`check_image_shape`): ``C`` is 1
+(grayscale) or 3 (RGB), ``H`` and ``W`` are at least :data:`MIN_IMAGE_SIDE`, and both splits have one
+shape. :func:`dataset_image_shape` tells a dataset's ``(H, W, C)`` from headers alone.
 
 Normalisation happens on the device inside the jitted step (see :class:`Normalization`), so
 the host only ever holds uint8.
@@ -13,6 +19,7 @@ the host only ever holds uint8.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import importlib.resources
@@ -35,6 +42,8 @@ _IDX_DTYPES = {0x08: np.uint8}
 # The smallest image side jaxae accepts: the conv model halves a side twice, and the figures
 # need a picture to draw.
 MIN_IMAGE_SIDE = 8
+_CHANNELS = (1, 3)  # grayscale or RGB: what the models, figures and the PyTorch twins take
+_IMAGE_FILE_NDIMS = (3, 4)  # idx3 (N, H, W) grayscale, idx4 (N, H, W, C)
 _MAX_DEFLATE_RATIO = 1032  # zlib's documented worst-case expansion of deflate
 _CHUNK = 1 << 20
 
@@ -127,16 +136,17 @@ def get_normalization(name: str) -> Normalization:
 
 
 def load_dataset(name: str = SAMPLE_NAME, split: str = "train", data_dir: str | None = None) -> Dataset:
-    """Loads one split as uint8 images ``[N, H, W, C]`` and int32 labels.
+    """Loads one split as uint8 images ``[N, H, W, C]`` (``C`` = 1 or 3) and int32 labels.
 
     Args:
-        name: ``"mnist-sample"``, a folder of MNIST-format IDX files, or a TFDS dataset name
-            (``"mnist"``, ``"fashion_mnist"``, ``"kmnist"``, ...).
+        name: ``"mnist-sample"``, a folder of IDX files (``idx3`` grayscale or ``idx4`` colour
+            images), or a TFDS dataset name (``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ...).
         split: ``"train"`` or ``"test"``.
         data_dir: TFDS data directory (TFDS datasets only).
 
     Raises:
-        DataError: the dataset cannot be found or read; the message says what to do.
+        DataError: the dataset cannot be found or read, or its images are not of a shape jaxae
+            takes (see :func:`check_image_shape`); the message says what to do.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -148,8 +158,68 @@ def load_dataset(name: str = SAMPLE_NAME, split: str = "train", data_dir: str | 
         images, labels = read_idx_split(Path(name), split)
     else:
         images, labels = _load_tfds(name, split, data_dir)
-        check_image_size(images.shape[1:3], f"TFDS dataset {name!r} ({split})")
     return Dataset(images=images, labels=labels, name=name, split=split)
+
+
+def dataset_image_shape(name: str = SAMPLE_NAME, data_dir: str | None = None) -> tuple[int, int, int]:
+    """A dataset's image shape ``(H, W, C)``, learnt without loading it.
+
+    For the embedded sample and IDX folders only the headers of the image files are read (the
+    test split's, and the train split's to check that both agree); for a TFDS dataset, one example
+    of its test split.
+
+    Args:
+        name: as for :func:`load_dataset`.
+        data_dir: TFDS data directory (TFDS datasets only).
+
+    Raises:
+        DataError: as :func:`load_dataset` would for the test split's images.
+    """
+    if name == SAMPLE_NAME:
+        folder = importlib.resources.files("jaxae") / "_data" / SAMPLE_NAME
+        with importlib.resources.as_file(folder) as path:
+            return _idx_folder_image_shape(Path(path))
+    if _looks_like_path(name):
+        return _idx_folder_image_shape(Path(name))
+    return _tfds_image_shape(name, data_dir)
+
+
+def check_image_shape(shape_hwc: tuple[int, ...], where: str) -> None:
+    """The one check every source's images pass where they enter jaxae.
+
+    Args:
+        shape_hwc: the shape of one image, ``(H, W, C)``.
+        where: what the images are, for the message (a file, a TFDS dataset and split).
+
+    Raises:
+        DataError: ``C`` is not 1 (grayscale) or 3 (RGB), or a side is shorter than
+            :data:`MIN_IMAGE_SIDE` (the conv models halve a side twice and figures need a picture).
+    """
+    shape = tuple(int(v) for v in shape_hwc)
+    if len(shape) != 3:
+        raise DataError(f"{where}: images have shape {shape}; jaxae needs images of shape (H, W, C)")
+    h, w, c = shape
+    if c not in _CHANNELS:
+        if h in (1, 3, 4) and min(w, c) >= MIN_IMAGE_SIDE:
+            advice = "; they look channels-first: jaxae wants (H, W, C), e.g. np.transpose(images, (0, 2, 3, 1))"
+        elif c == 4:
+            advice = "; for RGBA images drop the alpha channel: images[..., :3]"
+        elif c == 2:
+            advice = "; for grayscale + alpha images keep the first channel: images[..., :1]"
+        else:
+            advice = ""
+        raise DataError(
+            f"{where}: images are {_hwc(shape)}, with {c} channels; jaxae takes grayscale (C=1) or RGB (C=3) "
+            f"images{advice}"
+        )
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise DataError(
+            f"{where}: images are {h}x{w}; jaxae needs images of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels"
+        )
+
+
+def _hwc(shape: tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in shape)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -159,84 +229,124 @@ def _looks_like_path(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # IDX files (the MNIST / Fashion-MNIST distribution format)
 
+_FOLDER_LAYOUT = (
+    "a dataset folder holds four IDX files (.gz or not): train-images-idx3-ubyte (N, H, W) for grayscale "
+    "or train-images-idx4-ubyte (N, H, W, C) for colour, train-labels-idx1-ubyte, and the same two for t10k"
+)
+
+
+def _idx_names(split: str, kind: str, ndim: int) -> tuple[str, ...]:
+    """The file names an IDX file may have: the standard dashed stem, the dotted spelling, each plain or .gz."""
+    prefix = _IDX_PREFIX[split]
+    stems = (f"{prefix}-{kind}-idx{ndim}-ubyte", f"{prefix}-{kind}.idx{ndim}-ubyte")
+    return tuple(stem + suffix for stem in stems for suffix in ("", ".gz"))
+
+
+def _image_file_ndims(kind: str) -> tuple[int, ...]:
+    return _IMAGE_FILE_NDIMS if kind == "images" else (1,)
+
 
 def find_idx_file(folder: Path, split: str, kind: str) -> Path:
-    """The IDX file for ``split`` and ``kind`` (``"images"``/``"labels"``) in ``folder``."""
-    prefix = _IDX_PREFIX[split]
-    ndim = 3 if kind == "images" else 1
-    stems = (f"{prefix}-{kind}-idx{ndim}-ubyte", f"{prefix}-{kind}.idx{ndim}-ubyte")
-    for stem in stems:
-        for suffix in ("", ".gz"):
-            candidate = folder / (stem + suffix)
+    """The IDX file for ``split`` and ``kind`` (``"images"``/``"labels"``) in ``folder``.
+
+    Image files are looked for under both their ``idx3`` and ``idx4`` names; the name only finds
+    the file, the dimension count in its header is what is read.
+
+    Raises:
+        DataError: no such file, the folder cannot be searched, or it holds both an ``idx3`` and
+            an ``idx4`` image file for the split (jaxae does not guess which one is meant).
+    """
+    found = []
+    for ndim in _image_file_ndims(kind):
+        for name in _idx_names(split, kind, ndim):
+            candidate = folder / name
             try:
                 if candidate.is_file():
-                    return candidate
+                    found.append(candidate)
+                    break  # the first spelling of this dimension count wins, as it always has
             except OSError as e:  # a folder without search permission
                 raise DataError(f"cannot read dataset folder {folder}: {e.strerror or e}") from None
-    raise DataError(
-        f"no {split} {kind} IDX file in {folder} (looked for {stems[0]}[.gz]); a dataset folder "
-        "holds the four MNIST-format files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (.gz or not)"
-    )
+    if len(found) > 1:
+        raise DataError(
+            f"{folder} holds two {split} {kind} files, {found[0].name} and {found[1].name}; "
+            "keep only the one you mean (idx3 for (N, H, W) grayscale, idx4 for (N, H, W, C) images)"
+        )
+    if found:
+        return found[0]
+    looked_for = " or ".join(_idx_names(split, kind, ndim)[0] for ndim in _image_file_ndims(kind))
+    raise DataError(f"no {split} {kind} IDX file in {folder} (looked for {looked_for}[.gz]); {_FOLDER_LAYOUT}")
 
 
 def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``uint8[N, H, W, 1]`` and labels ``int32[N]`` of one split of an IDX folder.
+    """Images ``uint8[N, H, W, C]`` and labels ``int32[N]`` of one split of an IDX folder.
 
-    The other split's image header is read too (a few bytes), so a folder whose train and test
-    images differ in size fails here rather than in a compiled step later.
+    The image file holds ``(N, H, W)`` (grayscale, ``C`` = 1 is appended) or ``(N, H, W, C)``; its
+    header is checked (:func:`check_image_shape`) before its body is read. The other split's
+    image header is read too (a few bytes), so a folder whose train and test images differ in
+    shape fails here rather than in a compiled step later.
 
     Raises:
-        DataError: a missing, unreadable or malformed file, counts that disagree, images smaller
-            than :data:`MIN_IMAGE_SIDE` or of another size than the other split's.
+        DataError: a missing, unreadable or malformed file, counts that disagree, images of a
+            shape jaxae does not take, or of another shape than the other split's.
     """
-    try:
-        is_dir = folder.is_dir()
-    except OSError as e:  # e.g. a parent folder without search permission
-        raise DataError(f"cannot read dataset folder {folder}: {e.strerror or e}") from None
-    if not is_dir:
-        raise DataError(f"dataset folder {folder} does not exist (or is not a folder)")
-    images_path = find_idx_file(folder, split, "images")
+    _check_is_folder(folder)
+    images_path, shape = _idx_image_shape(folder, split)
     images = read_idx(images_path)
     labels = read_idx(find_idx_file(folder, split, "labels"))
-    if images.ndim != 3:
-        raise DataError(f"image IDX file {images_path} has {images.ndim} dimensions, expected 3 (N, H, W)")
     if labels.ndim != 1:
         raise DataError(f"label IDX file in {folder} has {labels.ndim} dimensions, expected 1")
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{folder}: {images.shape[0]} {split} images but {labels.shape[0]} labels")
     if images.shape[0] == 0:
         raise DataError(f"{folder}: the {split} split is empty")
-    check_image_size(images.shape[1:3], str(images_path))
-    other = next(s for s in SPLITS if s != split)
-    other_shape = _idx_image_shape(folder, other)
-    if other_shape is not None and other_shape != images.shape[1:3]:
-        raise DataError(
-            f"{folder}: the {split} images are {images.shape[1]}x{images.shape[2]} but the {other} images are "
-            f"{other_shape[0]}x{other_shape[1]}; both splits of a dataset must have one image size"
-        )
-    return images[..., None], labels.astype(np.int32)
+    _check_other_split_matches(folder, split, shape)
+    return images.reshape(images.shape[0], *shape), labels.astype(np.int32)
 
 
-def _idx_image_shape(folder: Path, split: str) -> tuple[int, int] | None:
-    """``(H, W)`` from the header of ``split``'s image file, or None if it is absent or unreadable.
-
-    Only for the cross-split check: that split's own problems are reported when it is loaded.
-    """
+def _check_is_folder(folder: Path) -> None:
     try:
-        dims = read_idx_header(find_idx_file(folder, split, "images"))
-    except DataError:
-        return None
-    return (dims[1], dims[2]) if len(dims) == 3 else None
+        is_dir = folder.is_dir()
+    except OSError as e:  # e.g. a parent folder without search permission
+        raise DataError(f"cannot read dataset folder {folder}: {e.strerror or e}") from None
+    if not is_dir:
+        raise DataError(f"dataset folder {folder} does not exist (or is not a folder)")
 
 
-def check_image_size(hw: tuple[int, ...], where: str) -> None:
-    """Refuses images smaller than ``MIN_IMAGE_SIDE`` on a side (models and figures need that much)."""
-    if len(hw) != 2 or min(hw) < MIN_IMAGE_SIDE:
-        size = "x".join(str(v) for v in hw)
+def _idx_image_shape(folder: Path, split: str) -> tuple[Path, tuple[int, int, int]]:
+    """``split``'s image file and its checked image shape ``(H, W, C)``, from its header alone."""
+    path = find_idx_file(folder, split, "images")
+    dims = read_idx_header(path)
+    if len(dims) not in _IMAGE_FILE_NDIMS:
         raise DataError(
-            f"{where}: images are {size}; jaxae needs images of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels"
+            f"image IDX file {path} has {len(dims)} dimensions {tuple(dims)}, expected (N, H, W) or (N, H, W, C)"
         )
+    shape = (dims[1], dims[2], dims[3] if len(dims) == 4 else 1)
+    check_image_shape(shape, str(path))
+    return path, shape
+
+
+def _check_other_split_matches(folder: Path, split: str, shape: tuple[int, int, int]) -> None:
+    """Refuses a folder whose other split's images (by header) have another ``(H, W, C)``.
+
+    An other split that is absent or broken passes: its own problems are reported when it is loaded.
+    """
+    other = next(s for s in SPLITS if s != split)
+    try:
+        _, other_shape = _idx_image_shape(folder, other)
+    except DataError:
+        return
+    if other_shape != shape:
+        raise DataError(
+            f"{folder}: the {split} images are {_hwc(shape)} but the {other} images are {_hwc(other_shape)} "
+            "(H x W x C); both splits of a dataset must have one image shape"
+        )
+
+
+def _idx_folder_image_shape(folder: Path) -> tuple[int, int, int]:
+    _check_is_folder(folder)
+    _, shape = _idx_image_shape(folder, "test")
+    _check_other_split_matches(folder, "test", shape)
+    return shape
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -345,10 +455,118 @@ def _parse_idx(stream, path: Path, file_size: int | None, max_size: int, header_
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
     """Writes a uint8 array as an IDX file (gzip-compressed when ``path`` ends in ``.gz``)."""
+    path = Path(path)
+    path.write_bytes(_idx_bytes(array, compress=path.suffix == ".gz"))
+
+
+def _idx_bytes(array: np.ndarray, *, compress: bool) -> bytes:
     array = np.ascontiguousarray(array, dtype=np.uint8)
     raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-    path = Path(path)
-    path.write_bytes(gzip.compress(raw, mtime=0) if path.suffix == ".gz" else raw)
+    return gzip.compress(raw, mtime=0) if compress else raw
+
+
+def write_idx_folder(
+    folder: str | Path,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    compress: bool = True,
+) -> Path:
+    """Writes numpy images and labels as an IDX dataset folder that :func:`load_dataset` reads.
+
+    Grayscale images go to MNIST-standard ``idx3`` files ``(N, H, W)``; colour images to ``idx4``
+    files ``(N, H, W, 3)``. What is written is checked first, as :func:`load_dataset` would check
+    it, so a folder that is written can be read. Existing IDX files are never overwritten, and
+    each file appears under its name only once it is completely written.
+
+    Example::
+
+        jaxae.write_idx_folder("data/my-colour-set", train=(x_train, y_train), test=(x_test, y_test))
+        jaxae.load_dataset("data/my-colour-set", "train").images.shape  # (N, H, W, 3)
+
+    Args:
+        folder: the folder to write into (created if missing); it must hold no IDX dataset files yet.
+        train: ``(images, labels)`` of the train split: images ``uint8`` ``(N, H, W, C)`` with ``C``
+            1 or 3 (or ``(N, H, W)`` for grayscale), labels 1-D integers 0..255, one per image.
+        test: the same for the test split; its images must have the train images' ``(H, W, C)``.
+        compress: gzip the files (``.gz`` names), as MNIST is distributed.
+
+    Returns:
+        The folder.
+
+    Raises:
+        DataError: the arrays are not of a kind jaxae reads, the folder already holds IDX dataset
+            files, or a file cannot be written.
+    """
+    folder = Path(folder)
+    splits = {"train": _checked_split_arrays("train", *train), "test": _checked_split_arrays("test", *test)}
+    train_shape, test_shape = (images.shape[1:] for images, _ in splits.values())
+    if train_shape != test_shape:
+        raise DataError(
+            f"the train images are {_hwc(train_shape)} but the test images are {_hwc(test_shape)} (H x W x C); "
+            "both splits of a dataset must have one image shape"
+        )
+    suffix = ".gz" if compress else ""
+    files = []
+    for split, (images, labels) in splits.items():
+        if images.shape[-1] == 1:  # 3-D, so that grayscale folders stay MNIST-standard idx3 files
+            files.append((f"{_IDX_PREFIX[split]}-images-idx3-ubyte{suffix}", images[..., 0]))
+        else:
+            files.append((f"{_IDX_PREFIX[split]}-images-idx4-ubyte{suffix}", images))
+        files.append((f"{_IDX_PREFIX[split]}-labels-idx1-ubyte{suffix}", labels))
+    try:
+        _refuse_existing_idx_files(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, array in files:
+            partial = folder / f".{name}.partial"
+            try:
+                partial.write_bytes(_idx_bytes(array, compress=compress))
+                os.replace(partial, folder / name)  # never a half-written file under a name jaxae reads
+            finally:
+                partial.unlink(missing_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write IDX dataset folder {folder}: {e.strerror or e}") from None
+    return folder
+
+
+def _refuse_existing_idx_files(folder: Path) -> None:
+    """Nothing saved is overwritten, and no folder ends up with both an idx3 and an idx4 file."""
+    existing = [
+        folder / name
+        for split in SPLITS
+        for kind in ("images", "labels")
+        for ndim in _image_file_ndims(kind)
+        for name in _idx_names(split, kind, ndim)
+        if (folder / name).exists()
+    ]
+    if existing:
+        raise DataError(
+            f"{existing[0]} already exists; write_idx_folder writes into a folder without IDX dataset files"
+        )
+
+
+def _checked_split_arrays(split: str, images, labels) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` as uint8 ``(N, H, W, C)`` and ``labels`` as uint8 ``(N,)``, checked for :func:`write_idx_folder`."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8:
+        raise DataError(
+            f"the {split} images must be uint8 pixels 0..255, got dtype {images.dtype}; convert floats in [0, 1] "
+            "with (x * 255).round().astype(np.uint8)"
+        )
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise DataError(f"the {split} images have shape {images.shape}; expected (N, H, W, C) or (N, H, W)")
+    check_image_shape(images.shape[1:], f"the {split} images")
+    if images.shape[0] == 0:
+        raise DataError(f"the {split} split is empty")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise DataError(
+            f"the {split} labels have shape {labels.shape}; expected one label per image: ({images.shape[0]},)"
+        )
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 255:
+        raise DataError(f"the {split} labels must be integers 0..255 (IDX label files hold bytes)")
+    return images, labels.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +574,39 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
 
 
 def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    from tqdm.auto import tqdm
+
+    source = _open_tfds(name, split, data_dir)
+    n = len(source)
+    where = f"TFDS dataset {name!r} ({split})"
+    with _without_opencv_advice():
+        shape = _first_tfds_image_shape(source, name, split)  # checked before the split is read
+        images = np.empty((n, *shape), np.uint8)
+        labels = np.empty((n,), np.int32)
+        for i in tqdm(range(n), desc=f"reading {name} {split}", unit="img", disable=n < 20_000, leave=False):
+            example = source[i]
+            image = _tfds_image(example)
+            if image.shape != shape:
+                raise DataError(
+                    f"{where}: example {i} has a {_hwc(image.shape)} image but example 0 a {_hwc(shape)} one; "
+                    "jaxae needs one image shape per dataset (resize the images and write them with "
+                    "jaxae.write_idx_folder)"
+                )
+            images[i] = image
+            labels[i] = int(example["label"])
+    return images, labels
+
+
+def _tfds_image_shape(name: str, data_dir: str | None) -> tuple[int, int, int]:
+    """``(H, W, C)`` of a TFDS dataset from one example of its test split (the builder info may
+    leave sizes undeclared, None, for datasets whose images vary)."""
+    source = _open_tfds(name, "test", data_dir)
+    with _without_opencv_advice():
+        return _first_tfds_image_shape(source, name, "test")
+
+
+def _open_tfds(name: str, split: str, data_dir: str | None):
+    """``tfds.data_source`` for a prepared, non-empty split, or a one-line DataError saying what to do."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - it is a runtime dependency
@@ -385,26 +636,51 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
         ) from None
     finally:
         absl_logger.setLevel(level)
-    n = len(source)
-    if n == 0:
+    if len(source) == 0:
         raise DataError(f"TFDS dataset {name!r} split {split!r} is empty")
-    from tqdm.auto import tqdm
+    return source
 
-    opencv_advice = _OpenCvAdviceFilter()  # TFDS logs it on the first image it decodes
+
+def _tfds_image(example) -> np.ndarray:
+    image = np.asarray(example["image"])
+    return image[..., None] if image.ndim == 2 else image
+
+
+def _first_tfds_image_shape(source, name: str, split: str) -> tuple[int, int, int]:
+    """The checked ``(H, W, C)`` of the first example; also checks that the dataset has the
+    ``image`` and ``label`` features jaxae reads, and what kind they are."""
+    example = source[0]
+    missing = [feature for feature in ("image", "label") if feature not in example]
+    if missing:
+        has = ", ".join(repr(k) for k in sorted(example)) or "none"
+        raise DataError(
+            f"TFDS dataset {name!r} has no {' and no '.join(repr(m) for m in missing)} feature (its features: {has}); "
+            "jaxae reads image datasets with an 'image' feature and an integer 'label' feature"
+        )
+    where = f"TFDS dataset {name!r} ({split})"
+    image = _tfds_image(example)
+    if image.dtype != np.uint8:
+        raise DataError(f"{where}: images are {image.dtype}; jaxae reads uint8 images (pixels 0..255)")
+    check_image_shape(image.shape, where)
+    label = np.asarray(example["label"])
+    if label.ndim != 0 or label.dtype.kind not in "iu":
+        raise DataError(
+            f"{where}: the 'label' feature is {label.dtype} of shape {label.shape}; jaxae needs one integer "
+            "class label per image"
+        )
+    return tuple(int(v) for v in image.shape)  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _without_opencv_advice():
+    """Drops TFDS's OpenCV advice while images are decoded (TFDS logs it on the first one)."""
+    absl_logger = logging.getLogger("absl")
+    opencv_advice = _OpenCvAdviceFilter()
     absl_logger.addFilter(opencv_advice)
     try:
-        first = np.asarray(source[0]["image"])
-        images = np.empty((n, *first.shape), np.uint8)
-        labels = np.empty((n,), np.int32)
-        for i in tqdm(range(n), desc=f"reading {name} {split}", unit="img", disable=n < 20_000, leave=False):
-            example = source[i]
-            images[i] = np.asarray(example["image"])
-            labels[i] = int(example["label"])
+        yield
     finally:
         absl_logger.removeFilter(opencv_advice)
-    if images.ndim == 3:
-        images = images[..., None]
-    return images, labels
 
 
 def _tfds_dataset_part(name: str) -> str | None:

@@ -102,7 +102,7 @@ def _bad_idx_folder(tmp_path, mutate):
                 "--dataset",
                 str(_bad_idx_folder(tmp, lambda p: write_idx(p, np.zeros((10, 20, 20), np.uint8)))),
             ],
-            "the train images are 20x20 but the test images are 28x28",
+            "the train images are 20x20x1 but the test images are 28x28x1",
         ),
         (
             lambda tmp: [
@@ -119,6 +119,39 @@ def _bad_idx_folder(tmp_path, mutate):
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make_args, pattern):
     code = cli.main(["train", *make_args(tmp_path), "--workdir", str(tmp_path / "out"), "--no-progress"])
+    _assert_one_line_error(capsys, code, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "train_images, pattern",
+    [
+        (
+            np.zeros((10, 28, 28, 3, 1), np.uint8),
+            "has 5 dimensions (10, 28, 28, 3, 1), expected (N, H, W) or (N, H, W, C)",
+        ),
+        (np.zeros((10, 28, 28, 2), np.uint8), "with 2 channels; jaxae takes grayscale (C=1) or RGB (C=3) images"),
+        (np.zeros((10, 28, 28, 4), np.uint8), "with 4 channels; jaxae takes grayscale (C=1) or RGB (C=3) images"),
+        (np.zeros((10, 28, 28, 3), np.uint8), "the train images are 28x28x3 but the test images are 28x28x1"),
+    ],
+)
+def test_idx_images_of_a_shape_jaxae_does_not_take_stop_train_before_any_compile(
+    tmp_path, capsys, monkeypatch, train_images, pattern
+):
+    import jaxae.loop
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built (and would be compiled) for data that is refused")
+
+    monkeypatch.setattr(jaxae.loop, "build", no_build)
+
+    def replace_train_images(path):
+        path.unlink()
+        write_idx(path.with_name("train-images-idx4-ubyte"), train_images)
+
+    (tmp_path / "data").mkdir()
+    folder = _bad_idx_folder(tmp_path / "data", replace_train_images)
+    code = cli.main(["train", "--dataset", str(folder), "--workdir", str(tmp_path / "out"), "--no-progress"])
     _assert_one_line_error(capsys, code, pattern)
     assert not (tmp_path / "out").exists()
 

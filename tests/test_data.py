@@ -3,6 +3,7 @@ import errno
 import gzip
 import io
 import struct
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -13,7 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxae.data import NORMALIZATIONS, get_normalization, load_dataset, read_idx, write_idx
+from jaxae.data import (
+    NORMALIZATIONS,
+    dataset_image_shape,
+    get_normalization,
+    load_dataset,
+    read_idx,
+    write_idx,
+    write_idx_folder,
+)
 from jaxae.errors import DataError
 
 
@@ -219,7 +228,9 @@ def test_train_and_test_images_of_different_sizes(tmp_path):
     _write_split(tmp_path, "train", np.zeros((8, 28, 28), np.uint8), np.arange(8, dtype=np.uint8) % 2)
     _write_split(tmp_path, "test", np.zeros((4, 20, 20), np.uint8), np.arange(4, dtype=np.uint8) % 2)
     for split in ("train", "test"):
-        with pytest.raises(DataError, match="are 28x28 but the .* images are 20x20|are 20x20 but the .* are 28x28"):
+        with pytest.raises(
+            DataError, match="are 28x28x1 but the .* images are 20x20x1|are 20x20x1 but the .* are 28x28x1"
+        ):
             load_dataset(str(tmp_path), split)
 
 
@@ -337,3 +348,237 @@ def test_idx_valid_files_round_trip(tmp_path, n, h, w, compress):
     path = tmp_path / ("f.gz" if compress else "f")
     write_idx(path, array)
     np.testing.assert_array_equal(read_idx(path), array)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image shapes H x W x C: grayscale idx3 and colour idx4 folders, one check where images enter.
+
+
+def _images(n, *shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def _labels(n):
+    return (np.arange(n) % 10).astype(np.uint8)
+
+
+def _write_split_as(folder, split, images, labels, images_name):
+    """One split with the images under an explicit file name (any dimension count)."""
+    prefix = "train" if split == "train" else "t10k"
+    write_idx(folder / images_name.format(prefix=prefix), images)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_colour_idx_folder_round_trip(tmp_path, compress):
+    train, test = (_images(6, 32, 32, 3, seed=1), _labels(6)), (_images(4, 32, 32, 3, seed=2), _labels(4))
+    write_idx_folder(tmp_path, train=train, test=test, compress=compress)
+    suffix = ".gz" if compress else ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{prefix}-{kind}-idx{n}-ubyte{suffix}"
+        for prefix in ("train", "t10k")
+        for kind, n in (("images", 4), ("labels", 1))
+    )
+    assert read_idx(tmp_path / f"train-images-idx4-ubyte{suffix}").shape == (6, 32, 32, 3)
+    for split, (images, labels) in (("train", train), ("test", test)):
+        ds = load_dataset(str(tmp_path), split)
+        assert ds.images.dtype == np.uint8 and ds.image_shape == (32, 32, 3)
+        np.testing.assert_array_equal(ds.images, images)
+        np.testing.assert_array_equal(ds.labels, labels.astype(np.int32))
+
+
+def test_grayscale_folders_are_written_as_standard_idx3_files(tmp_path):
+    images = _images(5, 12, 10)
+    write_idx_folder(tmp_path, train=(images[..., None], _labels(5)), test=(images, _labels(5)), compress=False)
+    assert read_idx(tmp_path / "train-images-idx3-ubyte").shape == (5, 12, 10)  # 3-D, as MNIST's are
+    assert read_idx(tmp_path / "t10k-images-idx3-ubyte").shape == (5, 12, 10)
+    np.testing.assert_array_equal(load_dataset(str(tmp_path), "test").images, images[..., None])
+
+
+@pytest.mark.parametrize(
+    "name", ["{prefix}-images-idx4-ubyte.gz", "{prefix}-images.idx4-ubyte", "{prefix}-images-idx3-ubyte"]
+)
+def test_idx4_images_load_under_any_accepted_name(tmp_path, name):
+    # The name only finds the file; the header's dimension count decides the shape, so an
+    # idx3-named file holding (N, H, W, C) is read as what it holds.
+    images = _images(4, 9, 11, 3)
+    for split in ("train", "test"):
+        _write_split_as(tmp_path, split, images, _labels(4), name)
+    np.testing.assert_array_equal(load_dataset(str(tmp_path), "train").images, images)
+
+
+def test_a_folder_mixing_idx3_and_idx4_names_across_splits_loads(tmp_path):
+    # train as an MNIST-standard idx3 file (N, H, W), test as a dotted idx4 file (N, H, W, 1): one shape
+    _write_split_as(tmp_path, "train", _images(4, 10, 10), _labels(4), "{prefix}-images-idx3-ubyte.gz")
+    _write_split_as(tmp_path, "test", _images(3, 10, 10, 1), _labels(3), "{prefix}-images.idx4-ubyte")
+    assert load_dataset(str(tmp_path), "train").images.shape == (4, 10, 10, 1)
+    assert load_dataset(str(tmp_path), "test").images.shape == (3, 10, 10, 1)
+    assert dataset_image_shape(str(tmp_path)) == (10, 10, 1)
+
+
+def test_a_folder_with_both_idx3_and_idx4_images_for_one_split_is_refused(tmp_path):
+    _write_split_as(tmp_path, "train", _images(4, 28, 28), _labels(4), "{prefix}-images-idx3-ubyte.gz")
+    write_idx(tmp_path / "train-images-idx4-ubyte", _images(4, 28, 28, 3))
+    _write_split_as(tmp_path, "test", _images(4, 28, 28), _labels(4), "{prefix}-images-idx3-ubyte")
+    with pytest.raises(DataError) as info:
+        load_dataset(str(tmp_path), "train")
+    message = str(info.value)
+    assert "train-images-idx3-ubyte.gz and train-images-idx4-ubyte" in message and "\n" not in message
+    # the test split alone is unambiguous and loads; the broken train split is its own error
+    assert load_dataset(str(tmp_path), "test").image_shape == (28, 28, 1)
+
+
+def test_a_folder_without_images_names_both_idx3_and_idx4(tmp_path):
+    write_idx(tmp_path / "train-labels-idx1-ubyte", _labels(4))
+    with pytest.raises(DataError, match="looked for train-images-idx3-ubyte or train-images-idx4-ubyte"):
+        load_dataset(str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("shape", [(4, 784), (4, 8, 8, 3, 2), (4, 8, 8, 1, 1, 1)])
+def test_image_files_of_another_dimension_count_are_refused(tmp_path, shape):
+    for split in ("train", "test"):
+        _write_split_as(tmp_path, split, np.zeros(shape, np.uint8), _labels(4), "{prefix}-images-idx3-ubyte")
+    path = tmp_path / "train-images-idx3-ubyte"
+    with pytest.raises(DataError) as info:
+        load_dataset(str(tmp_path), "train")
+    assert str(info.value) == (
+        f"image IDX file {path} has {len(shape)} dimensions {shape}, expected (N, H, W) or (N, H, W, C)"
+    )
+
+
+@pytest.mark.parametrize(
+    "channels, advice",
+    [
+        (2, "keep the first channel: images[..., :1]"),
+        (4, "drop the alpha channel: images[..., :3]"),
+        (5, "jaxae takes grayscale (C=1) or RGB (C=3) images"),
+    ],
+)
+def test_images_with_other_than_1_or_3_channels_are_refused(tmp_path, channels, advice):
+    for split in ("train", "test"):
+        _write_split_as(tmp_path, split, _images(4, 16, 16, channels), _labels(4), "{prefix}-images-idx4-ubyte")
+    with pytest.raises(DataError) as info:
+        load_dataset(str(tmp_path), "train")
+    message = str(info.value)
+    assert f"images are 16x16x{channels}, with {channels} channels; jaxae takes grayscale (C=1) or RGB (C=3)" in message
+    assert advice in message and str(tmp_path / "train-images-idx4-ubyte") in message
+
+
+def test_channels_first_images_get_told_to_transpose(tmp_path):
+    for split in ("train", "test"):
+        _write_split_as(tmp_path, split, _images(4, 3, 32, 32), _labels(4), "{prefix}-images-idx4-ubyte")
+    with pytest.raises(DataError, match=r"channels-first: jaxae wants \(H, W, C\)"):
+        load_dataset(str(tmp_path), "test")
+
+
+def test_colour_images_smaller_than_8x8_are_refused(tmp_path):
+    for split in ("train", "test"):
+        _write_split_as(tmp_path, split, _images(4, 7, 7, 3), _labels(4), "{prefix}-images-idx4-ubyte")
+    with pytest.raises(DataError, match="images are 7x7; jaxae needs images of at least 8x8"):
+        load_dataset(str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("test_shape", [(32, 32, 1), (28, 28, 3), (32, 32)])
+def test_train_and_test_images_of_different_shapes(tmp_path, test_shape):
+    _write_split_as(tmp_path, "train", _images(4, 32, 32, 3), _labels(4), "{prefix}-images-idx4-ubyte")
+    _write_split_as(
+        tmp_path, "test", _images(4, *test_shape), _labels(4), f"{{prefix}}-images-idx{len(test_shape) + 1}-ubyte"
+    )
+    other = "x".join(str(v) for v in (*test_shape, 1)[:3])
+    with pytest.raises(DataError, match=f"the train images are 32x32x3 but the test images are {other} "):
+        load_dataset(str(tmp_path), "train")
+    with pytest.raises(DataError, match=f"the test images are {other} but the train images are 32x32x3 "):
+        load_dataset(str(tmp_path), "test")
+    with pytest.raises(DataError, match=f"the test images are {other} but the train images are 32x32x3 "):
+        dataset_image_shape(str(tmp_path))
+
+
+def test_dataset_image_shape_of_the_sample_and_of_idx_folders(tmp_path, idx_folder, monkeypatch):
+    import jaxae.data
+
+    def no_body_reads(path):
+        raise AssertionError(f"dataset_image_shape read the body of {path}")
+
+    monkeypatch.setattr(jaxae.data, "read_idx", no_body_reads)  # headers only
+    assert dataset_image_shape() == (28, 28, 1)
+    assert dataset_image_shape(str(idx_folder)) == (28, 28, 1)
+    colour = tmp_path / "colour"
+    write_idx_folder(colour, train=(_images(3, 24, 16, 3), _labels(3)), test=(_images(2, 24, 16, 3), _labels(2)))
+    assert dataset_image_shape(str(colour)) == (24, 16, 3)
+
+
+def test_dataset_image_shape_refuses_what_load_dataset_refuses(tmp_path):
+    for split in ("train", "test"):
+        _write_split_as(tmp_path, split, _images(4, 16, 16, 4), _labels(4), "{prefix}-images-idx4-ubyte")
+    with pytest.raises(DataError, match="with 4 channels; jaxae takes grayscale"):
+        dataset_image_shape(str(tmp_path))
+    with pytest.raises(DataError, match="does not exist"):
+        dataset_image_shape(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize(
+    "train, test, pattern",
+    [
+        ((np.zeros((4, 16, 16, 3)), _labels(4)), None, "train images must be uint8 pixels 0..255, got dtype float64"),
+        ((_images(4, 16, 16, 4), _labels(4)), None, "with 4 channels; jaxae takes grayscale (C=1) or RGB (C=3)"),
+        ((_images(4, 7, 16, 1), _labels(4)), None, "images are 7x16; jaxae needs images of at least 8x8"),
+        ((_images(4, 16), _labels(4)), None, "train images have shape (4, 16); expected (N, H, W, C) or (N, H, W)"),
+        ((_images(4, 16, 16, 3), _labels(3)), None, "train labels have shape (3,); expected one label per image: (4,)"),
+        ((_images(4, 16, 16, 3), np.array([0, 1, 2, 300])), None, "labels must be integers 0..255"),
+        ((_images(4, 16, 16, 3), np.array([0.0, 1, 2, 3])), None, "labels must be integers 0..255"),
+        ((_images(0, 16, 16, 3), _labels(0)), None, "the train split is empty"),
+        (None, (_images(4, 16, 16, 1), _labels(4)), "train images are 16x16x3 but the test images are 16x16x1"),
+    ],
+)
+def test_write_idx_folder_refuses_what_jaxae_would_not_read(tmp_path, train, test, pattern):
+    train = train or (_images(4, 16, 16, 3), _labels(4))
+    test = test or (_images(4, 16, 16, 3), _labels(4))
+    with pytest.raises(DataError) as info:
+        write_idx_folder(tmp_path / "out", train=train, test=test)
+    assert pattern in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_write_idx_folder_never_overwrites_a_dataset(idx_folder):
+    before = {p.name: p.read_bytes() for p in idx_folder.iterdir()}
+    with pytest.raises(DataError, match="already exists; write_idx_folder writes into a folder without IDX"):
+        write_idx_folder(
+            idx_folder, train=(_images(4, 32, 32, 3), _labels(4)), test=(_images(4, 32, 32, 3), _labels(4))
+        )
+    assert {p.name: p.read_bytes() for p in idx_folder.iterdir()} == before
+
+
+def test_write_idx_folder_leaves_no_half_file_when_a_write_fails(tmp_path, monkeypatch):
+    real_write_bytes = Path.write_bytes
+
+    def disk_full_on_the_third_file(self, data):
+        if self.name.startswith(".t10k-images"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full_on_the_third_file)
+    with pytest.raises(DataError, match=f"cannot write IDX dataset folder {tmp_path}: No space left on device"):
+        write_idx_folder(tmp_path, train=(_images(4, 16, 16, 3), _labels(4)), test=(_images(4, 16, 16, 3), _labels(4)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-images-idx4-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    h=st.integers(8, 13),
+    w=st.integers(8, 13),
+    channels=st.sampled_from([None, 1, 3]),
+    compress=st.booleans(),
+)
+def test_idx_folders_of_any_shape_round_trip(n, h, w, channels, compress):
+    shape = (h, w) if channels is None else (h, w, channels)
+    train = (_images(n, *shape, seed=n * 31 + h), _labels(n))
+    test = (_images(n + 1, *shape, seed=w), _labels(n + 1))
+    with tempfile.TemporaryDirectory() as folder:
+        write_idx_folder(folder, train=train, test=test, compress=compress)
+        expected_shape = (h, w, channels or 1)
+        assert dataset_image_shape(folder) == expected_shape
+        for split, (images, labels) in (("train", train), ("test", test)):
+            ds = load_dataset(folder, split)
+            np.testing.assert_array_equal(ds.images, images.reshape(len(images), *expected_shape))
+            np.testing.assert_array_equal(ds.labels, labels)

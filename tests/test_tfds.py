@@ -129,3 +129,69 @@ def test_train_on_the_tfds_fixture_in_a_real_process_without_tensorflow(tmp_path
     assert record["epoch"] == 1 and np.isfinite(record["test_mse"]) and record["test_mse"] < 0.2
     config = json.loads((workdir / "config.json").read_text())
     assert config["dataset"] == "fashion_mnist"
+
+
+# ---------------------------------------------------------------------------------------------
+# Image shapes from TFDS: colour and grayscale come out as (N, H, W, C); the rest is one line.
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn_cropped"])
+def test_colour_tfds_datasets_load_as_n_32_32_3(name):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):  # random examples from the registered builder's features
+        ds = jaxae.load_dataset(name, "train")
+        shape = jaxae.dataset_image_shape(name)
+    assert ds.images.shape == (6, 32, 32, 3) and ds.images.dtype == np.uint8
+    assert ds.labels.shape == (6,) and ds.labels.dtype == np.int32 and 0 <= ds.labels.min() <= ds.labels.max() <= 9
+    assert shape == (32, 32, 3)
+
+
+def test_dataset_image_shape_of_the_tfds_fixture():
+    assert jaxae.dataset_image_shape("fashion_mnist", data_dir=str(TFDS_DIR)) == (28, 28, 1)
+
+
+def test_a_tfds_dataset_without_images_is_one_line():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=3), pytest.raises(jaxae.DataError) as info:
+        jaxae.load_dataset("imdb_reviews", "train")
+    assert str(info.value) == (
+        "TFDS dataset 'imdb_reviews' has no 'image' feature (its features: 'label', 'text'); jaxae reads image "
+        "datasets with an 'image' feature and an integer 'label' feature"
+    )
+
+
+def _fake_tfds_source(monkeypatch, examples):
+    """``tfds.data_source`` returning ``examples`` (a list is what jaxae needs: len and indexing)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: examples)
+
+
+def _examples(*shapes, dtype=np.uint8, label=3):
+    return [{"image": np.full(shape, 7, dtype), "label": label} for shape in shapes]
+
+
+@pytest.mark.parametrize(
+    "examples, pattern",
+    [
+        (_examples((32, 32, 4)), "images are 32x32x4, with 4 channels; jaxae takes grayscale (C=1) or RGB (C=3)"),
+        (_examples((32, 32, 2)), "images are 32x32x2, with 2 channels; jaxae takes grayscale (C=1) or RGB (C=3)"),
+        (_examples((6, 6, 3)), "images are 6x6; jaxae needs images of at least 8x8 pixels"),
+        (_examples((16, 16, 3), dtype=np.float32), "images are float32; jaxae reads uint8 images"),
+        (_examples((16, 16, 3), label=np.array([1, 0])), "'label' feature is int64 of shape (2,)"),
+        (_examples((16, 16, 3), (16, 16, 3), (20, 16, 3)), "example 2 has a 20x16x3 image but example 0 a 16x16x3 one"),
+        ([{"image": np.zeros((16, 16, 3), np.uint8)}], "has no 'label' feature (its features: 'image')"),
+    ],
+)
+def test_tfds_images_jaxae_does_not_take_are_one_line(monkeypatch, examples, pattern):
+    _fake_tfds_source(monkeypatch, examples)
+    with pytest.raises(jaxae.DataError) as info:
+        jaxae.load_dataset("cifar10", "train")
+    assert pattern in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith("TFDS dataset 'cifar10'")
+
+
+def test_tfds_grayscale_images_without_a_channel_axis_get_one(monkeypatch):
+    _fake_tfds_source(monkeypatch, _examples((12, 10), (12, 10)))
+    ds = jaxae.load_dataset("mnist", "test")
+    assert ds.images.shape == (2, 12, 10, 1) and ds.labels.tolist() == [3, 3]
+    assert jaxae.dataset_image_shape("mnist") == (12, 10, 1)
