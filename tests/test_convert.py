@@ -54,7 +54,7 @@ def fp32_torch():
 def torch_twin(config=None, seed=0):
     config = config or TrainConfig()
     torch.manual_seed(seed)
-    return jaxae.TWINS[(config.variant, config.arch)].torch_module(config, 784)
+    return jaxae.TWINS[(config.variant, config.arch)].torch_module(config, (28, 28, 1))
 
 
 def batch_size_for(config):
@@ -539,7 +539,7 @@ def test_key_map_registry():
     links = convert.links_for(jaxae.TWINS[("vanilla", "mlp")], params)
     assert [link.torch_key for link in links] == DOCUMENT_KEYS
     assert links[0].flax_path == ("encoder", "layers", 0, "kernel") and links[0].to_flax == (1, 0)
-    broken = convert.TorchTwin("vanilla", lambda p: links[:-1], convert.TWINS[("vanilla", "mlp")].torch_module)
+    broken = convert.TorchTwin("vanilla", lambda p, shape: links[:-1], convert.TWINS[("vanilla", "mlp")].torch_module)
     with pytest.raises(jaxae.JaxaeError, match="the vanilla mlp key map does not cover .*decoder/layers/4/bias"):
         convert.links_for(broken, params)
     # a VAE's parameters given as a vanilla model's: a clear error, not a KeyError
@@ -899,7 +899,7 @@ def _truncated_safetensors(p):
         (
             "wrong-shape.pt",
             _wrong_shape,
-            "decoder.2.weight has shape (128, 60) but the vanilla model (784-128-64-32) needs (128, 64)",
+            "decoder.2.weight has shape (128, 60) but the vanilla model (28x28x1 images, 784-128-64-32) needs (128, 64)",
         ),
         ("ints.pt", _ints, "encoder.0.bias holds torch.int64 values"),
     ],
