@@ -54,7 +54,7 @@ def normalized(images_u8: np.ndarray, preset: str) -> np.ndarray:
 
 def twin(config: TrainConfig, seed: int, weights: dict | None = None):
     torch.manual_seed(seed)
-    module = jaxae.TWINS[(config.variant, config.arch)].torch_module(config, 784)
+    module = jaxae.TWINS[(config.variant, config.arch)].torch_module(config, (28, 28, 1))
     if weights is not None:
         module.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     return module

@@ -465,6 +465,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_shape_flag(text: str) -> tuple[int, int, int]:
+    """``--image-shape`` value ``"32,32,3"`` -> ``(32, 32, 3)``."""
+    from jaxae.data import MIN_IMAGE_SIDE
+
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values[:2]) < MIN_IMAGE_SIDE or values[2] not in (1, 3):
+        raise argparse.ArgumentTypeError(
+            f"expected H,W,C with sides of at least {MIN_IMAGE_SIDE} and 1 or 3 channels, like 32,32,3; got {text!r}"
+        )
+    return values  # type: ignore[return-value]
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
@@ -488,7 +503,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise JaxaeError(f"--tolerance must be a non-negative number, got {args.tolerance}")
     out = Path(args.out)
     _check_convert_out(out, checkpoint.checkpoint_dir(out), force=args.force)
-    # Everything is read and checked before anything is written.
+    # Everything is read and checked before anything is written. The converted run is for
+    # --dataset: its images give the model's image shape, unless --image-shape says it.
+    renames = convert.parse_renames(args.rename)
+    image_shape, test = args.image_shape, None
+    shape_text = "x".join(map(str, image_shape or ()))
+    given_as, fix = "--image-shape is", "give the image shape the model was trained on"
+    if image_shape is None or args.check:
+        test = load_dataset(base.dataset, "test", base.tfds_data_dir)
+        test_shape = "x".join(map(str, test.image_shape))
+        if image_shape is None:
+            image_shape = test.image_shape
+            given_as = f"the {base.dataset} images are"
+            fix = "give --dataset with the model's images or --image-shape H,W,C"
+        elif tuple(test.image_shape) != tuple(image_shape):
+            raise JaxaeError(
+                f"--check runs on the {base.dataset} test images, which are {test_shape}, but --image-shape is "
+                f"{shape_text}; give --dataset with the model's images, or leave --check out"
+            )
     found = convert.match(
         args.model,
         base,
@@ -496,9 +528,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         arch=args.arch,
         hidden_dims=args.hidden_dims,
         latent_dim=args.latent_dim,
-        input_dim=convert.INPUT_DIM,
-        rename=convert.parse_renames(args.rename),
+        image_shape=image_shape,
+        rename=renames,
         allow_nonfinite=args.allow_nonfinite,
+        image_shape_given_as=given_as,
+        image_shape_fix=fix,
     )
     file = found.file
     optimizer = None if args.no_optimizer else file.optimizer
@@ -513,13 +547,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, **settings)
     config.validate()
     convert.get_twin(config.variant, config.arch)
-    trainer, state = build(config, found.input_dim)
+    trainer, state = build(config, found.image_shape)
     params = convert.params_from_torch(
-        found.state_dict, state.params, config.variant, arch=config.arch, what=found.description, source=args.model
+        found.state_dict,
+        state.params,
+        config.variant,
+        arch=config.arch,
+        what=found.description,
+        source=args.model,
+        image_shape=found.image_shape,
     )
     run = {}
     if optimizer is not None:
-        links = convert.links_for(convert.get_twin(config.variant, config.arch), params)
+        links = convert.links_for(convert.get_twin(config.variant, config.arch), params, found.image_shape)
         opt_state, adam_step = convert.opt_state_from_torch(
             optimizer,
             list(found.state_dict),
@@ -543,7 +583,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     report = None
     if args.check:
-        test = load_dataset(config.dataset, "test", config.tfds_data_dir)
         report = convert.parity_report(
             found.state_dict, trainer.model(params), test.images, config, tolerance=args.tolerance
         )
@@ -566,6 +605,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         "read": file.container,
         "variant": config.variant,
         "arch": config.arch,
+        "image_shape": list(found.image_shape),
         "tensors": len(found.state_dict),
     }
     if found.stripped:
@@ -576,6 +616,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     notes = found.notes + file.notes
     if file.optimizer is not None and optimizer is None:
         notes.append("optimizer state left out (--no-optimizer): a fresh Adam")
+    if test is None:
+        notes.append(f"image shape {shape_text} from --image-shape; the {config.dataset} images were not read")
     if notes:
         summary["notes"] = notes
     if report is not None:
@@ -629,13 +671,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise JaxaeError("--with-optimizer writes a torch.save checkpoint; give --format torch (a .pt file)")
     convert.check_output_file(args.out, overwrite=args.force)  # before the restore: fail before work
     trainer, state, config = checkpoint.restore(args.workdir, args.step)
-    state_dict = convert.to_numpy_state_dict(state.params, config.variant, config.arch)
+    # the images the run's model takes; an older checkpoint's shape may be a flat size: then the
+    # links read it off the parameters where they can
+    image_shape = tuple(checkpoint.input_shape_of(state))
+    image_shape = image_shape if len(image_shape) == 3 else None
+    twin = convert.get_twin(config.variant, config.arch)
+    links = convert.links_for(twin, state.params, image_shape)
+    state_dict = convert.to_numpy_state_dict(state.params, config.variant, config.arch, image_shape)
     summary = {"format": fmt, "variant": config.variant, "arch": config.arch, "step": int(state.step)}
+    if image_shape is not None:
+        summary["image_shape"] = list(image_shape)
     if args.with_optimizer:
         from jaxae.torch_reference import require_torch
 
         torch = require_torch()
-        links = convert.links_for(convert.get_twin(config.variant, config.arch), state.params)
         general = {
             "epoch": int(state.epoch),
             "global_step": int(state.step),
@@ -805,6 +854,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="recorded for evaluate/train; --check uses its test split (default: %(default)s)",
     )
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (TFDS datasets only)")
+    p.add_argument(
+        "--image-shape",
+        type=_image_shape_flag,
+        default=None,
+        metavar="H,W,C",
+        help="the images the PyTorch model takes (it takes them NCHW); default: --dataset's; give it to "
+        "convert without the dataset at hand",
+    )
     p.add_argument(
         "--latent-dim", type=int, default=None, help="code size (default: from the tensors; checked when given)"
     )

@@ -19,12 +19,15 @@ the same order, so the same ``torch.manual_seed`` gives the same weights. Its
 :class:`~jaxae.models.ConvAutoencoder` and :class:`~jaxae.models.ConvVAE`: the same layers
 under the same names, written as a PyTorch user would write them.
 
-Every twin takes flat inputs ``[N, D]`` (the conv twins also ``[N, C, H, W]``) and returns
-flat reconstructions, like the Flax modules, and has their ``encode``/``decode`` methods (the
-VAEs also ``encode_distribution`` and ``decode_logits``). The conv twins flatten their
-features PyTorch's way, in ``(C, H, W)`` order, where the Flax modules flatten ``(H, W, C)``;
-the converter reorders the weights of the Linear layers on either side of that flatten
-(:mod:`jaxae.convert`), so weights of a conv model written the usual PyTorch way convert.
+The twins take images the PyTorch way, NCHW: the MLP twins flat inputs ``[N, C * H * W]`` in
+``(c, h, w)`` order (``x.view(N, -1)`` of an NCHW batch), the conv twins ``[N, C, H, W]`` or
+that flattening; they return reconstructions flattened the same way, and have the Flax
+modules' ``encode``/``decode`` methods (the VAEs also ``encode_distribution`` and
+``decode_logits``). The Flax modules take NHWC images and flatten them, and their conv
+features, in ``(h, w, c)`` order; the converter reorders the weights of the Linear layers that
+touch a flattened image or flattened features (:mod:`jaxae.convert`), so weights of a model
+written the usual PyTorch way convert exactly, for any ``H x W x C``. For one channel the two
+orders of an image are the same.
 
 :func:`variant_loss` is each variant's training loss in PyTorch, as :mod:`jaxae.objectives`
 computes it.
@@ -240,7 +243,8 @@ def variant_loss(module: Any, x: Any, config: Any, *, noisy: Any = None, eps: An
 
     Args:
         module: the variant's twin (``jaxae.TWINS[(variant, arch)].torch_module``).
-        x: float32 inputs ``[B, D]``, normalised by ``config.normalize``.
+        x: float32 inputs ``[B, C * H * W]`` in the twin's ``(c, h, w)`` order, normalised by
+            ``config.normalize``.
         config: a :class:`jaxae.TrainConfig`: the variant and its settings.
         noisy: the denoiser's corrupted input (default: drawn here with ``torch`` as
             :func:`jaxae.objectives.corrupt` draws it); give jaxae's to compare exactly.

@@ -54,7 +54,7 @@ def fp32_torch():
 def torch_twin(config=None, seed=0):
     config = config or TrainConfig()
     torch.manual_seed(seed)
-    return jaxae.TWINS[(config.variant, config.arch)].torch_module(config, 784)
+    return jaxae.TWINS[(config.variant, config.arch)].torch_module(config, (28, 28, 1))
 
 
 def batch_size_for(config):
@@ -539,7 +539,7 @@ def test_key_map_registry():
     links = convert.links_for(jaxae.TWINS[("vanilla", "mlp")], params)
     assert [link.torch_key for link in links] == DOCUMENT_KEYS
     assert links[0].flax_path == ("encoder", "layers", 0, "kernel") and links[0].to_flax == (1, 0)
-    broken = convert.TorchTwin("vanilla", lambda p: links[:-1], convert.TWINS[("vanilla", "mlp")].torch_module)
+    broken = convert.TorchTwin("vanilla", lambda p, shape: links[:-1], convert.TWINS[("vanilla", "mlp")].torch_module)
     with pytest.raises(jaxae.JaxaeError, match="the vanilla mlp key map does not cover .*decoder/layers/4/bias"):
         convert.links_for(broken, params)
     # a VAE's parameters given as a vanilla model's: a clear error, not a KeyError
@@ -579,6 +579,174 @@ def test_init_params_from_a_checkpoint_with_a_fresh_optimizer(tmp_path):
         jaxae.JaxaeError, match=r"\['decoder'\]\['layers'\]\[0\]\['bias'\]: \(64,\) there, \(48,\) here"
     ):
         init_params_from(tmp_path, trainer2, other)
+
+
+# --- any image shape: colour and non-square images ------------------------------------------------
+
+# Small sizes keep these fast; the (c, h, w) <-> (h, w, c) reorder is what they prove.
+SHAPE_SIZES = {"hidden_dims": (24, 12), "latent_dim": 6}
+IMAGE_SHAPES = [(16, 16, 3), (8, 16, 3), (12, 8, 1)]
+
+
+def nchw_flat(x_nhwc):
+    """A PyTorch user's batch: the NHWC images as NCHW, flattened (c, h, w) as ``x.view(N, -1)``."""
+    return np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)).reshape(len(x_nhwc), -1)
+
+
+def nhwc_flat(y_chw, image_shape):
+    """The twin's flat (c, h, w) outputs in jaxae's (h, w, c) order."""
+    h, w, c = image_shape
+    return y_chw.reshape(len(y_chw), c, h, w).transpose(0, 2, 3, 1).reshape(len(y_chw), -1)
+
+
+@pytest.mark.parametrize("image_shape", IMAGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("config", TWIN_CONFIGS)
+def test_any_image_shape_converts_exactly_both_ways(config, image_shape):
+    config = dataclasses.replace(config, **SHAPE_SIZES)
+    variant, arch = config.variant, config.arch
+    twin = jaxae.TWINS[(variant, arch)]
+    # Flax -> torch: the twin computes what the Flax model does, each on its own layout
+    model = jaxae.get_variant(variant).build_model(config, image_shape, nnx.Rngs(3))
+    state_dict = jaxae.to_torch_state_dict(model, variant, arch, image_shape=image_shape)
+    module = twin.torch_module(config, image_shape)
+    assert str(module.load_state_dict(state_dict, strict=True)) == "<All keys matched successfully>"
+    x = np.random.default_rng(1).random((5, *image_shape), dtype=np.float32)  # NHWC
+    got = jax.device_get(flax_views(model, jnp.asarray(x)))
+    expected = torch_views(module, nchw_flat(x))
+    expected["reconstruction"] = nhwc_flat(expected["reconstruction"], image_shape)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5, err_msg=name)
+        assert np.std(expected[name]) > 1e-3, name  # the models compute something that varies
+    # torch -> Flax gives the exact parameters back
+    back = jaxae.from_torch(state_dict, config=config, image_shape=image_shape)
+    a, b = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(back))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(p, q)
+    # and a twin PyTorch initialised goes to Flax and back bit for bit
+    torch.manual_seed(4)
+    original = twin.torch_module(config, image_shape).state_dict()
+    again = jaxae.to_torch_state_dict(
+        jaxae.from_torch(original, config=config, image_shape=image_shape), variant, arch, image_shape=image_shape
+    )
+    assert list(again) == list(original) and all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_one_channel_images_keep_today_s_layout():
+    # for C = 1 the (c, h, w) and (h, w, c) orders are one order: the weights are copied as they are
+    reference = torch_reference.MLPAutoencoder(12 * 8, (24, 12), 6)
+    model = jaxae.from_torch(reference.state_dict(), image_shape=(12, 8, 1))
+    kernel = np.asarray(model.encoder.layers[0].kernel[...])
+    np.testing.assert_array_equal(kernel, reference.state_dict()["encoder.0.weight"].numpy().T)
+    # for C = 3 the image-facing weights are reordered: pixel (h, w, c) of jaxae is (c, h, w) of torch
+    colour = torch_reference.MLPAutoencoder(4 * 8 * 3, (24, 12), 6)
+    weight = colour.state_dict()["encoder.0.weight"].numpy()  # [24, 3 * 4 * 8], (c, h, w) inputs
+    model = jaxae.from_torch(colour.state_dict(), image_shape=(4, 8, 3))
+    kernel = np.asarray(model.encoder.layers[0].kernel[...])  # [(h, w, c), 24]
+    np.testing.assert_array_equal(kernel.reshape(4, 8, 3, 24), weight.reshape(24, 3, 4, 8).transpose(2, 3, 1, 0))
+    out_w = colour.state_dict()["decoder.4.weight"].numpy()  # [3 * 4 * 8, 24]
+    out_k = np.asarray(model.decoder.layers[4].kernel[...])  # [24, (h, w, c)]
+    np.testing.assert_array_equal(out_k.reshape(24, 4, 8, 3), out_w.reshape(3, 4, 8, 24).transpose(3, 1, 2, 0))
+
+
+def _one_line(excinfo, *parts):
+    message = str(excinfo.value)
+    assert "\n" not in message and all(part in message for part in parts), message
+
+
+def test_match_takes_the_image_shape_the_tensors_leave_open_and_checks_a_given_one():
+    colour = torch_reference.MLPAutoencoder(32 * 32 * 3, (24, 12), 6).state_dict()
+    with pytest.raises(jaxae.JaxaeError) as e:
+        convert.match(colour)
+    _one_line(e, "takes 3072 inputs (32x32x3?)", "give the image shape (--image-shape H,W,C", "e.g. 32,32,3")
+    found = convert.match(colour, image_shape=(32, 32, 3))
+    assert found.image_shape == (32, 32, 3) and found.input_dim == 3072
+    assert "32x32x3 images, 3072-24-12-6" in found.description
+    wide = convert.match(colour, image_shape=[48, 64, 1])  # the tensors allow it: the user says so
+    assert wide.image_shape == (48, 64, 1)
+    with pytest.raises(jaxae.JaxaeError) as e:
+        convert.match(colour, image_shape=(28, 28, 1))
+    _one_line(e, "takes 3072 inputs (32x32x3?) but the image shape given is 28x28x1")
+    with pytest.raises(jaxae.JaxaeError) as e:
+        convert.match(colour, input_dim=3072)  # the older keyword: a size, not a shape
+    _one_line(e, "input_dim 3072 does not say the image shape")
+    with pytest.raises(jaxae.JaxaeError) as e:
+        convert.match(colour, image_shape=(32, 32))
+    _one_line(e, "image_shape must be (H, W, C)")
+    with pytest.raises(jaxae.JaxaeError) as e:
+        jaxae.from_torch(colour, image_shape=(32, 32, 3), input_dim=784)
+    _one_line(e, "input_dim 784 and image_shape (32, 32, 3) disagree")
+    # a square one-channel input is read as before, and input_dim still works
+    document = torch_reference.Autoencoder().state_dict()
+    assert convert.match(document).image_shape == (28, 28, 1)
+    assert convert.match(document, input_dim=784).image_shape == (28, 28, 1)
+    with pytest.raises(jaxae.JaxaeError, match="takes inputs of 784 values, not 3072"):
+        convert.match(document, input_dim=3072)
+
+    # conv: channels from the first kernel; square features give the shape, others need it
+    square = torch_reference.ConvAutoencoder((16, 16, 3), latent_dim=6).state_dict()
+    assert convert.match(square).image_shape == (16, 16, 3)
+    wide = torch_reference.ConvVAE((16, 12, 3), latent_dim=6).state_dict()
+    with pytest.raises(jaxae.JaxaeError) as e:
+        convert.match(wide)
+    _one_line(e, "takes 3-channel images of (H/4)*(W/4) = 12", "--image-shape H,W,C")
+    found = convert.match(wide, image_shape=(16, 12, 3))
+    assert found.image_shape == (16, 12, 3) and "16x12x3 images" in found.description
+    for bad in [(16, 12, 1), (20, 12, 3), (18, 12, 3)]:  # channels; feature positions; sides not divisible by 4
+        with pytest.raises(jaxae.JaxaeError) as e:
+            convert.match(wide, image_shape=bad)
+        _one_line(e, "takes 3-channel images of (H/4)*(W/4) = 12", f"given is {'x'.join(map(str, bad))}")
+
+
+def test_params_without_an_image_shape_are_read_only_when_unambiguous():
+    config = TrainConfig(**SHAPE_SIZES)
+    params = nnx.to_pure_dict(nnx.state(jaxae.get_variant("vanilla").build_model(config, (16, 16, 3), nnx.Rngs(0))))
+    with pytest.raises(jaxae.JaxaeError) as e:
+        jaxae.to_torch_state_dict(params)
+    _one_line(e, "the vanilla mlp model takes 768 inputs (16x16x3?); give its image_shape")
+    with pytest.raises(jaxae.JaxaeError) as e:
+        convert.to_numpy_state_dict(params, image_shape=(16, 16, 1))
+    _one_line(e, "takes 768 inputs (16x16x3?) but image_shape is 16x16x1")
+    links = convert.links_for(jaxae.TWINS[("vanilla", "mlp")], params, (16, 16, 3))
+    assert (links[0].chw, links[0].chw_axis, links[-2].chw, links[-1].chw) == ((3, 16, 16), 1, (3, 16, 16), (3, 16, 16))
+    # a conv module carries its image shape: non-square features need nothing more
+    conv = jaxae.get_variant("vae").build_model(TrainConfig(variant="vae", arch="conv"), (8, 16, 3), nnx.Rngs(0))
+    conv_params = nnx.to_pure_dict(nnx.state(conv))
+    links = {link.torch_key: link for link in convert.links_for(jaxae.TWINS[("vae", "conv")], conv_params, (8, 16, 3))}
+    assert links["mean.weight"].chw == (32, 2, 4) and links["project.bias"].chw == (32, 2, 4)
+    assert list(jaxae.to_torch_state_dict(conv, "vae", "conv")) == list(links)
+    with pytest.raises(jaxae.JaxaeError) as e:
+        jaxae.to_torch_state_dict(conv_params, "vae", "conv")
+    _one_line(e, "takes 3-channel images of (H/4)*(W/4) = 8; give its image_shape")
+    with pytest.raises(jaxae.JaxaeError) as e:
+        jaxae.to_torch_state_dict(conv, "vae", "conv", image_shape=(16, 8, 3))
+    _one_line(e, "does not match the model's, (8, 16, 3)")
+
+
+@pytest.mark.parametrize("variant, arch, image_shape", [("vanilla", "mlp", (16, 16, 3)), ("vae", "conv", (8, 16, 3))])
+def test_parity_report_feeds_each_framework_its_own_layout(variant, arch, image_shape):
+    config = TrainConfig(variant=variant, arch=arch, **SHAPE_SIZES)
+    torch.manual_seed(2)
+    module = jaxae.TWINS[(variant, arch)].torch_module(config, image_shape)
+    state_dict = numpy_state_dict(module)
+    model = jaxae.from_torch(state_dict, config=config, image_shape=image_shape)
+    images = np.random.default_rng(3).integers(0, 256, (9, *image_shape), dtype=np.uint8)
+    report = jaxae.parity_report(state_dict, model, images, config)
+    assert report["passed"] and report["max_abs_diff_parameters"] == 0.0, report
+    assert report["max_abs_diff_outputs"] <= 1e-6 and report["mse_torch"] == pytest.approx(report["mse_flax"], rel=1e-6)
+    # the report's torch side is what a PyTorch user computes on NCHW images
+    x = images.astype(np.float32) / np.float32(255)
+    with torch.no_grad():
+        y = nhwc_flat(module(torch.from_numpy(nchw_flat(x))).numpy(), image_shape)
+    assert report["mse_torch"] == pytest.approx(
+        float(np.mean(np.square(y.astype(np.float64) - x.reshape(9, -1)))), rel=1e-6
+    )
+    h, w, c = image_shape
+    with pytest.raises(jaxae.JaxaeError) as e:
+        jaxae.parity_report(
+            state_dict, model, np.zeros((2, w, h, c) if arch == "conv" else (2, h, w, 1), np.uint8), config
+        )
+    assert "\n" not in str(e.value)
 
 
 # --- the command line -------------------------------------------------------------------------------
@@ -899,7 +1067,7 @@ def _truncated_safetensors(p):
         (
             "wrong-shape.pt",
             _wrong_shape,
-            "decoder.2.weight has shape (128, 60) but the vanilla model (784-128-64-32) needs (128, 64)",
+            "decoder.2.weight has shape (128, 60) but the vanilla model (28x28x1 images, 784-128-64-32) needs (128, 64)",
         ),
         ("ints.pt", _ints, "encoder.0.bias holds torch.int64 values"),
     ],

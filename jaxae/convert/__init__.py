@@ -17,8 +17,14 @@ The package, in the order a conversion goes:
 
     import jaxae
 
-    model = jaxae.from_torch("autoencoder.pt")          # an nnx.Module: model(x), x float32 [N, 784]
+    model = jaxae.from_torch("autoencoder.pt")          # an nnx.Module: model(x), x float32 [N, 28, 28, 1]
     state_dict = jaxae.to_torch_state_dict(model)       # torch_model.load_state_dict(state_dict, strict=True)
+    colour = jaxae.from_torch("cifar_ae.pt", image_shape=(32, 32, 3))  # model(x), x NHWC [N, 32, 32, 3]
+
+PyTorch models take images NCHW (an MLP their ``x.view(N, -1)``: ``(c, h, w)`` order), jaxae's
+NHWC (``(h, w, c)``): the weights that touch the image are reordered, exactly, both ways. The
+image shape is read off the tensors where they determine it (784 inputs: 28x28x1); otherwise
+it is given (``image_shape=``, ``--image-shape``).
 """
 
 from jaxae.convert.files import (
@@ -35,9 +41,11 @@ from jaxae.convert.files import (
 from jaxae.convert.layouts import (
     INPUT_DIM,
     TWINS,
+    ImageInput,
     InferredModel,
     ParamLink,
     TorchTwin,
+    check_image_shape,
     check_state_dict,
     get_twin,
     infer_model,
@@ -45,6 +53,7 @@ from jaxae.convert.layouts import (
     model_description,
     parse_renames,
     rename_keys,
+    resolve_image_shape,
     strip_prefix,
     suggest_renames,
     supported_twins,
@@ -57,6 +66,7 @@ from jaxae.convert.weights import (
     from_torch,
     match,
     model_from_match,
+    model_image_shape,
     params_from_torch,
     to_numpy_state_dict,
     to_torch_state_dict,
@@ -67,12 +77,14 @@ __all__ = [
     "FORMATS",
     "INPUT_DIM",
     "TWINS",
+    "ImageInput",
     "InferredModel",
     "Match",
     "ParamLink",
     "TorchFile",
     "TorchTwin",
     "check_finite",
+    "check_image_shape",
     "check_output_file",
     "check_state_dict",
     "flax_outputs",
@@ -84,6 +96,7 @@ __all__ = [
     "match",
     "model_description",
     "model_from_match",
+    "model_image_shape",
     "nonfinite_counts",
     "opt_state_from_torch",
     "optimizer_settings",
@@ -93,6 +106,7 @@ __all__ = [
     "read_state_dict",
     "read_torch_file",
     "rename_keys",
+    "resolve_image_shape",
     "save_state_dict",
     "save_torch_checkpoint",
     "strip_prefix",

@@ -13,11 +13,19 @@ architecture and the layer sizes off the tensors' shapes; keys that match no lay
 message listing them with their shapes and, where the shapes allow it, the ``--rename``
 flags that would map them.
 
-The conv models flatten their features between the convolutions and the Linear layers:
-PyTorch's ``flatten`` of an NCHW tensor orders them ``(c, h, w)``, Flax's of an NHWC tensor
-``(h, w, c)``. The twins are written the usual PyTorch way, so the links of the Linear layers
-on either side of the flatten (the code or ``mean``/``logvar`` heads, and ``project``) also
-reorder that axis (:attr:`ParamLink.chw`): a gather, so conversions stay exact both ways.
+Images are ``H x W x C``. PyTorch flattens an NCHW tensor in ``(c, h, w)`` order, Flax an NHWC
+one in ``(h, w, c)`` order, and the twins are written the usual PyTorch way: an MLP twin takes
+``x.view(N, -1)`` of an NCHW batch, a conv twin flattens its NCHW features. So the links of the
+Linear layers that touch a flattened axis reorder it (:attr:`ParamLink.chw`): the MLPs' first
+encoder and last decoder layers (the image, ``(C, H, W)``; the identity for one channel), and
+the conv models' Linear layers on either side of the features' flatten (the code or
+``mean``/``logvar`` heads, and ``project``: ``(c2, H / 4, W / 4)``). A gather, so conversions
+stay exact both ways.
+
+Which image shape a model takes is not always in its tensors (an MLP with 3072 inputs may take
+32x32x3 or 64x48x1 images; a conv model's features fix only ``(H / 4) * (W / 4)``), so the key
+maps take it (:func:`links_for`); without one they read it off the tensors only where that is
+unambiguous (a square MLP input: ``s x s x 1``; a conv model with square features).
 """
 
 from __future__ import annotations
@@ -33,7 +41,6 @@ import numpy as np
 from jaxae import torch_reference
 from jaxae.convert.files import _listed
 from jaxae.errors import JaxaeError
-from jaxae.models import image_shape_of
 from jaxae.objectives import get_variant
 
 INPUT_DIM = 784
@@ -50,9 +57,9 @@ class ParamLink:
         to_flax: the axis permutation taking the torch tensor to the Flax array (``(1, 0)``
             for a Linear weight ``[out, in]`` -> kernel ``[in, out]``, ``(2, 3, 1, 0)`` for a
             conv weight); ``None`` for none.
-        chw: ``(C, H, W)`` when the torch tensor's axis ``chw_axis`` runs over flattened conv
-            features: they are reordered from PyTorch's ``(c, h, w)`` order to Flax's
-            ``(h, w, c)`` (before ``to_flax``); ``None`` for none.
+        chw: ``(C, H, W)`` when the torch tensor's axis ``chw_axis`` runs over a flattened image
+            or flattened conv features: they are reordered from PyTorch's ``(c, h, w)`` order to
+            Flax's ``(h, w, c)`` (before ``to_flax``); ``None`` for none.
         chw_axis: the torch tensor's axis that ``chw`` applies to.
     """
 
@@ -95,9 +102,11 @@ class TorchTwin:
 
     Attributes:
         variant: the variant name (a key of :data:`jaxae.VARIANTS`).
-        key_map: ``params -> links``: the links for a Flax pure-dict params tree of this
-            variant (a fresh one when converting from torch); they must cover every leaf.
-        torch_module: ``(config, input_dim) -> torch.nn.Module``, the PyTorch twin.
+        key_map: ``(params, image_shape) -> links``: the links for a Flax pure-dict params tree
+            of this variant (a fresh one when converting from torch) taking ``(H, W, C)``
+            images; they must cover every leaf.
+        torch_module: ``(config, image_shape) -> torch.nn.Module``, the PyTorch twin for
+            ``(H, W, C)`` images.
         reconstruct: ``(model, x) -> reconstruction``, used by the parity report on both
             frameworks' models (default: ``model(x)``; for the VAEs that is the reconstruction
             from the posterior mean).
@@ -105,8 +114,8 @@ class TorchTwin:
     """
 
     variant: str
-    key_map: Callable[[Any], tuple[ParamLink, ...]]
-    torch_module: Callable[[Any, int], Any]
+    key_map: Callable[[Any, tuple[int, int, int]], tuple[ParamLink, ...]]
+    torch_module: Callable[[Any, tuple[int, int, int]], Any]
     reconstruct: Callable[[Any, Any], Any] = _call
     arch: str = "mlp"
 
@@ -146,17 +155,18 @@ def _sequential_links(params: Any, part: str, to_flax: tuple[int, ...] = (1, 0))
     return links
 
 
-def _mlp_key_map(params: Any) -> tuple[ParamLink, ...]:
-    return tuple(_sequential_links(params, "encoder") + _sequential_links(params, "decoder"))
+def _mlp_key_map(*heads: str) -> Callable[[Any, tuple[int, int, int]], tuple[ParamLink, ...]]:
+    def key_map(params: Any, image_shape: tuple[int, int, int]) -> tuple[ParamLink, ...]:
+        h, w, c = image_shape
+        encoder, decoder = _sequential_links(params, "encoder"), _sequential_links(params, "decoder")
+        # the first Linear reads the flattened image (weight axis 1), the last writes it (weight axis 0, bias)
+        encoder[0] = dataclasses.replace(encoder[0], chw=(c, h, w), chw_axis=1)
+        decoder[-2:] = [dataclasses.replace(link, chw=(c, h, w), chw_axis=0) for link in decoder[-2:]]
+        for head in heads:
+            encoder += _linear_links(head)
+        return tuple(encoder + decoder)
 
-
-def _mlp_vae_key_map(params: Any) -> tuple[ParamLink, ...]:
-    return tuple(
-        _sequential_links(params, "encoder")
-        + _linear_links("mean")
-        + _linear_links("logvar")
-        + _sequential_links(params, "decoder")
-    )
+    return key_map
 
 
 # torch Conv2d weight [out, in, kh, kw] -> nnx.Conv kernel [kh, kw, in, out]; torch
@@ -165,22 +175,10 @@ def _mlp_vae_key_map(params: Any) -> tuple[ParamLink, ...]:
 _CONV_TO_FLAX = (2, 3, 1, 0)
 
 
-def _feature_chw(params: Any) -> tuple[int, int, int]:
-    """The conv features' ``(C, H, W)``, read off the parameters (the converter's images are square)."""
-    channels = params["encoder"]["layers"][2]["kernel"].shape[-1]
-    feature_dim = params["project"]["kernel"].shape[-1]
-    side = math.isqrt(feature_dim // channels)
-    if side * side * channels != feature_dim:
-        raise JaxaeError(
-            f"cannot tell the conv features' height and width from {feature_dim} features of {channels} "
-            "channels; converting conv models needs square images"
-        )
-    return (channels, side, side)
-
-
-def _conv_key_map(*heads: str) -> Callable[[Any], tuple[ParamLink, ...]]:
-    def key_map(params: Any) -> tuple[ParamLink, ...]:
-        chw = _feature_chw(params)
+def _conv_key_map(*heads: str) -> Callable[[Any, tuple[int, int, int]], tuple[ParamLink, ...]]:
+    def key_map(params: Any, image_shape: tuple[int, int, int]) -> tuple[ParamLink, ...]:
+        h, w, _ = image_shape
+        chw = (params["encoder"]["layers"][2]["kernel"].shape[-1], h // 4, w // 4)  # two stride-2 convolutions
         links = _sequential_links(params, "encoder", _CONV_TO_FLAX)
         for head in heads:  # Linear(features -> code)
             links += _linear_links(head, chw, flattened="in")
@@ -190,8 +188,9 @@ def _conv_key_map(*heads: str) -> Callable[[Any], tuple[ParamLink, ...]]:
     return key_map
 
 
-def _mlp_torch_module(config: Any, input_dim: int) -> Any:
+def _mlp_torch_module(config: Any, image_shape: tuple[int, int, int]) -> Any:
     code_activation = _code_activation(config)
+    input_dim = math.prod(image_shape)
     if input_dim == INPUT_DIM and tuple(config.hidden_dims) == (128, 64) and config.latent_dim == 32:
         if code_activation == "linear":
             return torch_reference.Autoencoder()
@@ -205,14 +204,13 @@ def _code_activation(config: Any) -> str:
     return "relu" if config.sparsity == "l1" else "sigmoid"
 
 
-def _mlp_vae_torch_module(config: Any, input_dim: int) -> Any:
-    return torch_reference.MLPVAE(input_dim, tuple(config.hidden_dims), config.latent_dim)
+def _mlp_vae_torch_module(config: Any, image_shape: tuple[int, int, int]) -> Any:
+    return torch_reference.MLPVAE(math.prod(image_shape), tuple(config.hidden_dims), config.latent_dim)
 
 
-def _conv_torch_module(cls_name: str) -> Callable[[Any, int], Any]:
-    def build(config: Any, input_dim: int) -> Any:
-        image_shape = image_shape_of(input_dim)
-        return getattr(torch_reference, cls_name)(image_shape, latent_dim=config.latent_dim)
+def _conv_torch_module(cls_name: str) -> Callable[[Any, tuple[int, int, int]], Any]:
+    def build(config: Any, image_shape: tuple[int, int, int]) -> Any:
+        return getattr(torch_reference, cls_name)(tuple(image_shape), latent_dim=config.latent_dim)
 
     return build
 
@@ -220,10 +218,10 @@ def _conv_torch_module(cls_name: str) -> Callable[[Any, int], Any]:
 TWINS: dict[tuple[str, str], TorchTwin] = {
     (twin.variant, twin.arch): twin
     for twin in (
-        TorchTwin("vanilla", _mlp_key_map, _mlp_torch_module),
-        TorchTwin("denoising", _mlp_key_map, _mlp_torch_module),
-        TorchTwin("sparse", _mlp_key_map, _mlp_torch_module),
-        TorchTwin("vae", _mlp_vae_key_map, _mlp_vae_torch_module),
+        TorchTwin("vanilla", _mlp_key_map(), _mlp_torch_module),
+        TorchTwin("denoising", _mlp_key_map(), _mlp_torch_module),
+        TorchTwin("sparse", _mlp_key_map(), _mlp_torch_module),
+        TorchTwin("vae", _mlp_key_map("mean", "logvar"), _mlp_vae_torch_module),
         TorchTwin("vanilla", _conv_key_map("code"), _conv_torch_module("ConvAutoencoder"), arch="conv"),
         TorchTwin("denoising", _conv_key_map("code"), _conv_torch_module("ConvAutoencoder"), arch="conv"),
         TorchTwin("vae", _conv_key_map("mean", "logvar"), _conv_torch_module("ConvVAE"), arch="conv"),
@@ -261,17 +259,161 @@ def _leaf_paths(params: Any) -> dict[tuple, Any]:
     return {tuple(k.key for k in path): leaf for path, leaf in leaves}
 
 
-def links_for(twin: TorchTwin, params: Any) -> tuple[ParamLink, ...]:
-    """The twin's key map for ``params``, checked to cover every Flax leaf exactly once.
+def _shape_text(image_shape: Iterable[int]) -> str:
+    return "x".join(str(v) for v in image_shape)
+
+
+def check_image_shape(image_shape: Any, what: str = "image_shape") -> tuple[int, int, int]:
+    """``image_shape`` as a tuple ``(H, W, C)`` of positive ints, or a one-line :class:`JaxaeError`."""
+    try:
+        shape = tuple(int(v) for v in image_shape)
+        whole = all(int(v) == v for v in image_shape)
+    except (TypeError, ValueError):
+        shape, whole = (), False
+    if len(shape) != 3 or not whole or min(shape) < 1:
+        raise JaxaeError(
+            f"{what} must be (H, W, C), three positive whole numbers, e.g. (28, 28, 1); got {image_shape!r}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+    """What a model's tensors say about the images it takes.
+
+    Attributes:
+        arch: ``"mlp"`` or ``"conv"``.
+        size: an MLP's input size (``H * W * C``); a conv model's feature count, the size of
+            ``project``'s output (``(H / 4) * (W / 4) * feature_channels``).
+        channels: a conv model's image channels (its first convolution's inputs).
+        feature_channels: a conv model's feature channels (its second convolution's outputs).
+    """
+
+    arch: str
+    size: int
+    channels: int = 0
+    feature_channels: int = 0
+
+    @classmethod
+    def of_params(cls, params: Any, arch: str) -> ImageInput:
+        """Read off Flax pure-dict params (raises ``KeyError``/``IndexError``/``TypeError`` for others)."""
+        layers = params["encoder"]["layers"]
+        first = layers[min(layers)]["kernel"].shape
+        if arch == "conv":
+            return cls(
+                "conv", int(params["project"]["kernel"].shape[-1]), int(first[2]), int(layers[2]["kernel"].shape[-1])
+            )
+        return cls("mlp", int(first[0]))
+
+    def fits(self, image_shape: tuple[int, int, int]) -> bool:
+        """Whether a model with these tensors takes ``(H, W, C)`` images."""
+        h, w, c = image_shape
+        if self.arch == "conv":
+            return (
+                h % 4 == 0
+                and w % 4 == 0
+                and c == self.channels
+                and (h // 4) * (w // 4) * self.feature_channels == self.size
+            )
+        return h * w * c == self.size
+
+    def guess(self) -> tuple[int, int, int] | None:
+        """The image shape, where the tensors leave one reading: a square MLP input (``s x s x 1``), or
+        a conv model's square features; else None."""
+        if self.arch == "conv":
+            positions, rest = divmod(self.size, self.feature_channels or 1)
+            side = math.isqrt(positions)
+            return (4 * side, 4 * side, self.channels) if not rest and side and side * side == positions else None
+        side = math.isqrt(self.size)
+        return (side, side, 1) if side and side * side == self.size else None
+
+    def likely(self) -> tuple[int, int, int] | None:
+        """:meth:`guess`, or for an MLP a square colour image (``3072`` -> ``32x32x3``): for messages."""
+        if self.guess() is not None or self.arch == "conv":
+            return self.guess()
+        side = math.isqrt(self.size // 3)
+        return (side, side, 3) if self.size % 3 == 0 and side and 3 * side * side == self.size else None
+
+    def describe(self) -> str:
+        """``"3072 inputs (32x32x3?)"``: what the model takes, for messages."""
+        likely = self.likely()
+        hint = f" ({_shape_text(likely)}?)" if likely else ""
+        if self.arch == "conv":
+            positions = self.size / (self.feature_channels or 1)
+            positions_text = str(int(positions)) if positions == int(positions) else f"{positions:g}"
+            return f"{self.channels}-channel images of (H/4)*(W/4) = {positions_text}{hint}"
+        return f"{self.size} inputs{hint}"
+
+
+def resolve_image_shape(
+    image_input: ImageInput,
+    image_shape: Any,
+    source: str,
+    *,
+    given_as: str = "the image shape given is",
+    fix: str = "give the image shape the model was trained on",
+    ask: str = "give the image shape (H, W, C)",
+) -> tuple[int, int, int]:
+    """The image shape of a model whose tensors say ``image_input``: ``image_shape`` checked against
+    them, or with ``None`` the one they determine.
+
+    Args:
+        image_input: what the tensors say.
+        image_shape: ``(H, W, C)``, or None.
+        source: the model, for messages (``"model.pt"``).
+        given_as: how messages name a given shape (``"the mnist-sample images are"``).
+        fix: what a mismatch message tells the user to do.
+        ask: what to do when the tensors leave several shapes possible and none is given.
 
     Raises:
-        JaxaeError: ``params`` are not of the twin's model (e.g. a VAE's given as a vanilla model's).
+        JaxaeError: no shape given and the tensors allow several; a given shape the tensors rule out.
+    """
+    if image_shape is None:
+        guess = image_input.guess()
+        if guess is None:
+            likely = image_input.likely()
+            example = ",".join(map(str, likely)) if likely else "32,32,3"
+            raise JaxaeError(f"{source} takes {image_input.describe()}; {ask} (e.g. {example})")
+        return guess
+    shape = check_image_shape(image_shape)
+    if not image_input.fits(shape):
+        raise JaxaeError(f"{source} takes {image_input.describe()} but {given_as} {_shape_text(shape)}; {fix}")
+    return shape
+
+
+def links_for(twin: TorchTwin, params: Any, image_shape: Any = None) -> tuple[ParamLink, ...]:
+    """The twin's key map for ``params``, checked to cover every Flax leaf exactly once.
+
+    Args:
+        twin: the variant's twin.
+        params: Flax pure-dict params of the twin's model.
+        image_shape: the images the model takes, ``(H, W, C)`` (a model's ``image_shape``);
+            None reads it off the parameters where that is unambiguous (a square MLP input,
+            square conv features).
+
+    Raises:
+        JaxaeError: ``params`` are not of the twin's model (e.g. a VAE's given as a vanilla
+            model's), ``image_shape`` does not fit them, or is needed and not given.
     """
     leaves = set(_leaf_paths(params))
     try:
-        links = twin.key_map(params)
-    except (KeyError, TypeError, IndexError):
-        links = None
+        image_input = ImageInput.of_params(params, twin.arch)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        image_input = None
+    links = None
+    if image_input is not None:
+        shape = resolve_image_shape(
+            image_input,
+            image_shape,
+            f"the {twin.name} model",
+            given_as="image_shape is",
+            fix="give the image shape the model was built for",
+            ask="give its image_shape",
+        )
+        try:
+            links = twin.key_map(params, shape)
+        except (KeyError, TypeError, IndexError):
+            links = None
     mapped = [link.flax_path for link in links or ()]
     if links is None or len(set(mapped)) != len(mapped) or set(mapped) != leaves:
         names = sorted("/".join(str(k) for k in path) for path in leaves ^ set(mapped))
@@ -283,13 +425,13 @@ def links_for(twin: TorchTwin, params: Any) -> tuple[ParamLink, ...]:
     return links
 
 
-def model_description(config: Any, input_dim: int = INPUT_DIM) -> str:
-    """``"the vanilla model (784-128-64-32)"``: the target model, for messages."""
+def model_description(config: Any, image_shape: Any = (28, 28, 1)) -> str:
+    """``"the vanilla model (28x28x1 images, 784-128-64-32)"``: the target model, for messages."""
+    h, w, c = image_shape
     if getattr(config, "arch", "mlp") == "conv":
-        h, w, c = image_shape_of(input_dim)
-        return f"the {config.variant} conv model ({h}x{w}x{c}, 16-32 channels, code {config.latent_dim})"
-    sizes = "-".join(str(d) for d in (input_dim, *config.hidden_dims, config.latent_dim))
-    return f"the {config.variant} model ({sizes})"
+        return f"the {config.variant} conv model ({h}x{w}x{c} images, 16-32 channels, code {config.latent_dim})"
+    sizes = "-".join(str(d) for d in (h * w * c, *config.hidden_dims, config.latent_dim))
+    return f"the {config.variant} model ({h}x{w}x{c} images, {sizes})"
 
 
 # The four module layouts the twins have, told apart by their top-level names and by whether
@@ -322,7 +464,7 @@ def check_state_dict(
         state_dict: the tensors read.
         links: the key map.
         params: Flax params of the target model (for the shapes).
-        what: the target model, for messages (e.g. "the vanilla model (784-128-64-32)").
+        what: the target model, for messages (e.g. "the vanilla model (28x28x1 images, 784-128-64-32)").
         source: where the state_dict came from, for messages.
     """
     expected = [link.torch_key for link in links]
@@ -428,16 +570,26 @@ class InferredModel:
     Attributes:
         family: ``"autoencoder"`` or ``"vae"`` (``mean``/``logvar`` heads).
         arch: ``"mlp"`` or ``"conv"`` (4-D weights).
-        input_dim: the flattened image size.
+        image_input: what the tensors say about the images (:meth:`ImageInput.guess` gives the
+            image shape where they determine it).
         latent_dim: the code size.
         hidden_dims: the encoder's hidden widths (MLPs; None for conv).
     """
 
     family: str
     arch: str
-    input_dim: int
+    image_input: ImageInput
     latent_dim: int
     hidden_dims: tuple[int, ...] | None
+
+    @property
+    def input_dim(self) -> int | None:
+        """The flattened image size, where the tensors determine it (an MLP's input; a conv model's
+        with square features); else None."""
+        if self.arch == "mlp":
+            return self.image_input.size
+        guess = self.image_input.guess()
+        return None if guess is None else math.prod(guess)
 
 
 def infer_model(state_dict: Mapping[str, np.ndarray]) -> InferredModel | None:
@@ -451,16 +603,16 @@ def infer_model(state_dict: Mapping[str, np.ndarray]) -> InferredModel | None:
     try:
         if conv:
             head = shapes["mean.weight" if family == "vae" else "code.weight"]
-            features, channels_out = shapes["project.weight"][0], _sequential_shapes(shapes, "encoder")[-1][0]
-            channels_in = _sequential_shapes(shapes, "encoder")[0][1]
-            side = 4 * math.isqrt(features // channels_out)  # two stride-2 convolutions
-            return InferredModel(family, "conv", side * side * channels_in, head[0], None)
+            encoder = _sequential_shapes(shapes, "encoder")
+            image_input = ImageInput("conv", shapes["project.weight"][0], encoder[0][1], encoder[-1][0])
+            return InferredModel(family, "conv", image_input, head[0], None)
         encoder = _sequential_shapes(shapes, "encoder")
+        image_input = ImageInput("mlp", encoder[0][1])
         if family == "vae":
-            found = InferredModel(family, "mlp", encoder[0][1], shapes["mean.weight"][0], tuple(s[0] for s in encoder))
+            found = InferredModel(family, "mlp", image_input, shapes["mean.weight"][0], tuple(s[0] for s in encoder))
         else:
             outs = tuple(s[0] for s in encoder)
-            found = InferredModel(family, "mlp", encoder[0][1], outs[-1], outs[:-1])
+            found = InferredModel(family, "mlp", image_input, outs[-1], outs[:-1])
         return found if _mlp_shapes_consistent(shapes, found) else None
     except (KeyError, IndexError, ValueError, ZeroDivisionError):
         return None  # a layout's names with other tensors: check_state_dict names what is wrong

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxae import torch_reference
 from jaxae.convert.layouts import _call, get_twin
-from jaxae.convert.weights import _config, to_numpy_state_dict
+from jaxae.convert.weights import _config, model_image_shape, to_numpy_state_dict
 from jaxae.data import get_normalization
 from jaxae.errors import JaxaeError
 
@@ -53,37 +53,60 @@ def parity_report(
 ) -> dict[str, Any]:
     """Runs the PyTorch twin (holding ``state_dict``) and ``model`` on the same images.
 
+    Each framework sees the images in its own layout, as its users feed them: the PyTorch twin
+    NCHW, flattened in ``(c, h, w)`` order (``x.view(N, -1)``), the Flax model NHWC, flattened
+    ``(h, w, c)``; the twin's outputs are put back in NHWC order before they are compared. For
+    one channel the two orders are the same.
+
     Args:
         state_dict: the PyTorch weights (numpy, e.g. from :func:`read_state_dict`).
         model: the converted Flax module.
-        images_u8: uint8 images ``[N, ...]``; both models see them normalised by
-            ``config.normalize`` exactly as torchvision's ``ToTensor`` + ``Normalize`` would.
+        images_u8: uint8 images ``[N, H, W, C]`` (``[N, H, W]`` for one channel); both models
+            see them normalised by ``config.normalize`` exactly as torchvision's ``ToTensor`` +
+            ``Normalize`` would.
         config: gives the variant, the arch, the layer sizes and the normalisation.
         tolerance: the largest max-abs difference (parameters and outputs) that passes.
 
     Returns:
         A JSON-ready dict: per-parameter max abs difference, the outputs' max and mean abs
         difference, both models' MSE, and ``passed``.
+
+    Raises:
+        JaxaeError: a negative tolerance, or images of another shape than the model takes.
     """
     config = _config(None, config)
     if not (tolerance >= 0):
         raise JaxaeError(f"--tolerance must be a non-negative number, got {tolerance}")
     twin = get_twin(config.variant, config.arch)
     torch = torch_reference.require_torch()
-    n = images_u8.shape[0]
-    x = get_normalization(config.normalize).table[np.asarray(images_u8).reshape(n, -1).astype(np.int64)]
-    input_dim = x.shape[1]
+    images = np.asarray(images_u8)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise JaxaeError(f"the parity report needs images [N, H, W, C], got an array of shape {images.shape}")
+    n, h, w, c = images.shape
+    own = model_image_shape(model)
+    if own is not None and own != (h, w, c):
+        raise JaxaeError(
+            f"the images are {h}x{w}x{c} but the model takes {'x'.join(map(str, own))} images; "
+            "check it on images of the model's shape"
+        )
+    nhwc = get_normalization(config.normalize).table[images.astype(np.int64)]
+    x_flax = nhwc.reshape(n, -1)  # (h, w, c) order
+    x_torch = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2)).reshape(n, -1)  # NCHW's (c, h, w) order
 
-    module = twin.torch_module(config, input_dim)
+    # links_for checks the image shape against the model's parameters before anything runs
+    converted = to_numpy_state_dict(model, config.variant, config.arch, (h, w, c))
+    module = twin.torch_module(config, (h, w, c))
     module.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
-    converted = to_numpy_state_dict(model, config.variant, config.arch)
     param_diffs = {k: float(np.max(np.abs(converted[k] - state_dict[k]), initial=0.0)) for k in state_dict}
 
-    y_torch = torch_outputs(module, x, twin.reconstruct)
-    y_flax = flax_outputs(model, x, twin.reconstruct)
+    y_torch = torch_outputs(module, x_torch, twin.reconstruct)
+    y_torch = y_torch.reshape(n, c, h, w).transpose(0, 2, 3, 1).reshape(n, -1)  # back to (h, w, c)
+    y_flax = flax_outputs(model, x_flax, twin.reconstruct)
     diff = np.abs(y_torch.astype(np.float64) - y_flax.astype(np.float64))
-    mse_torch = float(np.mean(np.square(y_torch.astype(np.float64) - x)))
-    mse_flax = float(np.mean(np.square(y_flax.astype(np.float64) - x)))
+    mse_torch = float(np.mean(np.square(y_torch.astype(np.float64) - x_flax)))
+    mse_flax = float(np.mean(np.square(y_flax.astype(np.float64) - x_flax)))
     max_param = max(param_diffs.values(), default=0.0)
     max_out = float(diff.max(initial=0.0))
     return {
