@@ -18,7 +18,7 @@ import pytest
 
 import jaxae
 from jaxae import checkpoint, cli, convert, torch_reference
-from jaxae.data import NORMALIZATIONS, Dataset
+from jaxae.data import NORMALIZATIONS
 from jaxae.train import TrainConfig, build
 
 torch = pytest.importorskip("torch")
@@ -484,7 +484,7 @@ def test_colour_adam_state_converts_exactly_and_takes_torch_s_next_step(arch, im
 
 
 @pytest.mark.parametrize("arch", ["conv", "mlp"])
-def test_cli_converts_a_colour_run_and_exports_it_back_exactly(arch, tmp_path, capsys, monkeypatch):
+def test_cli_converts_a_colour_run_and_exports_it_back_exactly(arch, tmp_path, capsys):
     image_shape = (16, 16, 3)
     model, opt, _ = colour_run(arch, image_shape, steps=2)
     torch.save(general_checkpoint(model, opt), tmp_path / "run.pt")
@@ -502,25 +502,18 @@ def test_cli_converts_a_colour_run_and_exports_it_back_exactly(arch, tmp_path, c
     one_line_error(capsys, code, f"takes {takes} but --image-shape is 16x16x1")
     assert not (tmp_path / "jax").exists()
 
-    # colour test images, as a colour --dataset gives them (IDX folders of colour images come with the data layer)
-    colour = Dataset(
-        np.random.default_rng(5).integers(0, 256, (12, *image_shape), dtype=np.uint8),
-        np.zeros(12, np.int32),
-        "colour",
-        "test",
-    )
-    monkeypatch.setattr(jaxae.data, "load_dataset", lambda name, split, data_dir=None: colour)
-    summary = convert_cli(capsys, run, out, "--dataset", str(tmp_path), "--check")
+    # a colour IDX folder: what --dataset reads the image shape and the --check images from
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (24, *image_shape), dtype=np.uint8)
+    labels = np.zeros(12, np.int32)
+    jaxae.data.write_idx_folder(tmp_path / "colour", train=(images[:12], labels), test=(images[12:], labels))
+    summary = convert_cli(capsys, run, out, "--dataset", str(tmp_path / "colour"), "--check")
     assert summary["passed"] and summary["image_shape"] == [16, 16, 3] and summary["examples"] == 12
     assert summary["max_abs_diff_outputs"] <= 1e-6 and summary["optimizer"]["step"] == 2
     # without the dataset at hand, --image-shape says it
     summary = convert_cli(capsys, run, tmp_path / "jax2", "--image-shape", "16,16,3")
     assert summary["image_shape"] == [16, 16, 3] and "from --image-shape" in summary["notes"][-1]
 
-    if arch == "mlp":
-        # Stands in for the core change that records the image shape in the state: today
-        # input_shape_of reads an MLP's [768] inputs as no image shape at all.
-        monkeypatch.setattr(checkpoint, "input_shape_of", lambda state: [16, 16, 3])
     code = cli.main(["export", "--workdir", out, "--out", str(tmp_path / "back.pt"), "--with-optimizer"])
     exported = json.loads(capsys.readouterr().out)
     assert code == 0 and exported["image_shape"] == [16, 16, 3]
@@ -530,3 +523,23 @@ def test_cli_converts_a_colour_run_and_exports_it_back_exactly(arch, tmp_path, c
     for i, entry in opt.state_dict()["state"].items():
         for field in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(back["optimizer_state_dict"]["state"][i][field], entry[field]), (i, field)
+
+
+def test_cli_converts_a_non_square_conv_run_and_exports_it_back_exactly(tmp_path, capsys):
+    # A conv model's tensors cannot tell 16x8 from 8x16 images: the dataset's shape decides,
+    # and the checkpoint keeps it so that export writes the same tensors back.
+    image_shape = (16, 8, 3)
+    model, opt, _ = colour_run("conv", image_shape, steps=2)
+    torch.save(general_checkpoint(model, opt), tmp_path / "run.pt")
+    images = np.random.default_rng(6).integers(0, 256, (16, *image_shape), dtype=np.uint8)
+    labels = np.zeros(8, np.int32)
+    jaxae.data.write_idx_folder(tmp_path / "colour", train=(images[:8], labels), test=(images[8:], labels))
+    out = tmp_path / "jax"
+    summary = convert_cli(capsys, str(tmp_path / "run.pt"), out, "--dataset", str(tmp_path / "colour"), "--check")
+    assert summary["passed"] and summary["image_shape"] == [16, 8, 3]
+    assert checkpoint.read_meta(out)[1]["input_shape"] == [16, 8, 3]
+    code = cli.main(["export", "--workdir", str(out), "--out", str(tmp_path / "back.pt")])
+    assert code == 0 and json.loads(capsys.readouterr().out)["image_shape"] == [16, 8, 3]
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(back[key], value), key

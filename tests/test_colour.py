@@ -1,0 +1,102 @@
+"""Colour and other image sizes end to end: every variant trains, evaluates, probes and draws its
+figures on a colour IDX folder and on the committed TFDS data, and a trained colour conv model
+goes through PyTorch and back with ``--check``."""
+
+import json
+from pathlib import Path
+
+import jax
+import matplotlib.image
+import numpy as np
+import pytest
+
+from jaxae import checkpoint, cli
+from jaxae.data import load_dataset, write_idx_folder
+from jaxae.objectives import VARIANTS
+
+TFDS_DIR = Path(__file__).parent / "data" / "tfds"
+RUNS = [(name, arch) for name, variant in VARIANTS.items() for arch in variant.archs]
+
+
+def _colourise(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Grey digits [N, H, W, 1] -> each drawn in its own colour on its own background."""
+    ink = images.astype(np.float32) / 255
+    fg, bg = rng.uniform(0, 1, (2, len(images), 1, 1, 3))
+    return np.round(255 * (ink * fg + (1 - ink) * bg)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory, sample_train, sample_test):
+    """256 train / 64 test sample digits in colour, cropped to 28x20 (not square, sides divisible by 4)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("colour")
+    splits = {}
+    for split, data, n in (("train", sample_train, 256), ("test", sample_test, 64)):
+        pick = rng.choice(len(data), n, replace=False)
+        splits[split] = (_colourise(data.images[pick, :, 4:24], rng), data.labels[pick])
+    write_idx_folder(folder, **splits)
+    return folder
+
+
+def _train(capsys, workdir, *flags):
+    code = cli.main(["train", "--workdir", str(workdir), "--epochs", "1", "--no-progress", *flags])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _is_colour_picture(path: Path) -> bool:
+    pixels = matplotlib.image.imread(path)[..., :3]
+    # a picture drawn through a grey colour map has R = G = B in every pixel; the test images'
+    # colours differ by far more than the PNG's 1/255 steps
+    return bool(np.mean(np.ptp(pixels, axis=-1) > 1.5 / 255) > 0.02)
+
+
+@pytest.mark.parametrize(("variant", "arch"), RUNS)
+def test_every_variant_trains_evaluates_probes_and_draws_in_colour(colour_folder, tmp_path, capsys, variant, arch):
+    workdir = tmp_path / "run"
+    records = _train(
+        capsys, workdir, "--dataset", str(colour_folder), "--variant", variant, "--arch", arch, "--batch-size", "64"
+    )
+    assert np.isfinite(records[-1]["test_loss"])
+    assert checkpoint.read_meta(workdir)[1]["input_shape"] == [28, 20, 3]
+    assert _is_colour_picture(workdir / "reconstructions.png")
+    if variant == "vae":
+        assert _is_colour_picture(workdir / "samples.png")
+    code = cli.main(["evaluate", "--workdir", str(workdir), "--probe"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and np.isfinite(out["test_loss"]) and 0 <= out["probe_accuracy"] <= 1
+
+
+@pytest.mark.parametrize(("variant", "arch"), RUNS)
+def test_every_variant_trains_on_the_committed_tfds_data(tmp_path, capsys, variant, arch):
+    records = _train(
+        capsys,
+        tmp_path / "run",
+        *("--dataset", "fashion_mnist", "--tfds-data-dir", str(TFDS_DIR)),
+        *("--variant", variant, "--arch", arch, "--batch-size", "500"),
+    )
+    assert records[-1]["step"] == 4 and np.isfinite(records[-1]["test_loss"])
+
+
+def test_a_trained_colour_conv_model_goes_through_pytorch_and_back(colour_folder, tmp_path, capsys):
+    pytest.importorskip("torch")
+    trained = tmp_path / "trained"
+    _train(capsys, trained, "--dataset", str(colour_folder), "--arch", "conv", "--batch-size", "64")
+    exported = tmp_path / "model.pt"
+    assert cli.main(["export", "--workdir", str(trained), "--out", str(exported), "--with-optimizer"]) == 0
+    capsys.readouterr()
+    back = tmp_path / "back"
+    code = cli.main(["convert", str(exported), "--out", str(back), "--dataset", str(colour_folder), "--check"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["passed"] and report["image_shape"] == [28, 20, 3]
+    assert report["examples"] == len(load_dataset(str(colour_folder), "test"))
+    assert report["max_abs_diff_parameters"] == 0.0 and report["max_abs_diff_outputs"] <= 1e-5
+    _, original, _ = checkpoint.restore(trained)
+    _, converted, _ = checkpoint.restore(back)
+    for a, b in zip(
+        jax.tree.leaves((original.params, original.opt_state)),
+        jax.tree.leaves((converted.params, converted.opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
