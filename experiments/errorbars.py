@@ -79,7 +79,26 @@ def _rows() -> list[dict]:
                     "settings": {"variant": variant, "arch": arch, "init": "torch", "normalize": "unit"},
                 }
             )
+    # Colour: the document's model and the VAE, each as MLP and conv (make_colour_fashion.py).
+    for arch in ("mlp", "conv"):
+        for variant in ("vanilla", "vae"):
+            rows.append(
+                {
+                    "id": f"variants-colour-{variant}-{arch}",
+                    "table": "variants",
+                    "dataset": "colour",
+                    "settings": {"variant": variant, "arch": arch, "init": "torch", "normalize": "unit"},
+                }
+            )
     return rows
+
+
+# label -> (the name the tables print, the name results JSON files use, flattened image size)
+DATASETS = {
+    "sample": ("mnist-sample", "mnist-sample", 784),
+    "fashion": ("Fashion-MNIST", "fashion-mnist", 784),
+    "colour": ("Colour Fashion-MNIST 32x32x3", "colour-fashion-mnist", 3072),
+}
 
 
 def _selected(rows: list[dict], only: str | None) -> list[dict]:
@@ -166,7 +185,7 @@ def _pm(stat: dict, digits: int, sign: bool = False) -> str:
 
 def _one_seed(variants_rows: list[dict], row: dict) -> dict | None:
     """A row of ``variants.json`` (one ``jaxae train`` run, seed 0) in this file's shape, n = 1."""
-    label = "mnist-sample" if row["dataset"] == "sample" else "fashion-mnist"
+    label = DATASETS[row["dataset"]][1]
     s = row["settings"]
     for v in variants_rows:
         if (v["dataset"], v["variant"], v["arch"]) == (label, s["variant"], s["arch"]):
@@ -196,7 +215,7 @@ def markdown(done: dict[str, dict], rows: list[dict]) -> str:
     for row in rows:
         r = done.get(row["id"])
         s = row["settings"]
-        name = "mnist-sample" if row["dataset"] == "sample" else "Fashion-MNIST"
+        name, _, input_dim = DATASETS[row["dataset"]]
         if r is not None:
             commands[row["table"]].append(f"| {row['id']} | `{r['command']}` |")
         if row["table"] == "document":
@@ -226,7 +245,7 @@ def markdown(done: dict[str, dict], rows: list[dict]) -> str:
         m = r["metrics"]
         mse = _pm(m["test_mse_pixels"], 4)
         if s["variant"] == "vanilla":
-            app = "compression 784 -> 32 floats"
+            app = f"compression {input_dim} -> {s.get('latent_dim', 32)} floats"
         elif s["variant"] == "denoising":
             app = (
                 f"PSNR {m['test_psnr_noisy']['mean']:.1f} -> {_pm(m['test_psnr_denoised'], 2)} dB "
@@ -255,6 +274,11 @@ def main() -> None:
         default="data/fashion-mnist",
         help="a folder of the Fashion-MNIST IDX files (see docs/datasets.md)",
     )
+    parser.add_argument(
+        "--colour-dir",
+        default="data/colour-fashion-mnist",
+        help="the folder experiments/make_colour_fashion.py writes",
+    )
     parser.add_argument("--only", help="comma list of row ids or id words, e.g. document,mlp-sample (see --list)")
     parser.add_argument("--list", action="store_true", help="print the row ids and exit")
     parser.add_argument(
@@ -277,12 +301,16 @@ def main() -> None:
     one_seed = {} if args.slow_rows_too else ONE_SEED
     selected = _selected(rows, args.only) if args.only or not args.slow_rows_too else rows
     done = _load()
-    datasets = {"sample": ("mnist-sample", "mnist-sample"), "fashion": (args.fashion_dir, "data/fashion-mnist")}
+    datasets = {
+        "sample": ("mnist-sample", "mnist-sample"),
+        "fashion": (args.fashion_dir, "data/fashion-mnist"),
+        "colour": (args.colour_dir, "data/colour-fashion-mnist"),
+    }
     loaded: dict[str, tuple] = {}
     for row in selected:
         dataset, dataset_arg = datasets[row["dataset"]]
-        if row["dataset"] == "fashion" and not os.path.isdir(dataset):
-            print(f"skipping {row['id']}: no Fashion-MNIST folder at {dataset}", flush=True)
+        if row["dataset"] != "sample" and not os.path.isdir(dataset):
+            print(f"skipping {row['id']}: no {DATASETS[row['dataset']][0]} folder at {dataset}", flush=True)
             continue
         seeds = (0,) if row["id"] in one_seed else SEEDS
         s = row["settings"]
@@ -311,7 +339,7 @@ def main() -> None:
         out = {
             "id": row["id"],
             "table": row["table"],
-            "dataset": "mnist-sample" if row["dataset"] == "sample" else "fashion-mnist",
+            "dataset": DATASETS[row["dataset"]][1],
             "settings": {**s, "epochs": EPOCHS, "batch_size": base.batch_size, "lr": base.lr},
             "command": _command(row, dataset_arg, args.runs_dir, seeds),
             "n": len(seeds),

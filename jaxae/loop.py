@@ -31,8 +31,8 @@ import jax
 from tqdm.auto import tqdm
 
 from jaxae import checkpoint, parallel, plots
-from jaxae.data import load_dataset
-from jaxae.errors import JaxaeError, TrainingInterrupted
+from jaxae.data import dataset_image_shape, load_dataset
+from jaxae.errors import DataError, JaxaeError, TrainingInterrupted
 from jaxae.parallel import Strategy, get_strategy
 from jaxae.train import TrainConfig, Trainer, TrainState, build, summarize_epoch
 
@@ -66,6 +66,17 @@ def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -
         )
     params = saved.params
     return state.replace(params=params, opt_state=trainer.tx.init(params))
+
+
+def check_same_image_shape(image_shape: tuple[int, ...], *splits: Any) -> None:
+    """Raises :class:`~jaxae.errors.DataError` if a loaded split's images are not of the shape its
+    headers gave a moment before (the files were replaced in between)."""
+    for split in splits:
+        if tuple(split.image_shape) != tuple(image_shape):
+            raise DataError(
+                f"{split.name} changed while it was read: its {split.split} images are "
+                f"{'x'.join(map(str, split.image_shape))}, its headers said {'x'.join(map(str, image_shape))}"
+            )
 
 
 def check_run_settings(save_every: int, keep: int, resume: bool, workdir: str | Path | None) -> None:
@@ -336,15 +347,19 @@ def _fit(
     save_every: int,
     keep: int,
 ) -> FitResult:
+    # The image shape from the files' headers first: a model those images cannot feed (conv
+    # sides not divisible by 4) fails before a large dataset is read.
+    image_shape = dataset_image_shape(config.dataset, config.tfds_data_dir)
+    trainer, state = build(config, image_shape)
     train = load_dataset(config.dataset, "train", config.tfds_data_dir)
     test = load_dataset(config.dataset, "test", config.tfds_data_dir)
+    check_same_image_shape(image_shape, train, test)
     if config.batch_size > len(train):
         raise JaxaeError(f"--batch-size {config.batch_size} is larger than the {len(train)}-image train split")
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy or Strategy()
     strategy.check_batch_size(config.batch_size)
     progress = progress and strategy.is_primary
-    input_dim = math.prod(train.image_shape)
-    trainer, state = build(config, train.image_shape)
+    input_dim = math.prod(image_shape)
     if resume:
         state = checkpoint.restore_state(out, state, strategy=strategy)
     else:

@@ -43,13 +43,14 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxae import checkpoint, plots
-from jaxae.data import get_normalization, load_dataset
+from jaxae.data import dataset_image_shape, get_normalization, load_dataset
 from jaxae.errors import JaxaeError
 from jaxae.loop import (
     WorkdirLock,
     _interrupted,
     _previous_records,
     check_run_settings,
+    check_same_image_shape,
     check_workdir_writable,
     open_run_outputs,
 )
@@ -459,18 +460,20 @@ def fit_sweep(
         base = configs[0]
         placement = Placement(len(configs), strategy, devices)
 
+        image_shape = dataset_image_shape(base.dataset, base.tfds_data_dir)  # as fit: the model before the data
+        trainer0, state0 = build(base, image_shape)
         train = load_dataset(base.dataset, "train", base.tfds_data_dir)
         test = load_dataset(base.dataset, "test", base.tfds_data_dir)
+        check_same_image_shape(image_shape, train, test)
         if base.batch_size > len(train):
             raise JaxaeError(f"--batch-size {base.batch_size} is larger than the {len(train)}-image train split")
-        input_dim = math.prod(train.image_shape)
-        trainer0, state0 = build(base, train.image_shape)
+        input_dim = math.prod(image_shape)
         param_count = sum(x.size for x in jax.tree.leaves(state0.params))
         data_bytes = train.images.nbytes + test.images.nbytes
         estimate = estimate_memory(base, param_count, input_dim, data_bytes, placement.models_per_device)
         check_memory(estimate, len(configs), placement.devices[0])
 
-        states = [build(c, train.image_shape)[1] for c in configs]
+        states = [build(c, image_shape)[1] for c in configs]
         if resume:
             states = _restore(run_dirs, states)
         start_epoch = int(states[0].epoch)

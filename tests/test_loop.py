@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxae import checkpoint, cli, loop
@@ -268,3 +269,23 @@ def test_resume_skips_damaged_metrics_lines_with_one_warning(tmp_path, idx_folde
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable line of"):
         result = fit(TrainConfig(dataset=str(idx_folder), epochs=2, batch_size=128), workdir, resume=True)
     assert [r["epoch"] for r in result.history] == [1]  # from the good line; already at epoch 2
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_conv_model_the_images_cannot_feed_fails_before_the_data_is_read(tmp_path, capsys, monkeypatch, command):
+    from jaxae import sweep
+    from jaxae.data import write_idx_folder
+
+    images, labels = np.zeros((8, 30, 30, 3), np.uint8), np.zeros(8, np.int32)
+    write_idx_folder(tmp_path / "data", train=(images, labels), test=(images, labels))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dataset was read before the model was checked against its image shape")
+
+    monkeypatch.setattr(loop, "load_dataset", refuse)
+    monkeypatch.setattr(sweep, "load_dataset", refuse)
+    code = cli.main(
+        [command, "--dataset", str(tmp_path / "data"), "--arch", "conv", "--workdir", str(tmp_path / "run")]
+    )
+    assert code == 2
+    assert "needs image sides divisible by 4, got 30x30" in _one_error_line(capsys.readouterr().err)
