@@ -164,16 +164,18 @@ def load_dataset(name: str = SAMPLE_NAME, split: str = "train", data_dir: str | 
 def dataset_image_shape(name: str = SAMPLE_NAME, data_dir: str | None = None) -> tuple[int, int, int]:
     """A dataset's image shape ``(H, W, C)``, learnt without loading it.
 
-    For the embedded sample and IDX folders only the headers of the image files are read (the
-    test split's, and the train split's to check that both agree); for a TFDS dataset, one example
-    of its test split.
+    Both splits are checked, train first, as training reads them: for the embedded sample and
+    IDX folders only the headers of the image files are read; for a TFDS dataset, the first
+    example of each split. So a run can build its model, and refuse one the images cannot feed,
+    before a large dataset is read.
 
     Args:
         name: as for :func:`load_dataset`.
         data_dir: TFDS data directory (TFDS datasets only).
 
     Raises:
-        DataError: as :func:`load_dataset` would for the test split's images.
+        DataError: what :func:`load_dataset` would raise for either split's images, or splits
+            whose images differ in shape.
     """
     if name == SAMPLE_NAME:
         folder = importlib.resources.files("jaxae") / "_data" / SAMPLE_NAME
@@ -181,7 +183,13 @@ def dataset_image_shape(name: str = SAMPLE_NAME, data_dir: str | None = None) ->
             return _idx_folder_image_shape(Path(path))
     if _looks_like_path(name):
         return _idx_folder_image_shape(Path(name))
-    return _tfds_image_shape(name, data_dir)
+    train, test = (_tfds_image_shape(name, split, data_dir) for split in SPLITS)
+    if train != test:
+        raise DataError(
+            f"TFDS dataset {name!r}: the train images are {_hwc(train)} but the test images are {_hwc(test)} "
+            "(H x W x C); both splits of a dataset must have one image shape"
+        )
+    return train
 
 
 def check_image_shape(shape_hwc: tuple[int, ...], where: str) -> None:
@@ -344,8 +352,9 @@ def _check_other_split_matches(folder: Path, split: str, shape: tuple[int, int, 
 
 def _idx_folder_image_shape(folder: Path) -> tuple[int, int, int]:
     _check_is_folder(folder)
-    _, shape = _idx_image_shape(folder, "test")
-    _check_other_split_matches(folder, "test", shape)
+    _, shape = _idx_image_shape(folder, "train")
+    _idx_image_shape(folder, "test")  # its own problems first, as loading it would report them
+    _check_other_split_matches(folder, "train", shape)
     return shape
 
 
@@ -597,12 +606,12 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
     return images, labels
 
 
-def _tfds_image_shape(name: str, data_dir: str | None) -> tuple[int, int, int]:
-    """``(H, W, C)`` of a TFDS dataset from one example of its test split (the builder info may
-    leave sizes undeclared, None, for datasets whose images vary)."""
-    source = _open_tfds(name, "test", data_dir)
+def _tfds_image_shape(name: str, split: str, data_dir: str | None) -> tuple[int, int, int]:
+    """``(H, W, C)`` of a TFDS split from its first example (the builder info may leave sizes
+    undeclared, None, for datasets whose images vary)."""
+    source = _open_tfds(name, split, data_dir)
     with _without_opencv_advice():
-        return _first_tfds_image_shape(source, name, "test")
+        return _first_tfds_image_shape(source, name, split)
 
 
 def _open_tfds(name: str, split: str, data_dir: str | None):

@@ -489,8 +489,8 @@ def test_train_and_test_images_of_different_shapes(tmp_path, test_shape):
         load_dataset(str(tmp_path), "train")
     with pytest.raises(DataError, match=f"the test images are {other} but the train images are 32x32x3 "):
         load_dataset(str(tmp_path), "test")
-    with pytest.raises(DataError, match=f"the test images are {other} but the train images are 32x32x3 "):
-        dataset_image_shape(str(tmp_path))
+    with pytest.raises(DataError, match=f"the train images are 32x32x3 but the test images are {other} "):
+        dataset_image_shape(str(tmp_path))  # train first, as a run reads them
 
 
 def test_dataset_image_shape_of_the_sample_and_of_idx_folders(tmp_path, idx_folder, monkeypatch):
