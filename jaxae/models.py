@@ -69,13 +69,23 @@ def image_shape_of(input_shape: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(input_shape)
 
 
-def flatten_images(x: jax.Array, input_dim: int) -> jax.Array:
+def flatten_images(x: jax.Array, input_dim: int, image_shape: Sequence[int] | None = None) -> jax.Array:
     """``[N, H, W, C]`` or ``[N, H * W * C]`` -> ``[N, H * W * C]`` (flattened in ``(h, w, c)``
-    order), with a clear error for anything else."""
+    order), with a clear error for anything else.
+
+    Images ``[N, H', W', C']`` of another shape are refused even when ``H' * W' * C'`` is the
+    model's input size: a model for 32x16x3 images would read 16x32x3 ones without complaint, and
+    compute nonsense. Flat inputs are taken as they are (their shape says nothing more).
+    """
     if x.ndim < 1 or math.prod(x.shape[1:]) != input_dim or x.ndim == 1:
         raise JaxaeError(
             f"expected a batch of inputs of shape [N, {input_dim}] (or [N, H, W, C] with "
             f"H*W*C = {input_dim}), got shape {tuple(x.shape)}"
+        )
+    if image_shape is not None and len(image_shape) == 3 and x.ndim == 4 and tuple(x.shape[1:]) != tuple(image_shape):
+        raise JaxaeError(
+            f"the model takes {'x'.join(map(str, image_shape))} images ([N, {', '.join(map(str, image_shape))}]), "
+            f"got a batch of shape {tuple(x.shape)}"
         )
     return x.reshape(x.shape[0], input_dim)
 
@@ -129,7 +139,7 @@ class Autoencoder(nnx.Module):
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Images ``[N, H, W, C]`` (or flat ``[N, H * W * C]``) -> codes ``[N, latent_dim]``."""
-        return self.encoder(flatten_images(x, self.input_dim))
+        return self.encoder(flatten_images(x, self.input_dim, self.image_shape))
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Codes ``[N, latent_dim]`` -> flat reconstructions ``[N, H * W * C]`` in (0, 1)."""
@@ -173,7 +183,7 @@ class VAE(nnx.Module):
 
     def encode_distribution(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """q(z|x) as ``(mean, logvar)``, each ``[N, latent_dim]``."""
-        h = self.encoder(flatten_images(x, self.input_dim))
+        h = self.encoder(flatten_images(x, self.input_dim, self.image_shape))
         return self.mean(h), self.logvar(h)
 
     def encode(self, x: jax.Array) -> jax.Array:
@@ -321,7 +331,7 @@ class _ConvBase(nnx.Module):
         return feature_dim
 
     def _features(self, x):
-        x = flatten_images(x, self.input_dim).reshape(-1, *self.image_shape)
+        x = flatten_images(x, self.input_dim, self.image_shape).reshape(-1, *self.image_shape)
         return self.encoder(x).reshape(x.shape[0], -1)
 
     def decode_logits(self, z):

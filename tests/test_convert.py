@@ -639,14 +639,14 @@ def test_one_channel_images_keep_today_s_layout():
     kernel = np.asarray(model.encoder.layers[0].kernel[...])
     np.testing.assert_array_equal(kernel, reference.state_dict()["encoder.0.weight"].numpy().T)
     # for C = 3 the image-facing weights are reordered: pixel (h, w, c) of jaxae is (c, h, w) of torch
-    colour = torch_reference.MLPAutoencoder(4 * 8 * 3, (24, 12), 6)
-    weight = colour.state_dict()["encoder.0.weight"].numpy()  # [24, 3 * 4 * 8], (c, h, w) inputs
-    model = jaxae.from_torch(colour.state_dict(), image_shape=(4, 8, 3))
+    colour = torch_reference.MLPAutoencoder(8 * 12 * 3, (24, 12), 6)
+    weight = colour.state_dict()["encoder.0.weight"].numpy()  # [24, 3 * 8 * 12], (c, h, w) inputs
+    model = jaxae.from_torch(colour.state_dict(), image_shape=(8, 12, 3))
     kernel = np.asarray(model.encoder.layers[0].kernel[...])  # [(h, w, c), 24]
-    np.testing.assert_array_equal(kernel.reshape(4, 8, 3, 24), weight.reshape(24, 3, 4, 8).transpose(2, 3, 1, 0))
-    out_w = colour.state_dict()["decoder.4.weight"].numpy()  # [3 * 4 * 8, 24]
+    np.testing.assert_array_equal(kernel.reshape(8, 12, 3, 24), weight.reshape(24, 3, 8, 12).transpose(2, 3, 1, 0))
+    out_w = colour.state_dict()["decoder.4.weight"].numpy()  # [3 * 8 * 12, 24]
     out_k = np.asarray(model.decoder.layers[4].kernel[...])  # [24, (h, w, c)]
-    np.testing.assert_array_equal(out_k.reshape(24, 4, 8, 3), out_w.reshape(3, 4, 8, 24).transpose(3, 1, 2, 0))
+    np.testing.assert_array_equal(out_k.reshape(24, 8, 12, 3), out_w.reshape(3, 8, 12, 24).transpose(3, 1, 2, 0))
 
 
 def _one_line(excinfo, *parts):
@@ -683,9 +683,21 @@ def test_match_takes_the_image_shape_the_tensors_leave_open_and_checks_a_given_o
     with pytest.raises(jaxae.JaxaeError, match="takes inputs of 784 values, not 3072"):
         convert.match(document, input_dim=3072)
 
-    # conv: channels from the first kernel; square features give the shape, others need it
+    # conv: only the tutorial's 28x28x1 is taken untold; square features are a hint, not an answer
+    # (64 feature positions come from 32x32 or from 16x64 images)
+    assert convert.match(torch_reference.ConvAutoencoder().state_dict()).image_shape == (28, 28, 1)
     square = torch_reference.ConvAutoencoder((16, 16, 3), latent_dim=6).state_dict()
-    assert convert.match(square).image_shape == (16, 16, 3)
+    with pytest.raises(jaxae.JaxaeError) as e:
+        convert.match(square)
+    _one_line(e, "takes 3-channel images of (H/4)*(W/4) = 16 (16x16x3?); give the image shape")
+    assert convert.match(square, image_shape=(16, 16, 3)).image_shape == (16, 16, 3)
+    # a square one-channel MLP input other than 784 may be a colour image: 576 = 24x24x1 = 16x12x3
+    with pytest.raises(jaxae.JaxaeError) as e:
+        convert.match(torch_reference.MLPAutoencoder(576, (24,), 6).state_dict())
+    _one_line(e, "takes 576 inputs (24x24x1?); give the image shape")
+    with pytest.raises(jaxae.JaxaeError) as e:
+        convert.match(colour, image_shape=(3, 32, 32))  # channels first, as torch holds images
+    _one_line(e, "image_shape 3x32x32", "channels-first", "np.transpose")
     wide = torch_reference.ConvVAE((16, 12, 3), latent_dim=6).state_dict()
     with pytest.raises(jaxae.JaxaeError) as e:
         convert.match(wide)

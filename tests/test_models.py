@@ -94,10 +94,15 @@ def test_mlps_take_an_image_shape_and_its_flattened_images(cls):
     assert model(x).shape == (2, 576)
     with pytest.raises(JaxaeError, match=r"\[N, 576\]"):
         model(jnp.zeros((2, 16, 16, 3)))
+    # the same number of values in another shape would be read as this shape's pixels
+    with pytest.raises(JaxaeError, match=r"takes 16x12x3 images .* got a batch of shape \(2, 12, 16, 3\)"):
+        model(jnp.zeros((2, 12, 16, 3)))
 
 
 def test_conv_models_take_any_sides_divisible_by_4_and_any_channels():
     model = ConvVAE((16, 8, 3), latent_dim=4, rngs=nnx.Rngs(0))
     assert model(jnp.zeros((2, 16, 8, 3))).shape == (2, 16 * 8 * 3)
+    with pytest.raises(JaxaeError, match=r"takes 16x8x3 images"):
+        model(jnp.zeros((2, 8, 16, 3)))
     with pytest.raises(JaxaeError, match=r"divisible by 4, got 18x8"):
         ConvAutoencoder((18, 8, 3), rngs=nnx.Rngs(0))

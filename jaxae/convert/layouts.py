@@ -38,12 +38,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxae import torch_reference
+from jaxae import data, torch_reference
 from jaxae.convert.files import _listed
 from jaxae.errors import JaxaeError
 from jaxae.objectives import get_variant
 
 INPUT_DIM = 784
+TUTORIAL_IMAGE_SHAPE = (28, 28, 1)  # the images a tensor's shapes alone are read as, and no others
 _SIZES_HINT = "if the PyTorch model has other layer sizes, give them with --hidden-dims/--latent-dim"
 
 
@@ -274,6 +275,9 @@ def check_image_shape(image_shape: Any, what: str = "image_shape") -> tuple[int,
         raise JaxaeError(
             f"{what} must be (H, W, C), three positive whole numbers, e.g. (28, 28, 1); got {image_shape!r}"
         )
+    # The rules every dataset's images pass (1 or 3 channels, sides from 8), with the same advice
+    # (a channels-first (3, 32, 32) is told to transpose): a shape no dataset can have is a mistake.
+    data.check_image_shape(shape, f"{what} {_shape_text(shape)}")
     return shape  # type: ignore[return-value]
 
 
@@ -318,21 +322,28 @@ class ImageInput:
         return h * w * c == self.size
 
     def guess(self) -> tuple[int, int, int] | None:
-        """The image shape, where the tensors leave one reading: a square MLP input (``s x s x 1``), or
-        a conv model's square features; else None."""
+        """The image shape taken without being told: only the tutorial's 28x28x1 (an MLP of 784
+        inputs, a one-channel conv model of 7x7 feature positions); else None.
+
+        Any other reading would be a guess the tensors cannot confirm: 576 inputs are 24x24x1 or
+        16x12x3, a conv model's 64 feature positions come from 32x32 or 16x64 images, and a wrong
+        guess converts without error into a model that computes something else.
+        """
+        if self.fits(TUTORIAL_IMAGE_SHAPE):
+            return TUTORIAL_IMAGE_SHAPE
+        return None
+
+    def likely(self) -> tuple[int, int, int] | None:
+        """A plausible shape for messages only (``3072`` -> ``32x32x3``): square, grayscale or RGB."""
         if self.arch == "conv":
             positions, rest = divmod(self.size, self.feature_channels or 1)
             side = math.isqrt(positions)
             return (4 * side, 4 * side, self.channels) if not rest and side and side * side == positions else None
-        side = math.isqrt(self.size)
-        return (side, side, 1) if side and side * side == self.size else None
-
-    def likely(self) -> tuple[int, int, int] | None:
-        """:meth:`guess`, or for an MLP a square colour image (``3072`` -> ``32x32x3``): for messages."""
-        if self.guess() is not None or self.arch == "conv":
-            return self.guess()
-        side = math.isqrt(self.size // 3)
-        return (side, side, 3) if self.size % 3 == 0 and side and 3 * side * side == self.size else None
+        for channels in (1, 3):
+            side = math.isqrt(self.size // channels)
+            if self.size % channels == 0 and side and channels * side * side == self.size:
+                return (side, side, channels)
+        return None
 
     def describe(self) -> str:
         """``"3072 inputs (32x32x3?)"``: what the model takes, for messages."""
