@@ -433,10 +433,10 @@ def _parse_idx(stream, path: Path, file_size: int | None, max_size: int, header_
     if len(raw_dims) < 4 * ndim:
         raise DataError(f"{path} is truncated inside its header")
     dims = struct.unpack(f">{ndim}I", raw_dims)
-    if header_only:
-        return dims
     header_len = 4 + 4 * ndim
     expected = math.prod(dims)  # a Python int: a product of 32-bit sizes cannot overflow it
+    # Checked for a header-only read too: a model is built from the header's image shape before
+    # the body is read, and a 20-byte file must not get one for 1024x1024x3 images.
     if file_size is not None and header_len + expected > file_size:
         raise DataError(
             f"{path} is truncated: header shape {tuple(dims)} needs {expected} bytes of data, "
@@ -447,6 +447,8 @@ def _parse_idx(stream, path: Path, file_size: int | None, max_size: int, header_
             f"{path} is truncated or its header is corrupt: header shape {tuple(dims)} needs {expected} bytes "
             f"of data, more than a gzip file of its size can hold"
         )
+    if header_only:
+        return dims
     body = _read_up_to(stream, expected)
     if len(body) < expected:
         raise DataError(

@@ -516,6 +516,17 @@ def test_dataset_image_shape_refuses_what_load_dataset_refuses(tmp_path):
         dataset_image_shape(str(tmp_path / "nope"))
 
 
+@pytest.mark.parametrize("name", ["train-images-idx4-ubyte", "train-images-idx4-ubyte.gz"])
+def test_a_header_larger_than_its_file_is_refused_before_any_model_is_built(tmp_path, name):
+    # 20 bytes claiming one 1024x1024x3 image: a model would be built (gigabytes) from this header
+    # before the body is read, so the header's sizes are checked against the file's even then.
+    header = bytes([0, 0, 0x08, 4]) + struct.pack(">4I", 1, 1024, 1024, 3)
+    (tmp_path / name).write_bytes(gzip.compress(header) if name.endswith(".gz") else header)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(1, np.uint8))
+    with pytest.raises(DataError, match="is truncated"):
+        dataset_image_shape(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     "train, test, pattern",
     [
