@@ -69,7 +69,10 @@ CHECKPOINT_DIR = "checkpoints"
 # leaves Orbax's background reads behind, which print pages of errors when the process exits).
 FILE_LIST = "jaxae_files.json"
 # 1: the state's digest only. 2: also a digest of the metadata itself (``meta_sha256``).
-FORMAT_VERSION = 2
+# 3: ``input_shape`` is the image shape the model was built for; before, it was read off the
+# parameters assuming square images (wrong for a 16x64 conv model, say), so it is not trusted.
+FORMAT_VERSION = 3
+IMAGE_SHAPE_FORMAT = 3
 LEGACY_FORMAT = 1
 BEST_METRIC = "test_loss"
 
@@ -80,6 +83,10 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "eval_batch_size", "tfds_data_dir"})
 # Test hook: seconds to hold every save between writing its files and committing it, so
 # tests can kill a process in the middle of a save. Never set outside tests.
 SLOW_SAVE_ENV = "JAXAE_TEST_SLOW_SAVE_SECONDS"
+
+
+class ImageShapeError(JaxaeError):
+    """A checkpoint's model is for images of another shape than those it was asked to take."""
 
 
 class DamagedCheckpointError(JaxaeError):
@@ -715,17 +722,36 @@ def _shape_text(shape: Any) -> str:
     return "x".join(str(v) for v in shape)
 
 
+def _same_param_shapes(config: TrainConfig, a: Any, b: Any) -> bool:
+    def shapes(image_shape):
+        return _params_shapes(jax.eval_shape(lambda: build(config, image_shape)[1].params))
+
+    try:
+        return shapes(a) == shapes(b)
+    except JaxaeError:  # e.g. a conv model for sides not divisible by 4
+        return False
+
+
+def saved_image_shape(meta: dict[str, Any]) -> tuple[int, ...] | None:
+    """The image shape ``(H, W, C)`` a checkpoint's model was built for, or None where the
+    checkpoint does not know it (written before format 3, it recorded a guess)."""
+    shape = meta.get("input_shape")
+    if not isinstance(meta.get("format"), int) or meta["format"] < IMAGE_SHAPE_FORMAT or not shape:
+        return None
+    return tuple(int(v) for v in shape) if len(shape) == 3 else None
+
+
 def _check_image_shape(workdir: str | Path, step: int, meta: dict[str, Any], template: TrainState) -> None:
     """Refuses a template built for other images than the checkpoint's model.
 
     The parameters alone cannot tell: an MLP for 32x32x3 images has the shapes of one for
     48x64x1 images (3072 inputs each), and would restore and run, reading every pixel wrongly.
     """
-    saved = meta.get("input_shape")
+    saved = saved_image_shape(meta)
     if saved is None or template.image_shape is None or len(template.image_shape) != 3:
         return
     if [int(v) for v in saved] != [int(v) for v in template.image_shape]:
-        raise JaxaeError(
+        raise ImageShapeError(
             f"checkpoint {step_dir(workdir, step)} holds a model for {_shape_text(saved)} images, not "
             f"{_shape_text(template.image_shape)}: use it with images of its dataset's shape"
         )
@@ -805,6 +831,7 @@ def restore(
     *,
     strategy: Any = None,
     tx: optax.GradientTransformation | None = None,
+    image_shape: tuple[int, ...] | None = None,
 ) -> tuple[Trainer, TrainState, TrainConfig]:
     """Rebuilds the model from a checkpoint's config and restores its state into it.
 
@@ -818,13 +845,18 @@ def restore(
             one device).
         tx: the optax optimizer the run was trained with (default: ``optax.adam(config.lr)``);
             the returned trainer uses it.
+        image_shape: the ``(H, W, C)`` of the images the model is for, e.g. its dataset's
+            (:func:`~jaxae.data.dataset_image_shape`): checked against the checkpoint's, and used
+            for a checkpoint written before format 3, which recorded only a guess (default: the
+            checkpoint's).
 
     Returns:
         The trainer, the restored state and the run's config.
 
     Raises:
-        JaxaeError: no (such) checkpoint, or its optimizer state is not ``tx``'s;
-            :class:`DamagedCheckpointError` if it cannot be read back as saved.
+        JaxaeError: no (such) checkpoint, its optimizer state is not ``tx``'s, or its model is
+            for other images than ``image_shape``; :class:`DamagedCheckpointError` if it cannot
+            be read back as saved.
 
     Example::
 
@@ -834,7 +866,14 @@ def restore(
     _, meta = read_meta(workdir, step)
     try:
         config = TrainConfig.from_dict(meta["config"])
-        trainer, fresh = build(config, tuple(meta.get("input_shape") or ()) or int(meta["input_dim"]))
+        shape = tuple(meta.get("input_shape") or ()) or int(meta["input_dim"])
+        if image_shape is not None and (
+            saved_image_shape(meta) is not None or _same_param_shapes(config, shape, tuple(image_shape))
+        ):
+            # A format-3 checkpoint's shape is checked against it on restore; an older one's was a
+            # guess, and the images' shape replaces it where the parameters fit both.
+            shape = tuple(image_shape)
+        trainer, fresh = build(config, shape)
     except JaxaeError:
         raise
     except Exception as e:  # a format-1 checkpoint (no metadata digest) with damaged metadata

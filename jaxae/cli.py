@@ -425,10 +425,9 @@ def _with_saved_settings(args: argparse.Namespace, config):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
 
-    from jaxae import checkpoint
     from jaxae.data import load_dataset
 
-    trainer, state, config = checkpoint.restore(args.workdir, args.step)
+    trainer, state, config = _restore_for_its_dataset(args.workdir, args.step, need_dataset=True)
     test = load_dataset(config.dataset, "test", config.tfds_data_dir)
     images = jax.device_put(test.images.reshape(len(test), -1))
     metrics = trainer.jit_evaluate(state, images, batch_size=min(config.eval_batch_size, len(test)))
@@ -480,6 +479,32 @@ def _image_shape_flag(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def _restore_for_its_dataset(workdir: str, step: int | None, *, need_dataset: bool):
+    """``checkpoint.restore`` for the images of the run's dataset, whose shape is read from its headers.
+
+    A checkpoint whose model is for other images (the dataset's files were replaced by images of
+    another shape with as many values) is one line instead of numbers computed on misread
+    pixels; an older checkpoint, which recorded only a guess of its image shape, takes the
+    dataset's. Without ``need_dataset`` a dataset that cannot be read is passed over.
+    """
+    from jaxae import checkpoint
+    from jaxae.data import dataset_image_shape
+
+    _, meta = checkpoint.read_meta(workdir, step)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    dataset, data_dir = config.get("dataset", "mnist-sample"), config.get("tfds_data_dir")
+    try:
+        shape = dataset_image_shape(dataset, data_dir)
+    except JaxaeError:
+        if need_dataset:
+            raise
+        shape = None
+    try:
+        return checkpoint.restore(workdir, step, image_shape=shape)
+    except checkpoint.ImageShapeError as e:
+        raise JaxaeError(f"{e}; the {dataset} images are {'x'.join(map(str, shape))} now") from None
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
@@ -487,7 +512,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from jaxae import checkpoint, convert
-    from jaxae.data import load_dataset
+    from jaxae.data import dataset_image_shape, load_dataset
     from jaxae.train import TrainConfig, build
 
     base = TrainConfig(
@@ -520,6 +545,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise JaxaeError(
                 f"--check runs on the {base.dataset} test images, which are {test_shape}, but --image-shape is "
                 f"{shape_text}; give --dataset with the model's images, or leave --check out"
+            )
+    else:
+        # The converted run records --dataset, and later runs read its images as the model's: where
+        # the dataset can be read (headers only), it must agree with --image-shape.
+        try:
+            dataset_shape = dataset_image_shape(base.dataset, base.tfds_data_dir)
+        except JaxaeError:
+            dataset_shape = None
+        if dataset_shape is not None and tuple(dataset_shape) != tuple(image_shape):
+            raise JaxaeError(
+                f"--image-shape is {shape_text} but the {base.dataset} images, which the converted run is for, are "
+                f"{'x'.join(map(str, dataset_shape))}; give --dataset with the model's images"
             )
     found = convert.match(
         args.model,
@@ -670,7 +707,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.with_optimizer and fmt != "torch":
         raise JaxaeError("--with-optimizer writes a torch.save checkpoint; give --format torch (a .pt file)")
     convert.check_output_file(args.out, overwrite=args.force)  # before the restore: fail before work
-    trainer, state, config = checkpoint.restore(args.workdir, args.step)
+    _, meta = checkpoint.read_meta(args.workdir, args.step)
+    if checkpoint.saved_image_shape(meta) is None:  # an older checkpoint: its dataset says the shape
+        trainer, state, config = _restore_for_its_dataset(args.workdir, args.step, need_dataset=False)
+    else:
+        trainer, state, config = checkpoint.restore(args.workdir, args.step)
     # the images the run's model takes; an older checkpoint's shape may be a flat size: then the
     # links read it off the parameters where they can
     image_shape = tuple(checkpoint.input_shape_of(state))

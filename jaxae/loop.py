@@ -48,12 +48,10 @@ def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -
     Raises:
         JaxaeError: no checkpoint there, or its parameters do not fit this run's model.
     """
-    _, saved, saved_config = checkpoint.restore(workdir)
-    if state.image_shape is not None and saved.image_shape is not None and saved.image_shape != state.image_shape:
-        raise JaxaeError(
-            f"--init-from {workdir} holds a model for {'x'.join(map(str, saved.image_shape))} images, but this "
-            f"run's images are {'x'.join(map(str, state.image_shape))}; start from a model of this dataset's shape"
-        )
+    try:
+        _, saved, saved_config = checkpoint.restore(workdir, image_shape=state.image_shape)
+    except checkpoint.ImageShapeError as e:
+        raise JaxaeError(f"--init-from {workdir}: {e}") from None
     want = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
     have = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(saved.params)}
     if want != have:

@@ -890,5 +890,5 @@ def test_init_from_a_model_for_other_images_is_refused(tmp_path):
     _, state = build(config, (16, 12, 3))
     checkpoint.save(tmp_path, state, config)
     trainer, other = build(config, (24, 8, 3))  # 576 values too
-    with pytest.raises(JaxaeError, match=r"16x12x3 images, but this run's images are 24x8x3"):
+    with pytest.raises(JaxaeError, match=r"--init-from .* holds a model for 16x12x3 images, not 24x8x3"):
         init_params_from(tmp_path, trainer, other)

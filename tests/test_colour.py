@@ -100,3 +100,48 @@ def test_a_trained_colour_conv_model_goes_through_pytorch_and_back(colour_folder
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _folder(path: Path, shape: tuple[int, ...], seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (96, *shape), dtype=np.uint8)
+    labels = rng.integers(0, 3, 96).astype(np.int32)
+    write_idx_folder(path, train=(images[:64], labels[:64]), test=(images[64:], labels[64:]))
+    return str(path)
+
+
+def test_evaluate_refuses_a_dataset_whose_images_changed_shape(tmp_path, capsys):
+    # 16x12x3 and 12x16x3 images hold as many values: the model would score the wrong reading of
+    # every pixel without complaint
+    data = _folder(tmp_path / "data", (16, 12, 3))
+    _train(capsys, tmp_path / "run", "--dataset", data, "--arch", "conv", "--batch-size", "32")
+    for name in ("train-images-idx4-ubyte.gz", "t10k-images-idx4-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (tmp_path / "data" / name).unlink()
+    (tmp_path / "data" / "t10k-labels-idx1-ubyte.gz").unlink()
+    _folder(tmp_path / "data", (12, 16, 3))
+    for flags in ([], ["--probe"]):
+        code = cli.main(["evaluate", "--workdir", str(tmp_path / "run"), *flags])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == "", captured.out
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and "holds a model for 16x12x3 images, not 12x16x3" in lines[0], lines
+
+
+def test_a_checkpoint_from_before_image_shapes_were_saved_takes_its_dataset_s(tmp_path, capsys, monkeypatch):
+    # Format 2 recorded a shape read off the parameters, assuming square images: a conv model for
+    # 16x64 images (64 feature positions) was recorded as one for 32x32 images.
+    data = _folder(tmp_path / "data", (16, 64, 1))
+    with monkeypatch.context() as old:
+        old.setattr(checkpoint, "FORMAT_VERSION", 2)
+        old.setattr(checkpoint, "input_shape_of", lambda state: [32, 32, 1])
+        records = _train(capsys, tmp_path / "run", "--dataset", data, "--arch", "conv", "--batch-size", "32")
+    meta = checkpoint.read_meta(tmp_path / "run")[1]
+    assert meta["format"] == 2 and meta["input_shape"] == [32, 32, 1]
+    assert cli.main(["evaluate", "--workdir", str(tmp_path / "run")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["test_loss"] == pytest.approx(records[-1]["test_loss"], rel=1e-6)  # read as 16x64, as trained
+    code = cli.main(
+        ["train", "--workdir", str(tmp_path / "run"), "--dataset", data, "--arch", "conv", "--batch-size", "32"]
+        + ["--epochs", "2", "--resume", "--no-progress"]
+    )
+    assert code == 0, capsys.readouterr().err

@@ -498,8 +498,12 @@ def test_cli_converts_a_colour_run_and_exports_it_back_exactly(arch, tmp_path, c
     with pytest.raises(SystemExit) as exited:
         cli.main(["convert", run, "--out", out, "--image-shape", "16,16"])
     one_line_error(capsys, exited.value.code, "argument --image-shape: expected H,W,C")
-    code = cli.main(["convert", run, "--out", out, "--image-shape", "16,16,1"])
+    away = str(tmp_path / "elsewhere")  # a --dataset that is not at hand: --image-shape alone decides
+    code = cli.main(["convert", run, "--out", out, "--image-shape", "16,16,1", "--dataset", away])
     one_line_error(capsys, code, f"takes {takes} but --image-shape is 16x16x1")
+    # a run converted for the sample's 28x28x1 digits must not record a 16x16x3 model
+    code = cli.main(["convert", run, "--out", out, "--image-shape", "16,16,3"])
+    one_line_error(capsys, code, "--image-shape is 16x16x3 but the mnist-sample images, which the converted run is")
     assert not (tmp_path / "jax").exists()
 
     # a colour IDX folder: what --dataset reads the image shape and the --check images from
@@ -511,7 +515,7 @@ def test_cli_converts_a_colour_run_and_exports_it_back_exactly(arch, tmp_path, c
     assert summary["passed"] and summary["image_shape"] == [16, 16, 3] and summary["examples"] == 12
     assert summary["max_abs_diff_outputs"] <= 1e-6 and summary["optimizer"]["step"] == 2
     # without the dataset at hand, --image-shape says it
-    summary = convert_cli(capsys, run, tmp_path / "jax2", "--image-shape", "16,16,3")
+    summary = convert_cli(capsys, run, tmp_path / "jax2", "--image-shape", "16,16,3", "--dataset", away)
     assert summary["image_shape"] == [16, 16, 3] and "from --image-shape" in summary["notes"][-1]
 
     code = cli.main(["export", "--workdir", out, "--out", str(tmp_path / "back.pt"), "--with-optimizer"])
