@@ -39,8 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxae.data import load_dataset
+from jaxae.data import dataset_image_shape, load_dataset
+from jaxae.errors import JaxaeError
 from jaxae.train import TrainConfig, build
+
+_DOCUMENT_IMAGES = (28, 28, 1)  # the document's model and its PyTorch twin take these only
 
 
 def mlp_flops_per_sample(dims: tuple[int, ...] = (784, 128, 64, 32, 64, 128, 784)) -> int:
@@ -309,6 +312,13 @@ def run_benchmark(
     """
     import torch
 
+    shape = dataset_image_shape(dataset)  # headers only: refuse before any work
+    if shape != _DOCUMENT_IMAGES:
+        raise JaxaeError(
+            f"jaxae bench times the document's 784-128-64-32 model, which takes 28x28x1 images; the {dataset} "
+            f"images are {'x'.join(map(str, shape))}: bench on mnist-sample, Fashion-MNIST or another 28x28 "
+            "grayscale dataset (jaxae train reports samples/s for any dataset)"
+        )
     threads = cpu_threads()
     torch.set_num_threads(threads)
     train = load_dataset(dataset, "train")

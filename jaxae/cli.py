@@ -61,14 +61,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--arch",
         choices=("mlp", "conv"),
         default=d.arch,
-        help="mlp = the document's 784-128-64-32; conv = a small conv net (vanilla, denoising, vae) "
-        "(default: %(default)s)",
+        help="mlp = the document's MLP (784-128-64-32 on 28x28 images; inputs H*W*C for others); conv = a small "
+        "conv net for sides divisible by 4 (vanilla, denoising, vae) (default: %(default)s)",
     )
     p.add_argument(
         "--dataset",
         default=d.dataset,
-        help="'mnist-sample' (embedded), a folder of MNIST-format IDX files, or a TFDS name "
-        "such as mnist or fashion_mnist (default: %(default)s)",
+        help="'mnist-sample' (embedded), a folder of IDX files (MNIST format, or (N, H, W, C) for colour), or a "
+        "TFDS name such as fashion_mnist or cifar10 (default: %(default)s)",
     )
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (TFDS datasets only)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")

@@ -231,7 +231,20 @@ def _hwc(shape: tuple[int, ...]) -> str:
 
 
 def _looks_like_path(name: str) -> bool:
-    return os.path.sep in name or name.startswith(".") or os.path.exists(name)
+    """A folder (existing, or written as a path) rather than a TFDS name.
+
+    TFDS names hold a ``/`` too (``emnist/letters``, ``imagenet_resized/32x32``): a name that
+    exists as no file and starts with a registered TFDS dataset is one of those.
+    """
+    if os.path.exists(name) or name.startswith((".", os.path.sep, "~")):
+        return True
+    if os.path.sep not in name:
+        return False
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:  # pragma: no cover - it is a runtime dependency
+        return True
+    return name.split("/")[0] not in tfds.list_builders(with_community_datasets=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,6 +523,9 @@ def write_idx_folder(
             files, or a file cannot be written.
     """
     folder = Path(folder)
+    for split, pair in (("train", train), ("test", test)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise DataError(f"{split} must be a pair (images, labels), got {type(pair).__name__}")
     splits = {"train": _checked_split_arrays("train", *train), "test": _checked_split_arrays("test", *test)}
     train_shape, test_shape = (images.shape[1:] for images, _ in splits.values())
     if train_shape != test_shape:

@@ -3,6 +3,7 @@
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,14 @@ def test_the_peak_is_printed_once_final_and_contention_is_recorded(monkeypatch):
     assert results["contended"] is True
     assert results["contention"]["load_average_1min"] == {"before": 0.1, "after": 9.0}
     assert "1-minute load average 9.00 after the measurements" in table.splitlines()[0]
+
+
+def test_bench_on_images_the_document_s_model_cannot_take_is_one_line(tmp_path, capsys):
+    from jaxae import cli
+    from jaxae.data import write_idx_folder
+
+    images, labels = np.zeros((16, 16, 16, 3), np.uint8), np.zeros(16, np.int32)
+    write_idx_folder(tmp_path, train=(images, labels), test=(images, labels))
+    code = cli.main(["bench", "--dataset", str(tmp_path), "--batch-sizes", "8", "--epochs", "1", "--rounds", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "takes 28x28x1 images; the" in lines[0] and "are 16x16x3" in lines[0]

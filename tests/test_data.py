@@ -593,3 +593,9 @@ def test_idx_folders_of_any_shape_round_trip(n, h, w, channels, compress):
             ds = load_dataset(folder, split)
             np.testing.assert_array_equal(ds.images, images.reshape(len(images), *expected_shape))
             np.testing.assert_array_equal(ds.labels, labels)
+
+
+def test_write_idx_folder_given_images_without_labels_is_one_line(tmp_path):
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(DataError, match=r"train must be a pair \(images, labels\), got ndarray"):
+        write_idx_folder(tmp_path, train=images, test=(images, np.zeros(4, np.int32)))

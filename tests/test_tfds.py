@@ -19,6 +19,8 @@ import pytest
 
 import jaxae
 from jaxae import cli
+from jaxae.data import load_dataset
+from jaxae.errors import DataError
 
 
 @pytest.mark.parametrize(
@@ -195,3 +197,11 @@ def test_tfds_grayscale_images_without_a_channel_axis_get_one(monkeypatch):
     ds = jaxae.load_dataset("mnist", "test")
     assert ds.images.shape == (2, 12, 10, 1) and ds.labels.tolist() == [3, 3]
     assert jaxae.dataset_image_shape("mnist") == (12, 10, 1)
+
+
+def test_a_tfds_name_with_a_config_is_not_taken_for_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"TFDS dataset 'emnist/letters' \(train\) is not prepared"):
+        load_dataset("emnist/letters", "train", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"dataset folder data/mine does not exist"):
+        load_dataset("data/mine", "train")
