@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxae.data import dataset_image_shape, load_dataset
+from jaxae.data import dataset_image_shape, load_dataset, shape_text
 from jaxae.errors import JaxaeError
 from jaxae.train import TrainConfig, build
 
@@ -316,7 +316,7 @@ def run_benchmark(
     if shape != _DOCUMENT_IMAGES:
         raise JaxaeError(
             f"jaxae bench times the document's 784-128-64-32 model, which takes 28x28x1 images; the {dataset} "
-            f"images are {'x'.join(map(str, shape))}: bench on mnist-sample, Fashion-MNIST or another 28x28 "
+            f"images are {shape_text(shape)}: bench on mnist-sample, Fashion-MNIST or another 28x28 "
             "grayscale dataset (jaxae train reports samples/s for any dataset)"
         )
     threads = cpu_threads()

@@ -59,6 +59,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
 from jaxae._version import __version__
+from jaxae.data import shape_text
 from jaxae.errors import CheckpointSaveError, JaxaeError
 from jaxae.models import image_shape_of
 from jaxae.train import TrainConfig, Trainer, TrainState, build
@@ -718,10 +719,6 @@ def _check_optimizer(workdir: str | Path, step: int, template: TrainState) -> No
         )
 
 
-def _shape_text(shape: Any) -> str:
-    return "x".join(str(v) for v in shape)
-
-
 def _same_param_shapes(config: TrainConfig, a: Any, b: Any) -> bool:
     def shapes(image_shape):
         return _params_shapes(jax.eval_shape(lambda: build(config, image_shape)[1].params))
@@ -750,10 +747,10 @@ def _check_image_shape(workdir: str | Path, step: int, meta: dict[str, Any], tem
     saved = saved_image_shape(meta)
     if saved is None or template.image_shape is None or len(template.image_shape) != 3:
         return
-    if [int(v) for v in saved] != [int(v) for v in template.image_shape]:
+    if saved != tuple(int(v) for v in template.image_shape):
         raise ImageShapeError(
-            f"checkpoint {step_dir(workdir, step)} holds a model for {_shape_text(saved)} images, not "
-            f"{_shape_text(template.image_shape)}: use it with images of its dataset's shape"
+            f"checkpoint {step_dir(workdir, step)} holds a model for {shape_text(saved)} images, not "
+            f"{shape_text(template.image_shape)}: use it with images of its dataset's shape"
         )
 
 

@@ -465,17 +465,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _image_shape_flag(text: str) -> tuple[int, int, int]:
-    """``--image-shape`` value ``"32,32,3"`` -> ``(32, 32, 3)``."""
-    from jaxae.data import MIN_IMAGE_SIDE
+    """``--image-shape`` value ``"32,32,3"`` -> ``(32, 32, 3)``, under the rules every dataset's images pass."""
+    from jaxae.data import MIN_IMAGE_SIDE, check_image_shape
 
     try:
         values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values[:2]) < MIN_IMAGE_SIDE or values[2] not in (1, 3):
+        if len(values) != 3:
+            raise ValueError(text)
+        check_image_shape(values, "--image-shape")
+    except (ValueError, JaxaeError):
         raise argparse.ArgumentTypeError(
             f"expected H,W,C with sides of at least {MIN_IMAGE_SIDE} and 1 or 3 channels, like 32,32,3; got {text!r}"
-        )
+        ) from None
     return values  # type: ignore[return-value]
 
 
@@ -488,7 +489,7 @@ def _restore_for_its_dataset(workdir: str, step: int | None, *, need_dataset: bo
     dataset's. Without ``need_dataset`` a dataset that cannot be read is passed over.
     """
     from jaxae import checkpoint
-    from jaxae.data import dataset_image_shape
+    from jaxae.data import dataset_image_shape, shape_text
 
     _, meta = checkpoint.read_meta(workdir, step)
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -502,7 +503,7 @@ def _restore_for_its_dataset(workdir: str, step: int | None, *, need_dataset: bo
     try:
         return checkpoint.restore(workdir, step, image_shape=shape)
     except checkpoint.ImageShapeError as e:
-        raise JaxaeError(f"{e}; the {dataset} images are {'x'.join(map(str, shape))} now") from None
+        raise JaxaeError(f"{e}; the {dataset} images are {shape_text(shape)} now") from None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -512,7 +513,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from jaxae import checkpoint, convert
-    from jaxae.data import dataset_image_shape, load_dataset
+    from jaxae.data import dataset_image_shape, load_dataset, shape_text
     from jaxae.train import TrainConfig, build
 
     base = TrainConfig(
@@ -532,11 +533,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # --dataset: its images give the model's image shape, unless --image-shape says it.
     renames = convert.parse_renames(args.rename)
     image_shape, test = args.image_shape, None
-    shape_text = "x".join(map(str, image_shape or ()))
+    given_text = shape_text(image_shape or ())
     given_as, fix = "--image-shape is", "give the image shape the model was trained on"
     if image_shape is None or args.check:
         test = load_dataset(base.dataset, "test", base.tfds_data_dir)
-        test_shape = "x".join(map(str, test.image_shape))
+        test_shape = shape_text(test.image_shape)
         if image_shape is None:
             image_shape = test.image_shape
             given_as = f"the {base.dataset} images are"
@@ -544,7 +545,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         elif tuple(test.image_shape) != tuple(image_shape):
             raise JaxaeError(
                 f"--check runs on the {base.dataset} test images, which are {test_shape}, but --image-shape is "
-                f"{shape_text}; give --dataset with the model's images, or leave --check out"
+                f"{given_text}; give --dataset with the model's images, or leave --check out"
             )
     else:
         # The converted run records --dataset, and later runs read its images as the model's: where
@@ -555,8 +556,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             dataset_shape = None
         if dataset_shape is not None and tuple(dataset_shape) != tuple(image_shape):
             raise JaxaeError(
-                f"--image-shape is {shape_text} but the {base.dataset} images, which the converted run is for, are "
-                f"{'x'.join(map(str, dataset_shape))}; give --dataset with the model's images"
+                f"--image-shape is {given_text} but the {base.dataset} images, which the converted run is for, are "
+                f"{shape_text(dataset_shape)}; give --dataset with the model's images"
             )
     found = convert.match(
         args.model,
@@ -654,7 +655,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if file.optimizer is not None and optimizer is None:
         notes.append("optimizer state left out (--no-optimizer): a fresh Adam")
     if test is None:
-        notes.append(f"image shape {shape_text} from --image-shape; the {config.dataset} images were not read")
+        notes.append(f"image shape {given_text} from --image-shape; the {config.dataset} images were not read")
     if notes:
         summary["notes"] = notes
     if report is not None:

@@ -184,11 +184,7 @@ def dataset_image_shape(name: str = SAMPLE_NAME, data_dir: str | None = None) ->
     if _looks_like_path(name):
         return _idx_folder_image_shape(Path(name))
     train, test = (_tfds_image_shape(name, split, data_dir) for split in SPLITS)
-    if train != test:
-        raise DataError(
-            f"TFDS dataset {name!r}: the train images are {_hwc(train)} but the test images are {_hwc(test)} "
-            "(H x W x C); both splits of a dataset must have one image shape"
-        )
+    _check_splits_agree(f"TFDS dataset {name!r}: ", "train", train, "test", test)
     return train
 
 
@@ -217,7 +213,7 @@ def check_image_shape(shape_hwc: tuple[int, ...], where: str) -> None:
         else:
             advice = ""
         raise DataError(
-            f"{where}: images are {_hwc(shape)}, with {c} channels; jaxae takes grayscale (C=1) or RGB (C=3) "
+            f"{where}: images are {shape_text(shape)}, with {c} channels; jaxae takes grayscale (C=1) or RGB (C=3) "
             f"images{advice}"
         )
     if min(h, w) < MIN_IMAGE_SIDE:
@@ -226,8 +222,18 @@ def check_image_shape(shape_hwc: tuple[int, ...], where: str) -> None:
         )
 
 
-def _hwc(shape: tuple[int, ...]) -> str:
-    return "x".join(str(v) for v in shape)
+def shape_text(shape: tuple[int, ...]) -> str:
+    """``"32x32x3"``: an image shape as jaxae's messages write it."""
+    return "x".join(str(int(v)) for v in shape)
+
+
+def _check_splits_agree(where: str, split: str, shape: tuple, other: str, other_shape: tuple) -> None:
+    """Refuses two splits whose images differ in shape; ``where`` prefixes the message (``"folder: "``)."""
+    if tuple(shape) != tuple(other_shape):
+        raise DataError(
+            f"{where}the {split} images are {shape_text(shape)} but the {other} images are {shape_text(other_shape)} "
+            "(H x W x C); both splits of a dataset must have one image shape"
+        )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -356,18 +362,14 @@ def _check_other_split_matches(folder: Path, split: str, shape: tuple[int, int, 
         _, other_shape = _idx_image_shape(folder, other)
     except DataError:
         return
-    if other_shape != shape:
-        raise DataError(
-            f"{folder}: the {split} images are {_hwc(shape)} but the {other} images are {_hwc(other_shape)} "
-            "(H x W x C); both splits of a dataset must have one image shape"
-        )
+    _check_splits_agree(f"{folder}: ", split, shape, other, other_shape)
 
 
 def _idx_folder_image_shape(folder: Path) -> tuple[int, int, int]:
     _check_is_folder(folder)
     _, shape = _idx_image_shape(folder, "train")
-    _idx_image_shape(folder, "test")  # its own problems first, as loading it would report them
-    _check_other_split_matches(folder, "train", shape)
+    _, test_shape = _idx_image_shape(folder, "test")  # its own problems first, as loading it would report them
+    _check_splits_agree(f"{folder}: ", "train", shape, "test", test_shape)
     return shape
 
 
@@ -528,11 +530,7 @@ def write_idx_folder(
             raise DataError(f"{split} must be a pair (images, labels), got {type(pair).__name__}")
     splits = {"train": _checked_split_arrays("train", *train), "test": _checked_split_arrays("test", *test)}
     train_shape, test_shape = (images.shape[1:] for images, _ in splits.values())
-    if train_shape != test_shape:
-        raise DataError(
-            f"the train images are {_hwc(train_shape)} but the test images are {_hwc(test_shape)} (H x W x C); "
-            "both splits of a dataset must have one image shape"
-        )
+    _check_splits_agree("", "train", train_shape, "test", test_shape)
     suffix = ".gz" if compress else ""
     files = []
     for split, (images, labels) in splits.items():
@@ -615,7 +613,7 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
             image = _tfds_image(example)
             if image.shape != shape:
                 raise DataError(
-                    f"{where}: example {i} has a {_hwc(image.shape)} image but example 0 a {_hwc(shape)} one; "
+                    f"{where}: example {i} has a {shape_text(image.shape)} image but example 0 a {shape_text(shape)} one; "
                     "jaxae needs one image shape per dataset (resize the images and write them with "
                     "jaxae.write_idx_folder)"
                 )

@@ -31,7 +31,7 @@ import jax
 from tqdm.auto import tqdm
 
 from jaxae import checkpoint, parallel, plots
-from jaxae.data import dataset_image_shape, load_dataset
+from jaxae.data import dataset_image_shape, load_dataset, shape_text
 from jaxae.errors import DataError, JaxaeError, TrainingInterrupted
 from jaxae.parallel import Strategy, get_strategy
 from jaxae.train import TrainConfig, Trainer, TrainState, build, summarize_epoch
@@ -73,7 +73,7 @@ def check_same_image_shape(image_shape: tuple[int, ...], *splits: Any) -> None:
         if tuple(split.image_shape) != tuple(image_shape):
             raise DataError(
                 f"{split.name} changed while it was read: its {split.split} images are "
-                f"{'x'.join(map(str, split.image_shape))}, its headers said {'x'.join(map(str, image_shape))}"
+                f"{shape_text(split.image_shape)}, its headers said {shape_text(image_shape)}"
             )
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxae.data import shape_text
 from jaxae.errors import JaxaeError
 
 INITS = ("torch", "flax")
@@ -84,7 +85,7 @@ def flatten_images(x: jax.Array, input_dim: int, image_shape: Sequence[int] | No
         )
     if image_shape is not None and len(image_shape) == 3 and x.ndim == 4 and tuple(x.shape[1:]) != tuple(image_shape):
         raise JaxaeError(
-            f"the model takes {'x'.join(map(str, image_shape))} images ([N, {', '.join(map(str, image_shape))}]), "
+            f"the model takes {shape_text(image_shape)} images ([N, {', '.join(map(str, image_shape))}]), "
             f"got a batch of shape {tuple(x.shape)}"
         )
     return x.reshape(x.shape[0], input_dim)

@@ -24,8 +24,8 @@ stay exact both ways.
 
 Which image shape a model takes is not always in its tensors (an MLP with 3072 inputs may take
 32x32x3 or 64x48x1 images; a conv model's features fix only ``(H / 4) * (W / 4)``), so the key
-maps take it (:func:`links_for`); without one they read it off the tensors only where that is
-unambiguous (a square MLP input: ``s x s x 1``; a conv model with square features).
+maps take it (:func:`links_for`); without one they read the tensors as the tutorial's 28x28x1
+images, and only where they fit those (:meth:`ImageInput.guess`).
 """
 
 from __future__ import annotations
@@ -260,10 +260,6 @@ def _leaf_paths(params: Any) -> dict[tuple, Any]:
     return {tuple(k.key for k in path): leaf for path, leaf in leaves}
 
 
-def _shape_text(image_shape: Iterable[int]) -> str:
-    return "x".join(str(v) for v in image_shape)
-
-
 def check_image_shape(image_shape: Any, what: str = "image_shape") -> tuple[int, int, int]:
     """``image_shape`` as a tuple ``(H, W, C)`` of positive ints, or a one-line :class:`JaxaeError`."""
     try:
@@ -277,7 +273,7 @@ def check_image_shape(image_shape: Any, what: str = "image_shape") -> tuple[int,
         )
     # The rules every dataset's images pass (1 or 3 channels, sides from 8), with the same advice
     # (a channels-first (3, 32, 32) is told to transpose): a shape no dataset can have is a mistake.
-    data.check_image_shape(shape, f"{what} {_shape_text(shape)}")
+    data.check_image_shape(shape, f"{what} {data.shape_text(shape)}")
     return shape  # type: ignore[return-value]
 
 
@@ -348,7 +344,7 @@ class ImageInput:
     def describe(self) -> str:
         """``"3072 inputs (32x32x3?)"``: what the model takes, for messages."""
         likely = self.likely()
-        hint = f" ({_shape_text(likely)}?)" if likely else ""
+        hint = f" ({data.shape_text(likely)}?)" if likely else ""
         if self.arch == "conv":
             positions = self.size / (self.feature_channels or 1)
             positions_text = str(int(positions)) if positions == int(positions) else f"{positions:g}"
@@ -388,7 +384,7 @@ def resolve_image_shape(
         return guess
     shape = check_image_shape(image_shape)
     if not image_input.fits(shape):
-        raise JaxaeError(f"{source} takes {image_input.describe()} but {given_as} {_shape_text(shape)}; {fix}")
+        raise JaxaeError(f"{source} takes {image_input.describe()} but {given_as} {data.shape_text(shape)}; {fix}")
     return shape
 
 
@@ -399,8 +395,8 @@ def links_for(twin: TorchTwin, params: Any, image_shape: Any = None) -> tuple[Pa
         twin: the variant's twin.
         params: Flax pure-dict params of the twin's model.
         image_shape: the images the model takes, ``(H, W, C)`` (a model's ``image_shape``);
-            None reads it off the parameters where that is unambiguous (a square MLP input,
-            square conv features).
+            None takes the tutorial's 28x28x1 where the parameters fit it (see
+            :meth:`ImageInput.guess`), and asks for the shape otherwise.
 
     Raises:
         JaxaeError: ``params`` are not of the twin's model (e.g. a VAE's given as a vanilla
@@ -596,7 +592,7 @@ class InferredModel:
     @property
     def input_dim(self) -> int | None:
         """The flattened image size, where the tensors determine it (an MLP's input; a conv model's
-        with square features); else None."""
+        for the tutorial's 28x28x1 images); else None."""
         if self.arch == "mlp":
             return self.image_input.size
         guess = self.image_input.guess()

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxae import torch_reference
 from jaxae.convert.layouts import _call, get_twin
 from jaxae.convert.weights import _config, model_image_shape, to_numpy_state_dict
-from jaxae.data import get_normalization
+from jaxae.data import get_normalization, shape_text
 from jaxae.errors import JaxaeError
 
 # Float32 outputs of the same weights differ by summation order alone, and more as weights grow
@@ -88,7 +88,7 @@ def parity_report(
     own = model_image_shape(model)
     if own is not None and own != (h, w, c):
         raise JaxaeError(
-            f"the images are {h}x{w}x{c} but the model takes {'x'.join(map(str, own))} images; "
+            f"the images are {shape_text((h, w, c))} but the model takes {shape_text(own)} images; "
             "check it on images of the model's shape"
         )
     nhwc = get_normalization(config.normalize).table[images.astype(np.int64)]

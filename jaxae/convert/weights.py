@@ -18,6 +18,7 @@ from jaxae import torch_reference
 from jaxae.convert.files import TorchFile, read_torch_file
 from jaxae.convert.layouts import (
     _LAYOUTS,
+    TUTORIAL_IMAGE_SHAPE,
     _layout,
     _leaf_paths,
     check_image_shape,
@@ -33,8 +34,6 @@ from jaxae.convert.layouts import (
 )
 from jaxae.errors import JaxaeError
 from jaxae.objectives import get_variant
-
-_DEFAULT_IMAGE_SHAPE = (28, 28, 1)  # the document's MNIST digits
 
 
 @dataclasses.dataclass
@@ -89,10 +88,10 @@ def match(
     """Reads a PyTorch file and settles the jaxae model its weights fit.
 
     The variant family, the architecture and the layer sizes are read off the tensors; the
-    keyword arguments given are checked against them. So is the image shape, where the tensors
-    determine it (an MLP with 784 inputs takes 28x28x1 images; a conv model with square
-    features square ones); where they do not (3072 inputs may be 32x32x3 or 64x48x1), it must be
-    given. PyTorch models take NCHW images, flattened in ``(c, h, w)`` order; the Flax model
+    keyword arguments given are checked against them. So is the image shape; without one, the
+    tensors are read as the tutorial's 28x28x1 images only (an MLP with 784 inputs, a one-channel
+    conv model with 7x7 feature positions). Any other shape must be given: 576 inputs may be
+    24x24x1 or 16x12x3, 64 conv feature positions 32x32 or 16x64 images. PyTorch models take NCHW images, flattened in ``(c, h, w)`` order; the Flax model
     takes NHWC ones, flattened ``(h, w, c)``: the weights that touch the image are reordered.
 
     Args:
@@ -141,7 +140,7 @@ def match(
         config_ = dataclasses.replace(
             base, **_given(variant=variant, arch=arch, hidden_dims=hidden_dims, latent_dim=latent_dim)
         )
-        return Match(config_, image_shape or _DEFAULT_IMAGE_SHAPE, state_dict, file, stripped)
+        return Match(config_, image_shape or TUTORIAL_IMAGE_SHAPE, state_dict, file, stripped)
     found: dict[str, Any] = {"arch": inferred.arch, "latent_dim": inferred.latent_dim}
     if inferred.hidden_dims is not None:
         found["hidden_dims"] = inferred.hidden_dims
@@ -159,7 +158,7 @@ def match(
         guess = inferred.image_input.guess()
         if guess is not None and math.prod(guess) == input_dim:
             image_shape = guess
-        else:  # a conv model, or an MLP input that is not a square image: the size alone does not say
+        else:  # a conv model, or an MLP input other than 28x28x1: the size alone does not say
             raise JaxaeError(
                 f"{file.source} takes {inferred.image_input.describe()}; input_dim {input_dim} does not say the "
                 "image shape: give image_shape=(H, W, C)"
@@ -214,7 +213,7 @@ def _config(variant: str | None, config: Any, arch: str | None = None) -> Any:
     return config
 
 
-def fresh_model(config: Any, image_shape: Any = _DEFAULT_IMAGE_SHAPE) -> nnx.Module:
+def fresh_model(config: Any, image_shape: Any = TUTORIAL_IMAGE_SHAPE) -> nnx.Module:
     """The Flax module ``config`` describes for ``(H, W, C)`` images (weights to be overwritten)."""
     return get_variant(config.variant).build_model(config, image_shape, nnx.Rngs(0))
 
@@ -383,7 +382,7 @@ def to_torch_state_dict(
         variant: the variant the module is.
         arch: its architecture, ``"mlp"`` or ``"conv"``.
         image_shape: the images the model takes, ``(H, W, C)``: needed for pure-dict params
-            whose shapes leave it open (a 3072-input MLP, non-square conv features); a module's
+            other than the tutorial's 28x28x1 (a 3072-input MLP, conv features of other sizes); a module's
             own ``image_shape`` is taken first.
 
     Returns:
