@@ -30,6 +30,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -513,7 +514,8 @@ def write_idx_folder(
     Args:
         folder: the folder to write into (created if missing); it must hold no IDX dataset files yet.
         train: ``(images, labels)`` of the train split: images ``uint8`` ``(N, H, W, C)`` with ``C``
-            1 or 3 (or ``(N, H, W)`` for grayscale), labels 1-D integers 0..255, one per image.
+            1 or 3 (or ``(N, H, W)`` for grayscale; integers of another dtype are taken where every
+            value is 0..255), labels 1-D integers 0..255, one per image.
         test: the same for the test split; its images must have the train images' ``(H, W, C)``.
         compress: gzip the files (``.gz`` names), as MNIST is distributed.
 
@@ -570,14 +572,41 @@ def _refuse_existing_idx_files(folder: Path) -> None:
         )
 
 
+def _one_array(values: Any, what: str) -> np.ndarray:
+    """``np.asarray(values)``, or a :class:`DataError` where the values are not one rectangular array."""
+    if isinstance(values, np.ndarray):
+        return values
+    try:
+        return np.asarray(values)
+    except ValueError:
+        shapes = sorted({np.shape(v) for v in values}, key=str) if isinstance(values, (list, tuple)) else []
+        found = f" (of shapes {', '.join(map(str, shapes[:3]))})" if len(shapes) > 1 else ""
+        raise DataError(
+            f"{what} are not one array: a list whose items differ in shape{found}; give an array of one shape, "
+            "e.g. np.stack(images), resizing or cropping the odd ones first"
+        ) from None
+
+
+def _pixel_kind(images: np.ndarray) -> str:
+    """What non-uint8 images hold, with the conversion that fits them, for a message."""
+    if images.dtype.kind in "iu":
+        low, high = (int(images.min()), int(images.max())) if images.size else (0, 0)
+        return (
+            f"{images.dtype} values from {low} to {high}; rescale them to 0..255 (e.g. "
+            "np.clip(x, 0, 255).astype(np.uint8) for values already in pixel units)"
+        )
+    if images.dtype.kind == "f":
+        return f"dtype {images.dtype}; convert floats in [0, 1] with (x * 255).round().astype(np.uint8)"
+    return f"dtype {images.dtype}; give uint8 pixels 0..255"
+
+
 def _checked_split_arrays(split: str, images, labels) -> tuple[np.ndarray, np.ndarray]:
     """``images`` as uint8 ``(N, H, W, C)`` and ``labels`` as uint8 ``(N,)``, checked for :func:`write_idx_folder`."""
-    images, labels = np.asarray(images), np.asarray(labels)
+    images, labels = _one_array(images, f"the {split} images"), _one_array(labels, f"the {split} labels")
+    if images.dtype.kind in "iu" and images.size and 0 <= images.min() and images.max() <= 255:
+        images = images.astype(np.uint8)  # integer pixels 0..255 convert exactly
     if images.dtype != np.uint8:
-        raise DataError(
-            f"the {split} images must be uint8 pixels 0..255, got dtype {images.dtype}; convert floats in [0, 1] "
-            "with (x * 255).round().astype(np.uint8)"
-        )
+        raise DataError(f"the {split} images must be uint8 pixels 0..255, got {_pixel_kind(images)}")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:

@@ -538,6 +538,10 @@ def test_a_header_larger_than_its_file_is_refused_before_any_model_is_built(tmp_
         ((_images(4, 16, 16, 3), np.array([0, 1, 2, 300])), None, "labels must be integers 0..255"),
         ((_images(4, 16, 16, 3), np.array([0.0, 1, 2, 3])), None, "labels must be integers 0..255"),
         ((_images(0, 16, 16, 3), _labels(0)), None, "the train split is empty"),
+        (([_images(1, 16, 16, 3)[0], _images(1, 8, 8, 3)[0]], _labels(2)), None, "train images are not one array"),
+        ((_images(2, 16, 16, 3), [[0], [1, 2]]), None, "the train labels are not one array"),
+        ((np.full((4, 16, 16), 300, np.int64), _labels(4)), None, "int64 values from 300 to 300; rescale them"),
+        ((np.full((4, 16, 16), -1, np.int16), _labels(4)), None, "int16 values from -1 to -1; rescale them"),
         (None, (_images(4, 16, 16, 1), _labels(4)), "train images are 16x16x3 but the test images are 16x16x1"),
     ],
 )
@@ -593,6 +597,12 @@ def test_idx_folders_of_any_shape_round_trip(n, h, w, channels, compress):
             ds = load_dataset(folder, split)
             np.testing.assert_array_equal(ds.images, images.reshape(len(images), *expected_shape))
             np.testing.assert_array_equal(ds.labels, labels)
+
+
+def test_write_idx_folder_takes_integer_pixels_0_to_255_exactly(tmp_path):
+    images = np.arange(4 * 16 * 16).reshape(4, 16, 16) % 256  # int64
+    write_idx_folder(tmp_path, train=(images, _labels(4)), test=(images[:2].astype(np.int32), _labels(2)))
+    np.testing.assert_array_equal(load_dataset(str(tmp_path), "train").images[..., 0], images)
 
 
 def test_write_idx_folder_given_images_without_labels_is_one_line(tmp_path):
