@@ -305,6 +305,10 @@ def conv_transpose(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs) -> Con
     return ConvTranspose2x(in_ch, out_ch, init=init, rngs=rngs)
 
 
+#: The conv models' channels after each stride-2 convolution (what ``--arch conv`` builds).
+CONV_CHANNELS = (16, 32)
+
+
 class _ConvBase(nnx.Module):
     """Shared conv trunk: ``[N, H, W, C]`` -> two stride-2 convs -> ``[N, (H / 4) * (W / 4) * c2]``."""
 
@@ -352,7 +356,7 @@ class ConvAutoencoder(_ConvBase):
     every objective works unchanged.
     """
 
-    def __init__(self, image_shape=(28, 28, 1), channels=(16, 32), latent_dim=32, *, init="torch", rngs: nnx.Rngs):
+    def __init__(self, image_shape=(28, 28, 1), channels=CONV_CHANNELS, latent_dim=32, *, init="torch", rngs: nnx.Rngs):
         self.latent_dim = latent_dim
         feature_dim = self._build(image_shape, channels, init, rngs)
         self.code = linear(feature_dim, latent_dim, init=init, rngs=rngs)
@@ -367,7 +371,7 @@ class ConvAutoencoder(_ConvBase):
 class ConvVAE(_ConvBase):
     """The conv trunk with Gaussian ``mean``/``logvar`` heads: a convolutional :class:`VAE`."""
 
-    def __init__(self, image_shape=(28, 28, 1), channels=(16, 32), latent_dim=32, *, init="torch", rngs: nnx.Rngs):
+    def __init__(self, image_shape=(28, 28, 1), channels=CONV_CHANNELS, latent_dim=32, *, init="torch", rngs: nnx.Rngs):
         self.latent_dim = latent_dim
         feature_dim = self._build(image_shape, channels, init, rngs)
         self.mean = linear(feature_dim, latent_dim, init=init, rngs=rngs)

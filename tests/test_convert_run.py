@@ -339,8 +339,9 @@ def _scheduled():
     [
         (lambda: _with(lambda p: torch.optim.Adam(p, amsgrad=True)), "amsgrad=True, which jaxae does not support"),
         (lambda: _with(lambda p: torch.optim.Adam(p, maximize=True)), "maximize=True"),
-        (lambda: _with(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)), "SGD or RMSprop's"),
+        (lambda: _with(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)), "the optimizer state is SGD's;"),
         (lambda: _with(lambda p: torch.optim.RMSprop(p)), "RMSprop's"),
+        (lambda: _with(lambda p: torch.optim.RMSprop(p, momentum=0.9)), "the optimizer state is RMSprop's;"),
         (lambda: _with(lambda p: torch.optim.NAdam(p)), "NAdam's"),
         (_scheduled, "learning-rate scheduler's state ('scheduler_state_dict')"),
         (
@@ -349,14 +350,80 @@ def _scheduled():
         ),
         (_fewer_parameters, "the optimizer holds 11 parameters but the model has 12"),
         (_two_groups, "parameter group 1 has its own lr"),
+        (
+            lambda: _with(lambda p: torch.optim.Adam(p), epoch=2**31),
+            "its epoch is 2147483648, past the 2147483647 (2**31 - 1) a jaxae checkpoint counts",
+        ),
+        (
+            lambda: _with(lambda p: torch.optim.Adam(p), global_step=2**40),
+            "its step is 1099511627776, past the 2147483647",
+        ),
+        (lambda: _with(lambda p: torch.optim.Adam(p), epoch=2.7), "its epoch is 2.7, not a whole number"),
+        (
+            lambda: _with(lambda p: torch.optim.Adam(p), model_state_dict=None),
+            "whose 'model_state_dict' holds None, not a model state_dict",
+        ),
+        (
+            lambda: _with(lambda p: torch.optim.Adam(p), model_state_dict={}),
+            "whose 'model_state_dict' holds an empty dict, not a model state_dict",
+        ),
     ],
-    ids=["amsgrad", "maximize", "sgd", "rmsprop", "nadam", "scheduler", "other-model", "count", "groups"],
+    ids=[
+        "amsgrad",
+        "maximize",
+        "sgd",
+        "rmsprop",
+        "rmsprop-momentum",
+        "nadam",
+        "scheduler",
+        "other-model",
+        "count",
+        "groups",
+        "epoch-past-int32",
+        "step-past-int32",
+        "fractional-epoch",
+        "none-state-dict",
+        "empty-state-dict",
+    ],
 )
 def test_unsupported_or_mismatched_optimizer_state_is_one_line(tmp_path, capsys, make, pattern):
     torch.save(make(), tmp_path / "run.pt")
     code = cli.main(["convert", str(tmp_path / "run.pt"), "--out", str(tmp_path / "out")])
     one_line_error(capsys, code, pattern)
     assert not (tmp_path / "out").exists()
+
+
+class _NoHidden(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(784, 16))
+        self.decoder = torch.nn.Sequential(torch.nn.Linear(16, 784), torch.nn.Sigmoid())
+
+
+class _ConvChannels(torch.nn.Module):
+    """The conv twin's layout with 8 and 16 channels instead of 16 and 32."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.encoder = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.code, self.project = nn.Linear(16 * 49, 32), nn.Linear(32, 16 * 49)
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(16, 8, 3, 2, 1, 1), nn.ReLU(), nn.ConvTranspose2d(8, 1, 3, 2, 1, 1), nn.Sigmoid()
+        )
+
+
+@pytest.mark.parametrize(
+    "module, pattern",
+    [
+        (_NoHidden, "is an MLP with no hidden layer (784-16, the decoder mirrored); jaxae's MLPs have at least one"),
+        (_ConvChannels, "is a conv model with 8, 16 channels; jaxae's conv models have 16, 32 channels"),
+    ],
+)
+def test_a_twin_layout_of_sizes_no_jaxae_model_has_is_named_so(tmp_path, capsys, module, pattern):
+    torch.save(module().state_dict(), tmp_path / "m.pt")
+    code = cli.main(["convert", str(tmp_path / "m.pt"), "--out", str(tmp_path / "out")])
+    assert "--hidden-dims" not in one_line_error(capsys, code, pattern) and not (tmp_path / "out").exists()
 
 
 def test_no_optimizer_converts_the_weights_alone(tmp_path, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import pickle
 import re
@@ -131,10 +132,28 @@ def _all_tensors(mapping: Any) -> bool:
     return isinstance(mapping, Mapping) and len(mapping) > 0 and all(_is_tensor(v) for v in mapping.values())
 
 
-def _int_or_none(value: Any) -> int | None:
+# A jaxae state counts steps and epochs in int32.
+MAX_COUNT = 2**31 - 1
+
+
+def _count(value: Any, name: str, where: str) -> int | None:
+    """An epoch or step count the file records, or None where it records none (or a negative one).
+
+    Raises:
+        JaxaeError: a count that is not a whole number, or one past what a jaxae state holds.
+    """
     if hasattr(value, "item"):
         value = value.item()
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        return None
+    if not (math.isfinite(value) and value == int(value)):
+        raise JaxaeError(f"{where}: its {name} is {value!r}, not a whole number; save the count of completed {name}s")
+    if value > MAX_COUNT:
+        raise JaxaeError(
+            f"{where}: its {name} is {int(value)}, past the {MAX_COUNT} (2**31 - 1) a jaxae checkpoint counts; "
+            f"save the real count of completed {name}s"
+        )
+    return int(value)
 
 
 def _container(obj: Mapping, where: str) -> TorchFile:
@@ -147,6 +166,19 @@ def _container(obj: Mapping, where: str) -> TorchFile:
     model_key = next((k for k in _MODEL_KEYS if _all_tensors(obj.get(k))), None)
     if model_key is None:
         keys = ", ".join(repr(k) for k in list(obj)[:8])
+        held = next((k for k in _MODEL_KEYS if k in obj), None)
+        if held is not None:  # the key is there, holding something else
+            value = obj[held]
+            if value is None:
+                what = "None"
+            elif isinstance(value, Mapping):
+                what = "a dict that is not all tensors" if value else "an empty dict"
+            else:
+                what = f"a {type(value).__name__}"
+            raise JaxaeError(
+                f"{where} is a dict ({keys}) whose {held!r} holds {what}, not a model state_dict; "
+                f"save one with torch.save({{{held!r}: model.state_dict(), ...}}, PATH)"
+            )
         raise JaxaeError(
             f"{where} is a dict ({keys}) without a model state_dict under {', '.join(_MODEL_KEYS)}; "
             "save one with torch.save({'model_state_dict': model.state_dict(), ...}, PATH)"
@@ -157,8 +189,8 @@ def _container(obj: Mapping, where: str) -> TorchFile:
         f"a general checkpoint ({model_key!r}" + (f", {optimizer_key!r})" if optimizer_key else ")"),
         where,
         optimizer=obj[optimizer_key] if optimizer_key else None,
-        epoch=_int_or_none(obj.get("epoch")),
-        step=_int_or_none(obj.get("global_step", obj.get("step"))),
+        epoch=_count(obj.get("epoch"), "epoch", where),
+        step=_count(obj.get("global_step", obj.get("step")), "step", where),
         scheduler=next((k for k in _SCHEDULER_KEYS if obj.get(k)), None),
     )
     if found.epoch is not None:
@@ -179,11 +211,11 @@ def _lightning(obj: Mapping, where: str) -> TorchFile:
         "a Lightning checkpoint",
         where,
         optimizer=optimizers[0] if optimizers else None,
-        step=_int_or_none(obj.get("global_step")),
+        step=_count(obj.get("global_step"), "step", where),
         scheduler="lr_schedulers" if obj.get("lr_schedulers") else None,
     )
-    completed = _lightning_completed_epochs(obj)
-    epoch = _int_or_none(obj.get("epoch"))
+    completed = _lightning_completed_epochs(obj, where)
+    epoch = _count(obj.get("epoch"), "epoch", where)
     if completed is not None:
         found.epoch = completed
         found.notes.append(f"epoch {completed}: the completed epochs of Lightning's fit loop")
@@ -195,11 +227,12 @@ def _lightning(obj: Mapping, where: str) -> TorchFile:
     return found
 
 
-def _lightning_completed_epochs(obj: Mapping) -> int | None:
+def _lightning_completed_epochs(obj: Mapping, where: str) -> int | None:
     try:
-        return _int_or_none(obj["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+        completed = obj["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"]
     except (KeyError, TypeError):
         return None
+    return _count(completed, "epoch", where)
 
 
 def nonfinite_counts(array: np.ndarray) -> tuple[int, int]:

@@ -41,6 +41,7 @@ import numpy as np
 from jaxae import data, torch_reference
 from jaxae.convert.files import _listed
 from jaxae.errors import JaxaeError
+from jaxae.models import CONV_CHANNELS
 from jaxae.objectives import get_variant
 
 INPUT_DIM = 784
@@ -436,7 +437,8 @@ def model_description(config: Any, image_shape: Any = (28, 28, 1)) -> str:
     """``"the vanilla model (28x28x1 images, 784-128-64-32)"``: the target model, for messages."""
     h, w, c = image_shape
     if getattr(config, "arch", "mlp") == "conv":
-        return f"the {config.variant} conv model ({h}x{w}x{c} images, 16-32 channels, code {config.latent_dim})"
+        channels = "-".join(map(str, CONV_CHANNELS))
+        return f"the {config.variant} conv model ({h}x{w}x{c} images, {channels} channels, code {config.latent_dim})"
     sizes = "-".join(str(d) for d in (h * w * c, *config.hidden_dims, config.latent_dim))
     return f"the {config.variant} model ({h}x{w}x{c} images, {sizes})"
 
@@ -581,6 +583,7 @@ class InferredModel:
             image shape where they determine it).
         latent_dim: the code size.
         hidden_dims: the encoder's hidden widths (MLPs; None for conv).
+        conv_channels: the encoder's convolutions' output channels (conv; None for MLPs).
     """
 
     family: str
@@ -588,6 +591,7 @@ class InferredModel:
     image_input: ImageInput
     latent_dim: int
     hidden_dims: tuple[int, ...] | None
+    conv_channels: tuple[int, ...] | None = None
 
     @property
     def input_dim(self) -> int | None:
@@ -612,7 +616,7 @@ def infer_model(state_dict: Mapping[str, np.ndarray]) -> InferredModel | None:
             head = shapes["mean.weight" if family == "vae" else "code.weight"]
             encoder = _sequential_shapes(shapes, "encoder")
             image_input = ImageInput("conv", shapes["project.weight"][0], encoder[0][1], encoder[-1][0])
-            return InferredModel(family, "conv", image_input, head[0], None)
+            return InferredModel(family, "conv", image_input, head[0], None, tuple(s[0] for s in encoder))
         encoder = _sequential_shapes(shapes, "encoder")
         image_input = ImageInput("mlp", encoder[0][1])
         if family == "vae":

@@ -31,19 +31,20 @@ from jaxae.convert.layouts import ParamLink, _leaf_paths
 from jaxae.errors import JaxaeError
 
 _WEIGHTS_ONLY = "pass --no-optimizer to convert the weights alone (with a fresh optimizer)"
-# Keys that mark other torch.optim optimizers' param_groups (Adam's and AdamW's have none of them).
+# Keys that mark other torch.optim optimizers' param_groups (Adam's and AdamW's have none of
+# them), each with the optimizers whose groups hold it: a group is the optimizers all its keys share.
 _OTHER_OPTIMIZERS = {
-    "momentum": "SGD or RMSprop",
-    "nesterov": "SGD",
-    "dampening": "SGD",
-    "alpha": "RMSprop",
-    "centered": "RMSprop",
-    "lr_decay": "Adagrad",
-    "rho": "Adadelta",
-    "momentum_decay": "NAdam",
-    "lambd": "ASGD",
-    "etas": "Rprop",
-    "history_size": "LBFGS",
+    "momentum": {"SGD", "RMSprop"},
+    "nesterov": {"SGD"},
+    "dampening": {"SGD"},
+    "alpha": {"RMSprop"},
+    "centered": {"RMSprop"},
+    "lr_decay": {"Adagrad"},
+    "rho": {"Adadelta"},
+    "momentum_decay": {"NAdam"},
+    "lambd": {"ASGD"},
+    "etas": {"Rprop"},
+    "history_size": {"LBFGS"},
 }
 _SETTINGS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay")
 
@@ -73,7 +74,8 @@ def optimizer_settings(optimizer_state: Mapping[str, Any], where: str, optimizer
             f"{where}: the optimizer entry is not an optimizer.state_dict() (state, param_groups); {_WEIGHTS_ONLY}"
         )
     for group in groups:
-        other = sorted({_OTHER_OPTIMIZERS[k] for k in group if k in _OTHER_OPTIMIZERS})
+        marks = [_OTHER_OPTIMIZERS[k] for k in group if k in _OTHER_OPTIMIZERS]
+        other = sorted(set.intersection(*marks) or set.union(*marks)) if marks else []
         if other or "betas" not in group or "amsgrad" not in group:
             what = f"{' or '.join(other)}'s" if other else f"not Adam's (param_groups keys: {', '.join(sorted(group))})"
             raise JaxaeError(

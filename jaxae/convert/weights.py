@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxae import torch_reference
+from jaxae import models, torch_reference
 from jaxae.convert.files import TorchFile, read_torch_file
 from jaxae.convert.layouts import (
     _LAYOUTS,
@@ -141,6 +141,7 @@ def match(
             base, **_given(variant=variant, arch=arch, hidden_dims=hidden_dims, latent_dim=latent_dim)
         )
         return Match(config_, image_shape or TUTORIAL_IMAGE_SHAPE, state_dict, file, stripped)
+    _check_buildable(inferred, file.source)
     found: dict[str, Any] = {"arch": inferred.arch, "latent_dim": inferred.latent_dim}
     if inferred.hidden_dims is not None:
         found["hidden_dims"] = inferred.hidden_dims
@@ -184,6 +185,22 @@ def match(
         raise JaxaeError(f"{file.source} does not fit a {variant} model: the file holds {what}'s weights: give {flags}")
     config_ = dataclasses.replace(base, variant=variant, **found)
     return Match(config_, image_shape, state_dict, file, stripped, found, notes)
+
+
+def _check_buildable(inferred: Any, source: str) -> None:
+    """Refuses a twin's layout whose sizes no jaxae model has (no flag would make one)."""
+    if inferred.arch == "mlp" and not inferred.hidden_dims:
+        sizes = f"{inferred.image_input.size}-{inferred.latent_dim}"
+        raise JaxaeError(
+            f"{source} is an MLP with no hidden layer ({sizes}, the decoder mirrored); jaxae's MLPs have at least one "
+            "hidden layer, so it cannot be converted"
+        )
+    if inferred.arch == "conv" and inferred.conv_channels != models.CONV_CHANNELS:
+        have, want = (", ".join(map(str, c)) for c in (inferred.conv_channels, models.CONV_CHANNELS))
+        raise JaxaeError(
+            f"{source} is a conv model with {have} channels; jaxae's conv models have {want} channels (only the "
+            "code size, --latent-dim, varies), so it cannot be converted"
+        )
 
 
 _LAYOUT_NAMES = frozenset().union(*(names for names, _ in _LAYOUTS))
