@@ -575,13 +575,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     file = found.file
     optimizer = None if args.no_optimizer else file.optimizer
     config = found.config
+    schedule = None
     if optimizer is not None:
-        if file.scheduler:
-            raise JaxaeError(
-                f"{args.model} holds a learning-rate scheduler's state ({file.scheduler!r}), which jaxae cannot "
-                "continue (it trains at a constant --lr); pass --no-optimizer to convert the weights alone"
-            )
         settings = convert.optimizer_settings(optimizer, args.model, args.optimizer)
+        schedule = convert.lr_schedule_evidence(file)
+        if schedule and not args.constant_lr:
+            raise JaxaeError(
+                f"{args.model} holds {schedule}: its learning rate followed a schedule, which jaxae cannot continue "
+                f"(it trains at a constant --lr); pass --constant-lr to continue at the lr it had reached "
+                f"({settings['lr']:g}), or --no-optimizer to convert the weights alone"
+            )
         config = dataclasses.replace(config, **settings)
     config.validate()
     convert.get_twin(config.variant, config.arch)
@@ -654,6 +657,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     notes = found.notes + file.notes
     if file.optimizer is not None and optimizer is None:
         notes.append("optimizer state left out (--no-optimizer): a fresh Adam")
+    if schedule:
+        notes.append(f"{schedule} not carried (--constant-lr): training continues at lr {config.lr:g}, constant")
     if test is None:
         notes.append(f"image shape {given_text} from --image-shape; the {config.dataset} images were not read")
     if notes:
@@ -876,6 +881,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("adam", "adamw"),
         default=None,
         help="only for files of torch releases that do not record it: whether the optimizer was Adam or AdamW",
+    )
+    p.add_argument(
+        "--constant-lr",
+        action="store_true",
+        help="a run whose file shows a learning-rate schedule (a scheduler's state, or initial_lr in the "
+        "optimizer's param_groups): continue it at the lr it had reached, as a constant (refused by default)",
     )
     p.add_argument(
         "--sparsity",

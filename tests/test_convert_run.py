@@ -328,10 +328,18 @@ def _two_groups():
     return general_checkpoint(model, opt)
 
 
-def _scheduled():
-    model, opt = _opt_state(lambda p: torch.optim.Adam(p))
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, 10)
-    return {**general_checkpoint(model, opt), "scheduler_state_dict": scheduler.state_dict()}
+def _scheduled(key="scheduler_state_dict", steps=1):
+    """Adam after ``steps`` steps of StepLR(step_size=1, gamma=0.5), its state saved under ``key`` (None: not saved)."""
+    model = torch_model()
+    opt = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    for _ in range(steps):
+        torch_step(model, opt, torch.rand(4, 784))
+        scheduler.step()
+    ckpt = general_checkpoint(model, opt)
+    if key is not None:
+        ckpt[key] = scheduler.state_dict()
+    return ckpt
 
 
 @pytest.mark.parametrize(
@@ -344,6 +352,11 @@ def _scheduled():
         (lambda: _with(lambda p: torch.optim.RMSprop(p, momentum=0.9)), "the optimizer state is RMSprop's;"),
         (lambda: _with(lambda p: torch.optim.NAdam(p)), "NAdam's"),
         (_scheduled, "learning-rate scheduler's state ('scheduler_state_dict')"),
+        (lambda: _scheduled("sched", steps=3), "scheduler's state ('sched'): its learning rate followed a schedule"),
+        (
+            lambda: _scheduled(None, steps=3),
+            "param_groups carry a scheduler's initial_lr (0.001; lr is now 0.000125)",
+        ),
         (
             _other_model_optimizer,
             "exp_avg of parameter 4 (encoder.4.weight) has shape (8, 32) but the parameter has (16, 32)",
@@ -376,6 +389,8 @@ def _scheduled():
         "rmsprop-momentum",
         "nadam",
         "scheduler",
+        "scheduler-under-another-key",
+        "scheduler-not-saved",
         "other-model",
         "count",
         "groups",
@@ -424,6 +439,16 @@ def test_a_twin_layout_of_sizes_no_jaxae_model_has_is_named_so(tmp_path, capsys,
     torch.save(module().state_dict(), tmp_path / "m.pt")
     code = cli.main(["convert", str(tmp_path / "m.pt"), "--out", str(tmp_path / "out")])
     assert "--hidden-dims" not in one_line_error(capsys, code, pattern) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["sched", None])
+def test_constant_lr_continues_a_scheduled_run_at_the_lr_it_reached(tmp_path, capsys, key):
+    torch.save(_scheduled(key, steps=3), tmp_path / "run.pt")
+    summary = convert_cli(capsys, tmp_path / "run.pt", tmp_path / "out", "--constant-lr")
+    assert summary["optimizer"]["lr"] == 0.000125 and summary["optimizer"]["step"] == 3
+    assert "not carried (--constant-lr): training continues at lr 0.000125, constant" in summary["notes"][-1]
+    _, state, config = checkpoint.restore(tmp_path / "out")
+    assert config.lr == 0.000125 and optax_count(state.opt_state) == 3
 
 
 def test_no_optimizer_converts_the_weights_alone(tmp_path, capsys):

@@ -58,7 +58,12 @@ from jaxae.convert.layouts import (
     suggest_renames,
     supported_twins,
 )
-from jaxae.convert.optimizer import opt_state_from_torch, optimizer_settings, torch_optimizer_state_dict
+from jaxae.convert.optimizer import (
+    lr_schedule_evidence,
+    opt_state_from_torch,
+    optimizer_settings,
+    torch_optimizer_state_dict,
+)
 from jaxae.convert.parity import DEFAULT_TOLERANCE, flax_outputs, parity_report, torch_outputs
 from jaxae.convert.weights import (
     Match,
@@ -93,6 +98,7 @@ __all__ = [
     "get_twin",
     "infer_model",
     "links_for",
+    "lr_schedule_evidence",
     "match",
     "model_description",
     "model_from_match",

@@ -50,7 +50,8 @@ class TorchFile:
         optimizer: the optimizer's ``state_dict()`` as saved, or None.
         epoch: completed epochs, if the file records them.
         step: the optimizer steps taken (Lightning's ``global_step``), if the file records them.
-        scheduler: the key holding a learning-rate scheduler's state, if any.
+        scheduler: the key holding a learning-rate scheduler's state, if any (one of the usual names,
+            or any key whose value is a scheduler's ``state_dict()``).
         notes: how epoch and step were read, for the summary.
     """
 
@@ -191,11 +192,19 @@ def _container(obj: Mapping, where: str) -> TorchFile:
         optimizer=obj[optimizer_key] if optimizer_key else None,
         epoch=_count(obj.get("epoch"), "epoch", where),
         step=_count(obj.get("global_step", obj.get("step")), "step", where),
-        scheduler=next((k for k in _SCHEDULER_KEYS if obj.get(k)), None),
+        scheduler=next((k for k in _SCHEDULER_KEYS if obj.get(k)), None)
+        or next((k for k, v in obj.items() if _is_scheduler_state(v)), None),
     )
     if found.epoch is not None:
         found.notes.append(f"epoch {found.epoch} read as completed epochs")
     return found
+
+
+def _is_scheduler_state(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.optim.lr_scheduler`` state_dict, under whatever key it was saved."""
+    return (
+        isinstance(value, Mapping) and "last_epoch" in value and bool({"base_lrs", "_last_lr", "min_lrs"} & set(value))
+    )
 
 
 def _lightning(obj: Mapping, where: str) -> TorchFile:

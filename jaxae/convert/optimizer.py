@@ -11,7 +11,10 @@ moments: ``optax.adamw``) from Adam (an L2 term ``wd * param`` added to the grad
 the moments: ``add_decayed_weights`` before ``optax.adam``).
 
 Not supported, and refused with one line naming it: ``amsgrad``, ``maximize``, parameter
-groups with different settings, other optimizers, and learning-rate schedulers.
+groups with different settings, and other optimizers. A learning-rate schedule (a scheduler's
+state, or the ``initial_lr`` every scheduler leaves in ``param_groups``) is refused too, unless
+the conversion is told to continue at the learning rate the run had reached, as a constant
+(:func:`lr_schedule_evidence`, ``jaxae convert --constant-lr``).
 """
 
 from __future__ import annotations
@@ -115,6 +118,22 @@ def optimizer_settings(optimizer_state: Mapping[str, Any], where: str, optimizer
         "eps": float(_number(first["eps"])),
         "weight_decay": weight_decay,
     }
+
+
+def lr_schedule_evidence(file: Any) -> str | None:
+    """What in a :class:`~jaxae.convert.files.TorchFile` shows that its learning rate followed a
+    schedule, or None: a scheduler's state, or ``initial_lr`` in the optimizer's param_groups
+    (every ``torch.optim.lr_scheduler`` writes it there, so it shows even when the scheduler's
+    own state was saved under a key nobody would guess, or not at all).
+    """
+    if file.scheduler:
+        return f"a learning-rate scheduler's state ({file.scheduler!r})"
+    groups = file.optimizer.get("param_groups") if isinstance(file.optimizer, Mapping) else None
+    for group in groups if isinstance(groups, (list, tuple)) else ():
+        if isinstance(group, Mapping) and "initial_lr" in group:
+            initial, now = _number(group["initial_lr"]), _number(group.get("lr"))
+            return f"an optimizer whose param_groups carry a scheduler's initial_lr ({initial:g}; lr is now {now:g})"
+    return None
 
 
 def _moment(value: Any, name: str, where: str) -> np.ndarray:
