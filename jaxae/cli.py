@@ -599,11 +599,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         image_shape=found.image_shape,
     )
     run = {}
+    # The file's parameter order (and its optimizer's groups), which export writes back.
+    groups = [list(found.state_dict)]
+    order_note = None
     if optimizer is not None:
+        groups, order_note = convert.optimizer_parameter_groups(
+            optimizer, found.state_dict, args.model, names=dict(zip(file.tensors, found.state_dict, strict=True))
+        )
         links = convert.links_for(convert.get_twin(config.variant, config.arch), params, found.image_shape)
         opt_state, adam_step = convert.opt_state_from_torch(
             optimizer,
-            list(found.state_dict),
+            [key for group in groups for key in group],
             links,
             trainer.tx,
             params,
@@ -640,6 +646,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     checkpoint.save(out, state, config)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    named = optimizer is not None and all("param_names" in g for g in optimizer["param_groups"])
+    convert.write_torch_layout(out, list(found.state_dict), groups, named=named)
     summary = {
         "workdir": str(out),
         "source": args.model,
@@ -657,6 +665,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     notes = found.notes + file.notes
     if file.optimizer is not None and optimizer is None:
         notes.append("optimizer state left out (--no-optimizer): a fresh Adam")
+    if order_note:
+        notes.append(order_note)
     if schedule:
         notes.append(f"{schedule} not carried (--constant-lr): training continues at lr {config.lr:g}, constant")
     if test is None:
@@ -673,7 +683,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-_CONVERT_FILES = ("config.json", "parity.json")
+_CONVERT_FILES = ("config.json", "parity.json", "torch_layout.json")
 
 
 def _check_convert_out(out, checkpoints, *, force: bool) -> None:
@@ -726,6 +736,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     links = convert.links_for(twin, state.params, image_shape)
     state_dict = convert.to_numpy_state_dict(state.params, config.variant, config.arch, image_shape)
     summary = {"format": fmt, "variant": config.variant, "arch": config.arch, "step": int(state.step)}
+    # A run converted from a PyTorch file goes back in that file's order: its optimizer state is by position.
+    layout = convert.read_torch_layout(args.workdir, list(state_dict))
+    groups, named = None, False
+    if layout is not None:
+        order, groups, named = layout
+        state_dict = {key: state_dict[key] for key in order}
+        if order != [link.torch_key for link in links] or len(groups) > 1:
+            summary["parameter_order"] = f"the converted file's ({convert.TORCH_LAYOUT_FILE})"
     if image_shape is not None:
         summary["image_shape"] = list(image_shape)
     if args.with_optimizer:
@@ -736,7 +754,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             "epoch": int(state.epoch),
             "global_step": int(state.step),
             "model_state_dict": {k: torch.from_numpy(v) for k, v in state_dict.items()},
-            "optimizer_state_dict": convert.torch_optimizer_state_dict(state.opt_state, links, config),
+            "optimizer_state_dict": convert.torch_optimizer_state_dict(
+                state.opt_state, links, config, groups, named=named
+            ),
         }
         path = convert.save_torch_checkpoint(general, args.out, overwrite=args.force)
         summary.update(epoch=int(state.epoch), optimizer=config.optimizer)

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxae
@@ -282,6 +283,101 @@ def optax_count(opt_state):
     import optax
 
     return int(optax.tree_utils.tree_get(opt_state, "count"))
+
+
+# --- the parameter order of the file: kept both ways -----------------------------------------------
+
+
+class _DecoderFirst(torch.nn.Module):
+    """The document's layers and keys, the decoder registered first: its parameters() start with the decoder."""
+
+    def __init__(self, hidden=(128, 64), latent=32):
+        super().__init__()
+        twin = torch_reference.MLPAutoencoder(784, hidden, latent)
+        self.decoder, self.encoder = twin.decoder, twin.encoder
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+def _decoder_first_groups(model):
+    return [{"params": model.decoder.parameters()}, {"params": model.encoder.parameters()}]
+
+
+def _named_reversed(model):
+    return list(reversed(list(model.named_parameters())))
+
+
+PARAMETER_ORDERS = {
+    # (the module, the parameters an optimizer is built from)
+    "decoder-registered-first": (_DecoderFirst, lambda m: m.parameters()),
+    "decoder-registered-first-equal-shapes": (lambda: _DecoderFirst((64, 64), 64), lambda m: m.parameters()),
+    "decoder-first-param-groups": (lambda: torch_model(), _decoder_first_groups),
+    "named-parameters-reversed": (lambda: torch_model(), _named_reversed),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETER_ORDERS))
+def test_any_parameter_order_goes_to_jaxae_and_back_exactly(name, tmp_path, capsys, batches):
+    make_model, parameters = PARAMETER_ORDERS[name]
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.Adam(parameters(model), lr=1e-3)
+    x = torch.from_numpy(batches[1])
+    for i in range(3):
+        torch_step(model, opt, x[i])
+    torch.save(general_checkpoint(model, opt), tmp_path / "run.pt")
+    convert_cli(capsys, tmp_path / "run.pt", tmp_path / "jax")
+    # jaxae's moments are those torch holds for each named parameter
+    _, state, _ = checkpoint.restore(tmp_path / "jax")
+    by_param = {id(p): name for name, p in model.named_parameters()}
+    sent = opt.state_dict()
+    flat = [p for group in opt.param_groups for p in group["params"]]
+    mu = convert.to_numpy_state_dict(optax.tree_utils.tree_get(state.opt_state, "mu"))
+    for index, param in enumerate(flat):
+        np.testing.assert_array_equal(mu[by_param[id(param)]], sent["state"][index]["exp_avg"].numpy())
+    code = cli.main(
+        ["export", "--workdir", str(tmp_path / "jax"), "--out", str(tmp_path / "back.pt"), "--with-optimizer"]
+    )
+    assert code == 0, capsys.readouterr()
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert list(back["model_state_dict"]) == list(model.state_dict())
+    got = back["optimizer_state_dict"]
+    assert got["param_groups"] == sent["param_groups"]
+    for i, entry in sent["state"].items():
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(got["state"][i][field], entry[field]), (i, field)
+    # a fresh model and optimizer built the same way load it and take the next step torch takes
+    torch.manual_seed(1)
+    fresh = make_model()
+    fresh.load_state_dict(back["model_state_dict"], strict=True)
+    fresh_opt = torch.optim.Adam(parameters(fresh), lr=1e-3)
+    fresh_opt.load_state_dict(got)
+    assert torch_step(fresh, fresh_opt, x[3]) == torch_step(model, opt, x[3])
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("damage", ["not json", '{"state_dict_keys": ["encoder.0.weight"], "optimizer_groups": []}'])
+def test_export_refuses_a_damaged_parameter_order_record(tmp_path, capsys, damage):
+    torch.save(torch_model().state_dict(), tmp_path / "m.pt")
+    convert_cli(capsys, tmp_path / "m.pt", tmp_path / "jax")
+    (tmp_path / "jax" / convert.TORCH_LAYOUT_FILE).write_text(damage)
+    code = cli.main(["export", "--workdir", str(tmp_path / "jax"), "--out", str(tmp_path / "back.pt")])
+    one_line_error(capsys, code, "torch_layout.json")
+    assert not (tmp_path / "back.pt").exists()
+
+
+def test_parameter_groups_whose_shapes_fit_two_orders_are_refused(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch_reference.MLPAutoencoder(784, (64,), 64)  # encoder.2 and decoder.0 are both 64x64
+    groups = [model.encoder[2], model.decoder[0], model.encoder[0], model.decoder[2]]
+    opt = torch.optim.Adam([{"params": m.parameters()} for m in groups])
+    torch_step(model, opt, torch.rand(4, 784))
+    torch.save(general_checkpoint(model, opt), tmp_path / "run.pt")
+    code = cli.main(["convert", str(tmp_path / "run.pt"), "--out", str(tmp_path / "out")])
+    one_line_error(capsys, code, "4 parameter groups fit the model's parameters in more than one order")
+    assert not (tmp_path / "out").exists()
 
 
 # --- refused: one line, exit 2, nothing written ---------------------------------------------------

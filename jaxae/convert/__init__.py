@@ -29,14 +29,17 @@ it is given (``image_shape=``, ``--image-shape``).
 
 from jaxae.convert.files import (
     FORMATS,
+    TORCH_LAYOUT_FILE,
     TorchFile,
     check_finite,
     check_output_file,
     nonfinite_counts,
     read_state_dict,
     read_torch_file,
+    read_torch_layout,
     save_state_dict,
     save_torch_checkpoint,
+    write_torch_layout,
 )
 from jaxae.convert.layouts import (
     INPUT_DIM,
@@ -61,6 +64,7 @@ from jaxae.convert.layouts import (
 from jaxae.convert.optimizer import (
     lr_schedule_evidence,
     opt_state_from_torch,
+    optimizer_parameter_groups,
     optimizer_settings,
     torch_optimizer_state_dict,
 )
@@ -80,6 +84,7 @@ from jaxae.convert.weights import (
 __all__ = [
     "DEFAULT_TOLERANCE",
     "FORMATS",
+    "TORCH_LAYOUT_FILE",
     "INPUT_DIM",
     "TWINS",
     "ImageInput",
@@ -105,12 +110,14 @@ __all__ = [
     "model_image_shape",
     "nonfinite_counts",
     "opt_state_from_torch",
+    "optimizer_parameter_groups",
     "optimizer_settings",
     "params_from_torch",
     "parity_report",
     "parse_renames",
     "read_state_dict",
     "read_torch_file",
+    "read_torch_layout",
     "rename_keys",
     "resolve_image_shape",
     "save_state_dict",
@@ -122,4 +129,5 @@ __all__ = [
     "to_torch_state_dict",
     "torch_optimizer_state_dict",
     "torch_outputs",
+    "write_torch_layout",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import os
 import pickle
@@ -468,3 +469,52 @@ def save_torch_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike, *, ov
     """
     torch = torch_reference.require_torch()
     return _save(lambda tmp: torch.save(obj, tmp), path, overwrite)
+
+
+# Beside a converted checkpoint: the PyTorch file's parameter order, which export writes back.
+TORCH_LAYOUT_FILE = "torch_layout.json"
+
+
+def write_torch_layout(
+    folder: str | os.PathLike, state_dict_keys: list[str], optimizer_groups: list[list[str]], *, named: bool = False
+) -> Path:
+    """Records a converted file's order: its ``state_dict`` keys, and its optimizer's parameter groups.
+
+    A torch optimizer's state is by position, so it loads back only into an optimizer whose
+    parameters come in the same order and groups (a model that registers ``decoder`` before
+    ``encoder``, ``[{"params": decoder}, {"params": encoder}]``): ``jaxae export`` writes them so.
+    ``named``: the optimizer saved its ``param_names``, and export writes them too.
+    """
+    path = Path(folder) / TORCH_LAYOUT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    record = {"state_dict_keys": state_dict_keys, "optimizer_groups": optimizer_groups, "param_names": named}
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_torch_layout(folder: str | os.PathLike, keys: list[str]) -> tuple[list[str], list[list[str]], bool] | None:
+    """The order :func:`write_torch_layout` recorded for a model with these state_dict ``keys``
+    (state_dict keys, optimizer groups, whether they were named); None if none.
+
+    Raises:
+        JaxaeError: a record that cannot be read, or that does not list ``keys`` each once.
+    """
+    path = Path(folder) / TORCH_LAYOUT_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        order, groups = list(record["state_dict_keys"]), [list(g) for g in record["optimizer_groups"]]
+        named = bool(record.get("param_names", False))
+        valid = sorted(order) == sorted(keys) and sorted(k for g in groups for k in g) == sorted(keys)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise JaxaeError(
+            f"cannot read {path} ({type(e).__name__}); restore it, or delete it to export in jaxae's order"
+        ) from None
+    if not valid:
+        raise JaxaeError(
+            f"{path} does not list this model's parameters, each once; restore it, or delete it to export in "
+            "jaxae's order"
+        )
+    return order, groups, named

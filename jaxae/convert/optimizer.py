@@ -136,6 +136,120 @@ def lr_schedule_evidence(file: Any) -> str | None:
     return None
 
 
+def optimizer_parameter_groups(
+    optimizer_state: Mapping[str, Any],
+    state_dict: Mapping[str, np.ndarray],
+    where: str,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> tuple[list[list[str]], str | None]:
+    """Which model parameter each of a torch optimizer's parameters is: its groups, as state_dict keys.
+
+    A torch optimizer keeps its state by position, in the order its parameters were given. For
+    ``Adam(model.parameters())`` that is the ``state_dict`` order (one group); for parameter
+    groups it is each group's parameters in turn, e.g. ``[{"params": model.decoder.parameters()},
+    {"params": model.encoder.parameters()}]``. The order is read from the ``param_names`` an
+    optimizer built from ``model.named_parameters()`` saves; otherwise each group is taken to be a
+    contiguous run of the ``state_dict`` (one module's parameters), placed by the shapes of its
+    moments, and refused where the shapes fit more than one placement.
+
+    Args:
+        optimizer_state: ``optimizer.state_dict()`` as saved.
+        state_dict: the model's tensors under the twin's keys, in file order.
+        where: the file, for messages.
+        names: the file's own parameter names -> the twin's keys (for ``param_names``).
+
+    Returns:
+        Each group's parameters as state_dict keys, in optimizer order, and a note saying how
+        they were placed where that is not the state_dict order (else None).
+
+    Raises:
+        JaxaeError: names that are not the model's, or groups whose shapes fit several placements.
+    """
+    keys = list(state_dict)
+    groups = [list(g.get("params", ())) for g in optimizer_state["param_groups"]]
+    sizes = [len(g) for g in groups]
+    if sum(sizes) != len(keys):
+        return [keys], None  # opt_state_from_torch names the mismatch
+    in_file_order = _split(keys, sizes)
+    saved_names = [g.get("param_names") for g in optimizer_state["param_groups"]]
+    if names is not None and all(
+        isinstance(n, (list, tuple)) and len(n) == k for n, k in zip(saved_names, sizes, strict=True)
+    ):
+        unknown = [n for group in saved_names for n in group if n not in names]
+        placed = [[names.get(n) for n in group] for group in saved_names]
+        if unknown or sorted(k for g in placed for k in g) != sorted(keys):
+            raise JaxaeError(
+                f"{where}: the optimizer's param_names ({_first(unknown or [n for g in saved_names for n in g])}) are "
+                f"not the model's parameters, each once; the optimizer state is not this model's; {_WEIGHTS_ONLY}"
+            )
+        return placed, "the optimizer's parameters placed by the param_names it saved"
+    state = {int(_number(k)): v for k, v in optimizer_state["state"].items()}
+    if len(groups) == 1 or not state:
+        return in_file_order, None
+    shapes = [[_moment_shape(state.get(int(_number(i)))) for i in g] for g in groups]
+    key_shapes = [tuple(np.shape(state_dict[k])) for k in keys]
+    placements = _contiguous_placements(shapes, key_shapes, limit=2)
+    if len(placements) == 1:
+        placed = [[keys[j] for j in block] for block in placements[0]]
+        if placed == in_file_order:
+            return placed, None
+        runs = "; ".join(f"group {i}: {g[0]} to {g[-1]}" for i, g in enumerate(placed))
+        return placed, f"the optimizer's {len(groups)} parameter groups placed by their shapes ({runs})"
+    if placements:
+        raise JaxaeError(
+            f"{where}: the optimizer's {len(groups)} parameter groups fit the model's parameters in more than one "
+            "order (their shapes repeat), so its state cannot be placed; save an optimizer built from "
+            f"model.named_parameters(), whose state_dict names its parameters, or {_WEIGHTS_ONLY}"
+        )
+    return in_file_order, None  # no placement fits: opt_state_from_torch names the first shape that differs
+
+
+def _split(keys: list[str], sizes: list[int]) -> list[list[str]]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(keys[start : start + size])
+        start += size
+    return out
+
+
+def _first(names: list[str]) -> str:
+    return ", ".join(map(str, names[:3])) + (", ..." if len(names) > 3 else "")
+
+
+def _moment_shape(entry: Any) -> tuple[int, ...] | None:
+    value = entry.get("exp_avg") if isinstance(entry, Mapping) else None
+    return None if value is None else tuple(np.shape(value))
+
+
+def _contiguous_placements(
+    shapes: list[list[Any]], key_shapes: list[tuple[int, ...]], limit: int
+) -> list[list[list[int]]]:
+    """Up to ``limit`` ways to place each group on its own run of state_dict positions (shapes equal)."""
+    found: list[list[list[int]]] = []
+    taken = [False] * len(key_shapes)
+
+    def place(g: int, chosen: list[list[int]]) -> None:
+        if len(found) >= limit:
+            return
+        if g == len(shapes):
+            found.append([list(b) for b in chosen])
+            return
+        size = len(shapes[g])
+        for start in range(len(key_shapes) - size + 1):
+            block = range(start, start + size)
+            if any(taken[j] for j in block) or [key_shapes[j] for j in block] != shapes[g]:
+                continue
+            for j in block:
+                taken[j] = True
+            place(g + 1, [*chosen, list(block)])
+            for j in block:
+                taken[j] = False
+
+    place(0, [])
+    return found
+
+
 def _moment(value: Any, name: str, where: str) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu()
@@ -223,32 +337,55 @@ def opt_state_from_torch(
     return opt_state, int(step)
 
 
-def torch_optimizer_state_dict(opt_state: Any, links: Sequence[ParamLink], config: Any) -> dict[str, Any]:
+def torch_optimizer_state_dict(
+    opt_state: Any,
+    links: Sequence[ParamLink],
+    config: Any,
+    groups: Sequence[Sequence[str]] | None = None,
+    *,
+    named: bool = False,
+) -> dict[str, Any]:
     """``optimizer.state_dict()`` of the torch Adam/AdamW that ``config`` describes, holding ``opt_state``.
 
     ``torch.optim.Adam(model.parameters())`` (``AdamW`` for ``config.optimizer == "adamw"``)
     accepts it with ``load_state_dict``; parameter ``i`` is ``links[i]``, the twin's
-    ``state_dict`` order.
+    ``state_dict`` order. ``groups`` (state_dict keys per parameter group, e.g. a converted
+    file's, :func:`optimizer_parameter_groups`) writes the state for an optimizer whose
+    parameters were given in that order and those groups instead; ``named`` writes each
+    group's ``param_names``, as an optimizer built from ``model.named_parameters()`` does.
     """
     torch = torch_reference.require_torch()
     count = int(jax.device_get(optax.tree_utils.tree_get(opt_state, "count")))
     mu = _leaf_paths(optax.tree_utils.tree_get(opt_state, "mu"))
     nu = _leaf_paths(optax.tree_utils.tree_get(opt_state, "nu"))
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    stand_ins = [torch.nn.Parameter(torch.zeros(1)) for _ in links]
+    by_key = {link.torch_key: link for link in links}
+    if groups is None:
+        groups = [[link.torch_key for link in links]]
+    if sorted(k for g in groups for k in g) != sorted(by_key):
+        raise JaxaeError(
+            "the optimizer's parameter groups do not list the model's parameters, each once; "
+            f"they list {_first([k for g in groups for k in g])}"
+        )
+    stand_ins = [torch.nn.Parameter(torch.zeros(1)) for _ in by_key]
     # the param_groups entry as this torch writes it (every key its load_state_dict expects)
-    group = cls(
+    template = cls(
         stand_ins, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
     ).state_dict()["param_groups"][0]
-    state = {}
-    if count > 0:  # torch creates the state at the first step
-        for i, link in enumerate(links):
-            state[i] = {
-                "step": torch.tensor(float(count)),
-                "exp_avg": torch.from_numpy(_torch_moment(link, mu[link.flax_path])),
-                "exp_avg_sq": torch.from_numpy(_torch_moment(link, nu[link.flax_path])),
-            }
-    return {"state": state, "param_groups": [group]}
+    param_groups, state, index = [], {}, 0
+    for keys in groups:
+        ids = list(range(index, index + len(keys)))
+        param_groups.append({**template, "params": ids, **({"param_names": list(keys)} if named else {})})
+        if count > 0:  # torch creates the state at the first step
+            for i, key in zip(ids, keys, strict=True):
+                link = by_key[key]
+                state[i] = {
+                    "step": torch.tensor(float(count)),
+                    "exp_avg": torch.from_numpy(_torch_moment(link, mu[link.flax_path])),
+                    "exp_avg_sq": torch.from_numpy(_torch_moment(link, nu[link.flax_path])),
+                }
+        index += len(keys)
+    return {"state": state, "param_groups": param_groups}
 
 
 def _torch_moment(link: ParamLink, leaf: Any) -> np.ndarray:
