@@ -887,7 +887,7 @@ def restore(
 
 
 def _same_dataset(a: Any, b: Any) -> bool:
-    if a == b:
+    if a == b or a is None:  # a conversion that recorded no dataset takes the one it is resumed on
         return True
     # The same folder written two ways (relative / absolute) is the same dataset.
     return isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.samefile(a, b)

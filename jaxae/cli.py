@@ -419,6 +419,8 @@ def _with_saved_settings(args: argparse.Namespace, config):
         fields = _MODEL_FIELDS
     defaults = TrainConfig()
     changes = {f: getattr(saved, f) for f in fields if getattr(config, f) == getattr(defaults, f)}
+    if changes.get("dataset", "") is None:  # converted with --image-shape alone: trained on --dataset
+        del changes["dataset"]
     return dataclasses.replace(config, **changes)
 
 
@@ -427,21 +429,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from jaxae.data import load_dataset
 
-    trainer, state, config = _restore_for_its_dataset(args.workdir, args.step, need_dataset=True)
+    trainer, state, config = _restore_for_its_dataset(
+        args.workdir, args.step, need_dataset=True, dataset=args.dataset, data_dir=args.tfds_data_dir
+    )
     test = load_dataset(config.dataset, "test", config.tfds_data_dir)
     images = jax.device_put(test.images.reshape(len(test), -1))
     metrics = trainer.jit_evaluate(state, images, batch_size=min(config.eval_batch_size, len(test)))
     out = {"step": int(state.step), "epoch": int(state.epoch), "dataset": config.dataset}
     out.update({f"test_{k}": float(v) for k, v in jax.device_get(metrics).items()})
     if args.iw_samples:
-        from jaxae.objectives import importance_weighted_nll
+        from jaxae.objectives import importance_weighted_nll, iw_chunk
 
         if config.variant != "vae":
             raise JaxaeError(f"--iw-samples needs a vae run; {args.workdir} holds a {config.variant} model")
         if args.iw_samples < 1:
             raise JaxaeError(f"--iw-samples must be at least 1, got {args.iw_samples}")
-        fn = importance_weighted_nll(trainer.normalization, config.likelihood, args.iw_samples)
-        nll = trainer.jit_mean_over(state, images, fn=fn, batch_size=min(100, len(test)))
+        batch = min(100, len(test))
+        # Samples decoded in chunks that fit the memory: any K runs, a K that fits in one is unchunked.
+        chunk = iw_chunk(config.arch, tuple(test.image_shape), batch)
+        if chunk < args.iw_samples:
+            print(
+                f"jaxae: --iw-samples {args.iw_samples}: decoding {chunk} samples per image at a time "
+                f"({-(-args.iw_samples // chunk)} chunks per batch of {batch} images)",
+                file=sys.stderr,
+            )
+        fn = importance_weighted_nll(trainer.normalization, config.likelihood, args.iw_samples, chunk)
+        nll = trainer.jit_mean_over(state, images, fn=fn, batch_size=batch)
         out["test_nll_iw"] = float(nll["nll_iw"])
         out["iw_samples"] = args.iw_samples
     if args.probe:
@@ -480,20 +493,26 @@ def _image_shape_flag(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def _restore_for_its_dataset(workdir: str, step: int | None, *, need_dataset: bool):
-    """``checkpoint.restore`` for the images of the run's dataset, whose shape is read from its headers.
+def _restore_for_its_dataset(
+    workdir: str, step: int | None, *, need_dataset: bool, dataset: str | None = None, data_dir: str | None = None
+):
+    """``checkpoint.restore`` for the images of the run's dataset (or ``dataset``, replacing it in the
+    returned config), whose shape is read from its headers.
 
     A checkpoint whose model is for other images (the dataset's files were replaced by images of
     another shape with as many values) is one line instead of numbers computed on misread
     pixels; an older checkpoint, which recorded only a guess of its image shape, takes the
     dataset's. Without ``need_dataset`` a dataset that cannot be read is passed over.
     """
+    import dataclasses
+
     from jaxae import checkpoint
     from jaxae.data import dataset_image_shape, shape_text
 
     _, meta = checkpoint.read_meta(workdir, step)
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    dataset, data_dir = config.get("dataset", "mnist-sample"), config.get("tfds_data_dir")
+    if dataset is None:
+        dataset, data_dir = config.get("dataset", "mnist-sample"), config.get("tfds_data_dir")
     try:
         shape = dataset_image_shape(dataset, data_dir)
     except JaxaeError:
@@ -501,9 +520,10 @@ def _restore_for_its_dataset(workdir: str, step: int | None, *, need_dataset: bo
             raise
         shape = None
     try:
-        return checkpoint.restore(workdir, step, image_shape=shape)
+        trainer, state, saved = checkpoint.restore(workdir, step, image_shape=shape)
     except checkpoint.ImageShapeError as e:
         raise JaxaeError(f"{e}; the {dataset} images are {shape_text(shape)} now") from None
+    return trainer, state, dataclasses.replace(saved, dataset=dataset, tfds_data_dir=data_dir)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -516,8 +536,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from jaxae.data import dataset_image_shape, load_dataset, shape_text
     from jaxae.train import TrainConfig, build
 
+    dataset = args.dataset
+    if dataset is None and (args.image_shape is None or args.check):
+        dataset = TrainConfig().dataset  # the images the shape is read from, or --check runs on
     base = TrainConfig(
-        dataset=args.dataset,
+        dataset=dataset,
         tfds_data_dir=args.tfds_data_dir,
         normalize=args.normalize,
         sparsity=args.sparsity,
@@ -528,7 +551,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not args.tolerance >= 0:
         raise JaxaeError(f"--tolerance must be a non-negative number, got {args.tolerance}")
     out = Path(args.out)
-    _check_convert_out(out, checkpoint.checkpoint_dir(out), force=args.force)
+    replacing = _check_convert_out(out, checkpoint.checkpoint_dir(out), force=args.force)
     # Everything is read and checked before anything is written. The converted run is for
     # --dataset: its images give the model's image shape, unless --image-shape says it.
     renames = convert.parse_renames(args.rename)
@@ -547,7 +570,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 f"--check runs on the {base.dataset} test images, which are {test_shape}, but --image-shape is "
                 f"{given_text}; give --dataset with the model's images, or leave --check out"
             )
-    else:
+    elif base.dataset is not None:
         # The converted run records --dataset, and later runs read its images as the model's: where
         # the dataset can be read (headers only), it must agree with --image-shape.
         try:
@@ -644,10 +667,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
             )
             return 1
 
-    checkpoint.save(out, state, config)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     named = optimizer is not None and all("param_names" in g for g in optimizer["param_groups"])
-    convert.write_torch_layout(out, list(found.state_dict), groups, named=named)
+
+    def write(folder: Path) -> None:
+        checkpoint.save(folder, state, config)
+        (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        convert.write_torch_layout(folder, list(found.state_dict), groups, named=named)
+        if report is not None:
+            (folder / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+        else:  # --force without --check: a parity.json left from an earlier conversion describes other weights
+            (folder / "parity.json").unlink(missing_ok=True)
+
+    if replacing:
+        _replace_conversion(out, write)
+    else:
+        write(out)
     summary = {
         "workdir": str(out),
         "source": args.model,
@@ -669,16 +703,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         notes.append(order_note)
     if schedule:
         notes.append(f"{schedule} not carried (--constant-lr): training continues at lr {config.lr:g}, constant")
-    if test is None:
+    if test is None and config.dataset is None:
+        notes.append(
+            f"image shape {given_text} from --image-shape; no dataset recorded: give --dataset to evaluate, "
+            "and to train --resume (the first one given is recorded)"
+        )
+    elif test is None:
         notes.append(f"image shape {given_text} from --image-shape; the {config.dataset} images were not read")
     if notes:
         summary["notes"] = notes
     if report is not None:
-        (out / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({**summary, **report}, indent=2))
     else:
-        # --force without --check: a parity.json left from an earlier conversion describes other weights
-        (out / "parity.json").unlink(missing_ok=True)
         print(json.dumps(summary))
     return 0
 
@@ -686,18 +722,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
 _CONVERT_FILES = ("config.json", "parity.json", "torch_layout.json")
 
 
-def _check_convert_out(out, checkpoints, *, force: bool) -> None:
-    """Refuses an --out that convert would write over: checkpoints always, its JSON files unless --force."""
+def _only_a_conversion(out) -> bool:
+    """Whether ``out`` holds an earlier conversion and nothing else: its files, one checkpoint, never trained."""
+    from jaxae import checkpoint
+
+    try:
+        names = {p.name for p in out.iterdir() if not p.name.startswith(".jaxae")}
+        if not ({"config.json", checkpoint.CHECKPOINT_DIR} <= names <= {*_CONVERT_FILES, checkpoint.CHECKPOINT_DIR}):
+            return False  # metrics.jsonl, figures or anything else: a run trained here, or the user's files
+        return len(checkpoint.complete_steps(out)) == 1 and not checkpoint.unfinished_saves(out)
+    except (OSError, JaxaeError):
+        return False
+
+
+def _check_convert_out(out, checkpoints, *, force: bool) -> bool:
+    """Refuses an --out that convert would write over: checkpoints always, its JSON files unless --force;
+    with --force, an earlier conversion (and nothing else) is replaced: returns whether it will be."""
     nearest = out
     while not nearest.exists() and nearest != nearest.parent:
         nearest = nearest.parent
     if not nearest.is_dir():
         raise JaxaeError(f"--out {out}: {nearest} is a file, not a folder; give a new folder for the checkpoint")
     if checkpoints.exists():
-        # --force never deletes checkpoints: they may be a training run's only copy.
+        if force and _only_a_conversion(out):
+            _check_writable(out.parent, out)
+            return True
+        # --force never deletes a training run's checkpoints: they may be its only copy.
         raise JaxaeError(
-            f"--out {out} already holds checkpoints ({checkpoints}), which convert never replaces "
-            "(not even with --force); convert into a new folder"
+            f"--out {out} already holds checkpoints ({checkpoints}) of a run that is not only an earlier conversion, "
+            "which convert never replaces (not even with --force); convert into a new folder"
         )
     existing = [name for name in _CONVERT_FILES if (out / name).exists()]
     if existing and not force:
@@ -705,13 +758,47 @@ def _check_convert_out(out, checkpoints, *, force: bool) -> None:
             f"--out {out} already holds {' and '.join(existing)}, which convert would overwrite; "
             "convert into a new folder, or pass --force to replace them"
         )
+    _check_writable(nearest, out)
+    return False
+
+
+def _check_writable(folder, out) -> None:
     try:  # before any work, and leaving nothing behind: can this process write there at all?
-        with tempfile.TemporaryFile(dir=nearest):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise JaxaeError(
             f"--out {out} cannot be written ({e.strerror or e}); give a folder this process can write"
         ) from None
+
+
+def _replace_conversion(out, write) -> None:
+    """Replaces the earlier conversion in ``out`` by what ``write(folder)`` writes, losing neither.
+
+    The new conversion is written complete beside ``out`` first; then, under ``out``'s lock (no
+    run may be starting there), the old folder is moved aside, the new one moved in, and the old
+    one deleted. A failure before the swap leaves the earlier conversion as it was.
+    """
+    import shutil
+
+    from jaxae.loop import WorkdirLock
+
+    new = out.with_name(f".{out.name}.jaxae-convert-{os.getpid()}")
+    old = out.with_name(f".{out.name}.jaxae-replaced-{os.getpid()}")
+    try:
+        write(new)
+        with WorkdirLock(out):
+            if not _only_a_conversion(out):  # a run started there since the check
+                raise JaxaeError(f"--out {out} changed while converting: it holds a run now; nothing was replaced")
+            os.replace(out, old)
+        try:
+            os.replace(new, out)
+        except OSError:
+            os.replace(old, out)  # the earlier conversion back where it was
+            raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -832,6 +919,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="a folder written by 'jaxae train'")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
     p.add_argument(
+        "--dataset",
+        default=None,
+        help="evaluate on this dataset's test split, of the model's image shape (default: the run's)",
+    )
+    p.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (with --dataset, TFDS datasets only)")
+    p.add_argument(
         "--iw-samples",
         type=int,
         default=0,
@@ -863,8 +956,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace the config.json and parity.json of an earlier conversion in --out (a parity.json is "
-        "removed when --check is not given); a folder holding checkpoints/ is still refused",
+        help="replace an earlier conversion in --out (its checkpoint and config.json, parity.json, "
+        "torch_layout.json; the new one is written complete before the old one goes); a folder where a run "
+        "trained, or holding other files, is still refused",
     )
     p.add_argument(
         "--allow-nonfinite",
@@ -923,8 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dataset",
-        default=d.dataset,
-        help="recorded for evaluate/train; --check uses its test split (default: %(default)s)",
+        default=None,
+        help="recorded for evaluate/train; the image shape is read from it, and --check uses its test split "
+        "(default: mnist-sample; with --image-shape and no --check: none, given later to evaluate and train)",
     )
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (TFDS datasets only)")
     p.add_argument(

@@ -151,6 +151,7 @@ def load_dataset(name: str = SAMPLE_NAME, split: str = "train", data_dir: str | 
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    _check_named(name)
     if name == SAMPLE_NAME:
         folder = importlib.resources.files("jaxae") / "_data" / SAMPLE_NAME
         with importlib.resources.as_file(folder) as path:
@@ -178,6 +179,7 @@ def dataset_image_shape(name: str = SAMPLE_NAME, data_dir: str | None = None) ->
         DataError: what :func:`load_dataset` would raise for either split's images, or splits
             whose images differ in shape.
     """
+    _check_named(name)
     if name == SAMPLE_NAME:
         folder = importlib.resources.files("jaxae") / "_data" / SAMPLE_NAME
         with importlib.resources.as_file(folder) as path:
@@ -187,6 +189,14 @@ def dataset_image_shape(name: str = SAMPLE_NAME, data_dir: str | None = None) ->
     train, test = (_tfds_image_shape(name, split, data_dir) for split in SPLITS)
     _check_splits_agree(f"TFDS dataset {name!r}: ", "train", train, "test", test)
     return train
+
+
+def _check_named(name: str | None) -> None:
+    if name is None:
+        raise DataError(
+            "no dataset given: pass --dataset (mnist-sample, a folder of IDX files or a TFDS name); a run converted "
+            "from PyTorch with --image-shape alone records none"
+        )
 
 
 def check_image_shape(shape_hwc: tuple[int, ...], where: str) -> None:

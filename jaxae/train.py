@@ -64,7 +64,9 @@ class TrainConfig:
     """
 
     variant: str = "vanilla"
-    dataset: str = "mnist-sample"
+    # None only in a run converted from PyTorch with --image-shape alone: it is trained or
+    # evaluated on the --dataset given then.
+    dataset: str | None = "mnist-sample"
     tfds_data_dir: str | None = None
     epochs: int = 20
     batch_size: int = 256

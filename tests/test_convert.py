@@ -1182,7 +1182,24 @@ def test_convert_refuses_to_overwrite_an_earlier_conversion_unless_forced(tmp_pa
     assert json.loads((out / "config.json").read_text())["variant"] == "vanilla"
     assert not (out / "parity.json").exists()
 
-    # checkpoints are never replaced, --force or not
+    # without --force an earlier conversion is kept; with it, it is replaced, whole
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out)])
+    _one_line_error(capsys, code, "which convert never replaces (not even with --force)")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    torch.manual_seed(5)
+    torch.save(torch_reference.MLPVAE().state_dict(), tmp_path / "vae.pt")
+    assert cli.main(["convert", str(tmp_path / "vae.pt"), "--out", str(out), "--force", "--check"]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "config.json").read_text())["variant"] == "vae"
+    assert (out / "parity.json").exists() and checkpoint.complete_steps(out) == [0]
+    _, state, config = checkpoint.restore(out)
+    assert config.variant == "vae" and "mean" in state.params
+    assert [p.name for p in tmp_path.iterdir() if ".jaxae-" in p.name] == []  # nothing left beside it
+
+    # a run trained there is never replaced, --force or not
+    assert cli.main(["train", "--workdir", str(out), "--resume", "--epochs", "1", "--no-progress"]) == 0
+    capsys.readouterr()
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     code = cli.main(["convert", str(tmp_path / "model.pt"), "--out", str(out), "--force"])
     _one_line_error(capsys, code, "which convert never replaces (not even with --force)")

@@ -690,7 +690,7 @@ def test_cli_converts_a_colour_run_and_exports_it_back_exactly(arch, tmp_path, c
     code = cli.main(["convert", run, "--out", out, "--image-shape", "16,16,1", "--dataset", away])
     one_line_error(capsys, code, f"takes {takes} but --image-shape is 16x16x1")
     # a run converted for the sample's 28x28x1 digits must not record a 16x16x3 model
-    code = cli.main(["convert", run, "--out", out, "--image-shape", "16,16,3"])
+    code = cli.main(["convert", run, "--out", out, "--image-shape", "16,16,3", "--dataset", "mnist-sample"])
     one_line_error(capsys, code, "--image-shape is 16x16x3 but the mnist-sample images, which the converted run is")
     assert not (tmp_path / "jax").exists()
 
@@ -705,6 +705,27 @@ def test_cli_converts_a_colour_run_and_exports_it_back_exactly(arch, tmp_path, c
     # without the dataset at hand, --image-shape says it
     summary = convert_cli(capsys, run, tmp_path / "jax2", "--image-shape", "16,16,3", "--dataset", away)
     assert summary["image_shape"] == [16, 16, 3] and "from --image-shape" in summary["notes"][-1]
+    # --image-shape alone records no dataset: evaluate and train --resume are given one
+    alone = str(tmp_path / "jax3")
+    summary = convert_cli(capsys, run, alone, "--image-shape", "16,16,3")
+    assert "no dataset recorded: give --dataset" in summary["notes"][-1]
+    assert json.loads((tmp_path / "jax3" / "config.json").read_text())["dataset"] is None
+    code = cli.main(["evaluate", "--workdir", alone])
+    one_line_error(capsys, code, "no dataset given: pass --dataset")
+    assert cli.main(["evaluate", "--workdir", alone, "--dataset", str(tmp_path / "colour")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["dataset"] == str(tmp_path / "colour") and evaluated["step"] == 2
+    code = cli.main(["evaluate", "--workdir", alone, "--dataset", "mnist-sample"])
+    one_line_error(capsys, code, "holds a model for 16x16x3 images, not 28x28x1")
+    more = rng.integers(0, 256, (256 + 12, *image_shape), dtype=np.uint8)  # a full batch of the default 256
+    big = jaxae.data.write_idx_folder(
+        tmp_path / "colour-256", train=(more[:256], np.zeros(256, np.int32)), test=(more[256:], labels)
+    )
+    assert cli.main(["train", "--workdir", alone, "--resume", "--epochs", "3", "--dataset", str(big)]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "jax3" / "config.json").read_text())["dataset"] == str(big)
+    assert cli.main(["evaluate", "--workdir", alone]) == 0  # the run's dataset now
+    assert json.loads(capsys.readouterr().out)["dataset"] == str(big)
 
     code = cli.main(["export", "--workdir", out, "--out", str(tmp_path / "back.pt"), "--with-optimizer"])
     exported = json.loads(capsys.readouterr().out)

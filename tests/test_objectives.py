@@ -1,3 +1,4 @@
+import json
 import math
 import re
 
@@ -165,6 +166,59 @@ def test_importance_weighted_bound_tightens(trained_vae):
     assert nll_1 == pytest.approx(elbo, rel=0.02)  # one sample: an estimate of the negative ELBO
     assert nll_64 < nll_1  # more samples, tighter bound
     assert nll_64 > 0
+
+
+@pytest.mark.parametrize("samples, chunk", [(12, 4), (10, 4)])
+def test_the_chunked_bound_is_the_bound_of_all_its_chunks_samples(trained_vae, samples, chunk):
+    trainer, state, test = trained_vae
+    model = trainer.model(state.params)
+    x = UNIT(test[:50])
+    keys = example_keys(jax.random.key(3), jnp.arange(50))
+    got = objectives.vae_iw_nll(model, x, keys, UNIT, "bernoulli", samples, chunk)
+    # chunk c draws `chunk` samples with fold_in(key, c): the same draws, unchunked, chunk by chunk
+    per_chunk = []
+    for c in range(-(-samples // chunk)):
+        keys_c = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, c)
+        lse = objectives._iw_log_weights_lse(model, x, keys_c, UNIT, "bernoulli", chunk)
+        if (c + 1) * chunk > samples:  # the last chunk's draws past K do not count
+            kept = samples - c * chunk
+            lse = objectives._iw_log_weights_lse(model, x, keys_c, UNIT, "bernoulli", chunk, jnp.arange(chunk) < kept)
+        per_chunk.append(lse)
+    want = -(jax.nn.logsumexp(jnp.stack(per_chunk), axis=0) - jnp.log(samples))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # a chunk as large as K is the unchunked bound, draw for draw
+    np.testing.assert_array_equal(
+        objectives.vae_iw_nll(model, x, keys, UNIT, "bernoulli", samples, samples),
+        objectives.vae_iw_nll(model, x, keys, UNIT, "bernoulli", samples),
+    )
+
+
+@pytest.mark.parametrize("arch, image_shape", [("mlp", (28, 28, 1)), ("conv", (28, 28, 1)), ("conv", (32, 32, 3))])
+def test_the_iw_bound_with_100000_samples_compiles_within_its_memory_budget(arch, image_shape):
+    trainer, state = build(TrainConfig(variant="vae", arch=arch), image_shape)
+    images = jnp.zeros((200, math.prod(image_shape)), jnp.uint8)
+    chunk = objectives.iw_chunk(arch, image_shape, 100)
+    assert chunk >= 100  # K = 100, the published figures' K, is decoded unchunked
+    fn = objectives.importance_weighted_nll(UNIT, "bernoulli", 100_000, chunk)
+    compiled = jax.jit(trainer.mean_over, static_argnames=("fn", "batch_size")).lower(
+        state, images, fn=fn, batch_size=100
+    )
+    used = compiled.compile().memory_analysis().temp_size_in_bytes
+    assert used <= objectives.IW_MEMORY_BYTES, used  # unchunked: 96 GB for the MLP
+
+
+def test_evaluate_says_when_it_decodes_the_iw_samples_in_chunks(tmp_path, capsys, monkeypatch):
+    from jaxae import cli
+
+    assert cli.main(["train", "--variant", "vae", "--epochs", "1", "--workdir", str(tmp_path), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--workdir", str(tmp_path), "--iw-samples", "8"]) == 0
+    whole = json.loads(capsys.readouterr().out)["test_nll_iw"]
+    monkeypatch.setattr(objectives, "IW_MEMORY_BYTES", 100 * 784 * 16 * 3)  # 3 samples per chunk
+    assert cli.main(["evaluate", "--workdir", str(tmp_path), "--iw-samples", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "--iw-samples 8: decoding 3 samples per image at a time (3 chunks" in captured.err
+    assert json.loads(captured.out)["test_nll_iw"] == pytest.approx(whole, rel=0.01)  # other draws, same bound
 
 
 @pytest.mark.parametrize(
