@@ -333,7 +333,7 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep_configs_from_args(args: argparse.Namespace):
-    from jaxae.sweep import SHAPE_SETTINGS, sweep_configs
+    from jaxae.sweep import SHAPE_SETTINGS, check_size, sweep_configs
 
     for field in SHAPE_SETTINGS:
         given = getattr(args, field)
@@ -357,6 +357,9 @@ def _sweep_configs_from_args(args: argparse.Namespace):
     for _, field, _ in _SWEEP_LISTS:
         setattr(args, field, lists[field][0])
     base = _config_from_args(args)
+    base.validate()
+    # From the grid's size, before its configs are made: a grid far too large is refused at once.
+    check_size(base, math.prod(len(v) for v in lists.values()), args.parallel)
     return sweep_configs(base, **{k: v for k, v in lists.items() if len(v) > 1 or k == "seed"})
 
 
@@ -387,6 +390,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             }
         )
     )
+    diverged = [(r["workdir"], r["diverged_at_epoch"]) for r in summary["runs"] if "diverged_at_epoch" in r]
+    if diverged:
+        which = ", ".join(f"{name} at epoch {epoch}" for name, epoch in diverged)
+        print(
+            f"jaxae: error: {len(diverged)} of {summary['models']} models diverged ({which}); the others trained, "
+            f"and {args.workdir}/summary.json leaves the diverged ones out of their groups. Try a smaller --lr",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -339,6 +339,8 @@ class Variant:
     build_objective: Callable[[Any, Normalization], Objective]
     description: str
     archs: tuple[str, ...] = ("mlp", "conv")
+    #: the config settings its model or objective reads, beyond the ones every variant uses
+    settings: tuple[str, ...] = ()
 
 
 def _autoencoder(code_activation: str = "linear"):
@@ -372,11 +374,28 @@ def _build_vae(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) 
 
 VARIANTS: dict[str, Variant] = {
     "vanilla": Variant("vanilla", _autoencoder(), vanilla_objective, "the document's autoencoder, MSE loss"),
-    "denoising": Variant("denoising", _autoencoder(), denoising_objective, "reconstructs clean images from noisy ones"),
-    "sparse": Variant(
-        "sparse", _build_sparse, sparse_objective, "MSE plus an L1 or KL sparsity penalty on the code", ("mlp",)
+    "denoising": Variant(
+        "denoising",
+        _autoencoder(),
+        denoising_objective,
+        "reconstructs clean images from noisy ones",
+        settings=("noise_std", "mask_prob"),
     ),
-    "vae": Variant("vae", _build_vae, vae_objective, "variational autoencoder, negative ELBO in nats"),
+    "sparse": Variant(
+        "sparse",
+        _build_sparse,
+        sparse_objective,
+        "MSE plus an L1 or KL sparsity penalty on the code",
+        ("mlp",),
+        settings=("sparsity", "sparsity_weight", "sparsity_target"),
+    ),
+    "vae": Variant(
+        "vae",
+        _build_vae,
+        vae_objective,
+        "variational autoencoder, negative ELBO in nats",
+        settings=("beta", "likelihood"),
+    ),
 }
 
 

@@ -25,10 +25,12 @@ gradients summed, as ``--parallel shard`` does for one run).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import json
 import math
+import operator
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -48,13 +50,15 @@ from jaxae.errors import JaxaeError
 from jaxae.loop import (
     WorkdirLock,
     _interrupted,
+    _missing_folders,
     _previous_records,
+    _remove_if_unused,
     check_run_settings,
     check_same_image_shape,
     check_workdir_writable,
     open_run_outputs,
 )
-from jaxae.objectives import get_variant
+from jaxae.objectives import VARIANTS, get_variant
 from jaxae.parallel import MESH_AXIS
 from jaxae.train import TrainConfig, Trainer, TrainState, build, device_memory_bytes, make_optimizer, summarize_epoch
 
@@ -95,10 +99,15 @@ def sweep_configs(base: TrainConfig, **values: Sequence[Any]) -> list[TrainConfi
             raise JaxaeError(f"{_flag(name)} needs at least one value")
     # Seeds vary fastest, so the runs of one group sit next to each other.
     names = sorted(values, key=lambda n: (n == "seed", SWEEPABLE.index(n)))
-    return [
-        dataclasses.replace(base, **dict(zip(names, combo, strict=True)))
-        for combo in itertools.product(*(values[n] for n in names))
-    ]
+    base.validate()
+
+    def config(combo: tuple) -> TrainConfig:
+        # a copy with the swept fields set: dataclasses.replace would re-run __init__ per model
+        made = copy.copy(base)
+        made.__dict__.update(zip(names, combo, strict=True))
+        return made
+
+    return [config(combo) for combo in itertools.product(*(values[n] for n in names))]
 
 
 def _flag(name: str) -> str:
@@ -114,32 +123,51 @@ def _shape_message(name: str) -> str:
 
 def varying_settings(configs: Sequence[TrainConfig]) -> list[str]:
     """The sweepable settings whose value differs between ``configs``, in :data:`SWEEPABLE` order."""
-    return [n for n in SWEEPABLE if len({getattr(c, n) for c in configs}) > 1]
+    first = configs[0]
+    return [n for n in SWEEPABLE if any(getattr(c, n) != getattr(first, n) for c in configs)]
 
 
 def check_grid(configs: Sequence[TrainConfig]) -> None:
     """Raises :class:`JaxaeError` unless ``configs`` can train as one sweep.
 
-    Every config must be valid, and all must agree on everything but :data:`SWEEPABLE`.
+    Every config must be valid, all must agree on everything but :data:`SWEEPABLE`, and a
+    setting that varies must be one the variant uses. Linear in the grid's size: each distinct
+    value is validated once.
     """
     if not configs:
         raise JaxaeError("a sweep needs at least one config")
+    base = configs[0]
+    base.validate()
+    fixed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SWEEPABLE]
+    fixed_values = operator.attrgetter(*fixed)
+    base_values = fixed_values(base)
     for config in configs:
-        config.validate()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in SWEEPABLE:
-            continue
-        values = {json.dumps(_plain(getattr(c, f.name))) for c in configs}
-        if len(values) > 1:
-            if f.name in SHAPE_SETTINGS:
-                raise JaxaeError(_shape_message(f.name))
+        if fixed_values(config) != base_values:
+            name = next(n for n, v in zip(fixed, base_values, strict=True) if getattr(config, n) != v)
+            if name in SHAPE_SETTINGS:
+                raise JaxaeError(_shape_message(name))
+            values = sorted({json.dumps(_plain(getattr(c, name))) for c in (base, config)})
             raise JaxaeError(
-                f"the configs of a sweep differ in {f.name} ({', '.join(sorted(values))}); only "
+                f"the configs of a sweep differ in {name} ({', '.join(values)}); only "
                 f"{', '.join(SWEEPABLE)} may differ: run one sweep per value"
             )
-    names = [run_name(c, varying_settings(configs)) for c in configs]
+    varying = varying_settings(configs)
+    for name in varying:
+        for value in {getattr(c, name) for c in configs}:
+            dataclasses.replace(base, **{name: value}).validate()
+    used = get_variant(base.variant).settings
+    ignored = [n for n in varying if n not in ("seed", "lr") and n not in used]
+    if ignored:
+        flag = _flag(ignored[0])
+        users = [v.name for v in VARIANTS.values() if ignored[0] in v.settings]
+        raise JaxaeError(
+            f"{flag} does not change the {base.variant} variant's training, so its models would be identical; "
+            f"it is a setting of {' and '.join(users)}: sweep it with --variant {users[0]}"
+        )
+    names = [run_name(c, varying) for c in configs]
     if len(set(names)) != len(names):
-        duplicate = next(n for n in names if names.count(n) > 1)
+        seen: set[str] = set()
+        duplicate = next(n for n in names if n in seen or seen.add(n))
         raise JaxaeError(f"the grid holds the same run twice ({duplicate}); give each setting distinct values")
 
 
@@ -201,9 +229,10 @@ def check_memory(estimate: MemoryEstimate, models: int, device: jax.Device) -> N
     limit = device_memory_bytes(device)
     if limit is None or estimate.total <= MEMORY_FRACTION * limit:
         return
+    dataset = f"the dataset {_gib(estimate.data)} once + " if estimate.data else ""
     raise JaxaeError(
         f"a sweep of {models} models needs about {_gib(estimate.total)} on each {device.platform} device "
-        f"(the dataset {_gib(estimate.data)} once + {_gib(estimate.per_model)} per model x "
+        f"({dataset}{_gib(estimate.per_model)} per model x "
         f"{estimate.models_per_device} models) but one holds {_gib(limit)}, of which a sweep plans at most "
         f"{MEMORY_FRACTION:.0%} ({_gib(int(MEMORY_FRACTION * limit))}); sweep fewer models at once "
         "(e.g. fewer --seeds) or spread them over more devices"
@@ -445,177 +474,274 @@ def fit_sweep(
     configs = list(configs)
     check_grid(configs)
     check_run_settings(save_every, keep, resume, workdir)
+    placement = Placement(len(configs), strategy, devices)
+    image_shape = check_size(configs[0], len(configs), placement)
     varying = varying_settings(configs)
     names = [run_name(c, varying) for c in configs]
     out = Path(workdir) if workdir is not None else None
     run_dirs: list[Path | None] = [out / n if out is not None else None for n in names]
     grid = {"varying": varying, "runs": [{"workdir": n, **c.to_dict()} for n, c in zip(names, configs, strict=True)]}
-    with contextlib.ExitStack() as held:
-        if out is not None:
-            # One sweep per folder, as one run per workdir: a second sweep (or a train run)
-            # there is refused at once instead of both writing the same checkpoints.
-            check_workdir_writable(out)
-            held.enter_context(WorkdirLock(out))
-            _check_workdir(out, grid, run_dirs, configs, resume)
-        base = configs[0]
-        placement = Placement(len(configs), strategy, devices)
+    created: list[list[Path]] = []  # folders this call made, to remove if it fails before writing in them
+    try:
+        with contextlib.ExitStack() as held:
+            diverged: dict[int, int] = {}
+            if out is not None:
+                # One sweep per folder, as one run per workdir, and each model's folder locked as a
+                # train run's is: a second sweep, or a train run in the sweep or one of its models,
+                # is refused at once instead of writing the same checkpoints and metrics.
+                created.append(_missing_folders(out))
+                check_workdir_writable(out)
+                held.enter_context(WorkdirLock(out))
+                for d in run_dirs:
+                    created.append(_missing_folders(d))
+                    d.mkdir(exist_ok=True)
+                    held.enter_context(WorkdirLock(d))
+                diverged = _check_workdir(out, grid, run_dirs, configs, resume)
+            return _train_sweep(
+                configs, names, varying, out, run_dirs, grid, diverged, placement, image_shape,
+                resume=resume, progress=progress, save_every=save_every, keep=keep, figures=figures,
+                callbacks=callbacks,
+            )  # fmt: skip
+    except BaseException:
+        for folders in reversed(created):
+            _remove_if_unused(folders)
+        raise
 
-        image_shape = dataset_image_shape(base.dataset, base.tfds_data_dir)  # as fit: the model before the data
-        trainer0, state0 = build(base, image_shape)
-        train = load_dataset(base.dataset, "train", base.tfds_data_dir)
-        test = load_dataset(base.dataset, "test", base.tfds_data_dir)
-        check_same_image_shape(image_shape, train, test)
-        if base.batch_size > len(train):
-            raise JaxaeError(f"--batch-size {base.batch_size} is larger than the {len(train)}-image train split")
-        input_dim = math.prod(image_shape)
-        param_count = sum(x.size for x in jax.tree.leaves(state0.params))
-        data_bytes = train.images.nbytes + test.images.nbytes
-        estimate = estimate_memory(base, param_count, input_dim, data_bytes, placement.models_per_device)
-        check_memory(estimate, len(configs), placement.devices[0])
 
-        states = [build(c, image_shape)[1] for c in configs]
-        if resume:
-            states = _restore(run_dirs, states)
-        start_epoch = int(states[0].epoch)
-        histories = [_previous_records(d, start_epoch) if resume else [] for d in run_dirs]
-        hyper_names = tuple(n for n in varying if n in HYPERPARAMETERS)
-        program = SweepProgram(base, trainer0.graphdef, hyper_names)
-        hyper_host = {n: np.asarray([getattr(c, n) for c in configs], np.float32) for n in hyper_names}
-        if start_epoch >= base.epochs:
-            summary = _summary(names, configs, varying, histories, placement)
-            return SweepResult(configs, run_dirs, states, histories, summary, placement.kind, 0.0, start_epoch)
+def check_size(base: TrainConfig, models: int, placement: Placement | str = "none") -> tuple[int, ...]:
+    """Refuses a grid of ``models`` models of ``base`` whose models alone do not fit, from its size.
 
-        state = placement.put_models(stack(states))
-        hyper = placement.put_models(hyper_host)
-        train_images = placement.put_data(train.images.reshape(len(train), input_dim))
-        test_images = placement.put_data(test.images.reshape(len(test), input_dim))
-        eval_batch = min(base.eval_batch_size, len(test))
-        t0 = time.perf_counter()
-        train_epoch = placement.compile(program, state, hyper, train_images, base.batch_size, "train_epoch")
-        evaluate = placement.compile(program, state, hyper, test_images, eval_batch, "evaluate")
-        compile_seconds = time.perf_counter() - t0
+    Nothing is read but the dataset's headers, nothing built but shapes: a grid far too large
+    (tens of thousands of models) is refused in a moment, before its configs or folders are
+    made. The dataset is counted too once it is loaded (:func:`fit_sweep`).
 
-        ckpts: list[Any] = []
-        metrics_files: list[Any] = []
-        stop = None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / GRID_FILE).write_text(json.dumps(grid, indent=2) + "\n")
-            for d, c, h in zip(run_dirs, configs, histories, strict=True):
-                metrics_file, ck = open_run_outputs(d, c, h, keep)  # each model's folder is an ordinary run's
-                metrics_files.append(metrics_file)
-                ckpts.append(ck)
-            stop = checkpoint.StopOnSignal().__enter__()
-        diverged: dict[int, int] = {}
-        bar = tqdm(
-            range(start_epoch, base.epochs),
-            initial=start_epoch,
-            total=base.epochs,
-            desc=f"sweep of {len(configs)} {base.variant} models",
-            unit="epoch",
-            disable=not progress,
-        )
-        host_states = states
-        try:
-            for epoch in bar:
-                if stop is not None and stop.signum is not None:
-                    break
-                t_start = time.perf_counter()
-                state, step_metrics = train_epoch(state, hyper, train_images)
-                step_metrics = jax.device_get(step_metrics)
-                t_train = time.perf_counter() - t_start
-                test_metrics = jax.device_get(evaluate(state, hyper, test_images))
-                seconds = time.perf_counter() - t_start
-                records = []
-                for i in range(len(configs)):
-                    train_i = summarize_epoch({k: v[i] for k, v in step_metrics.items()})
-                    test_i = {k: float(v[i]) for k, v in test_metrics.items()}
-                    record = {
-                        "epoch": epoch + 1,
-                        "step": int((epoch + 1) * -(-len(train) // base.batch_size)),
-                        **{f"train_{k}": v for k, v in train_i.items()},
-                        **{f"test_{k}": v for k, v in test_i.items()},
-                        "samples_per_s": len(train) / t_train,
-                        "sweep_samples_per_s": len(configs) * len(train) / t_train,
-                        "seconds": seconds,
-                    }
-                    if i not in diverged and not all(math.isfinite(v) for v in [*train_i.values(), *test_i.values()]):
-                        diverged[i] = epoch + 1  # its later checkpoints are not saved; the others go on
-                    records.append(record)
-                    histories[i].append(record)
-                    if metrics_files:
-                        metrics_files[i].write(json.dumps(record) + "\n")
-                        metrics_files[i].flush()
-                last = epoch + 1 == base.epochs
-                if ckpts and ((epoch + 1) % save_every == 0 or last):
-                    host_states = unstack(state, len(configs))
-                    _save_all(ckpts, host_states, configs, records, diverged)
-                for callback in callbacks:
-                    callback(records)
-                best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))
-                bar.set_postfix(best_test_loss=f"{best:.4f}", models_per_s=f"{len(configs) / seconds:.1f}")
-            host_states = unstack(state, len(configs))
-            if stop is not None and stop.signum is not None:
-                if int(host_states[0].epoch) > start_epoch:
-                    _save_all(ckpts, host_states, configs, [h[-1] for h in histories], diverged)
-                raise _interrupted(stop.signum, base, host_states[0], ckpts[0], saved_in=out)
-        finally:
-            if stop is not None:
-                stop.__exit__()
-            for f in metrics_files:
-                f.close()
-            for c in ckpts:
-                c.close()
+    Returns:
+        The dataset's image shape.
+    """
+    if isinstance(placement, str):
+        placement = Placement(models, placement)
+    image_shape = dataset_image_shape(base.dataset, base.tfds_data_dir)  # as fit: the model before the data
+    shapes = jax.eval_shape(lambda: build(base, image_shape)[1].params)
+    param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    estimate = estimate_memory(base, param_count, math.prod(image_shape), 0, placement.models_per_device)
+    check_memory(estimate, models, placement.devices[0])
+    return image_shape
 
+
+def _train_sweep(
+    configs: list[TrainConfig],
+    names: list[str],
+    varying: list[str],
+    out: Path | None,
+    run_dirs: list[Path | None],
+    grid: dict,
+    diverged: dict[int, int],
+    placement: Placement,
+    image_shape: tuple[int, ...],
+    *,
+    resume: bool,
+    progress: bool,
+    save_every: int,
+    keep: int,
+    figures: bool,
+    callbacks: Sequence[Callable[[list[dict[str, Any]]], None]],
+) -> SweepResult:
+    base = configs[0]
+    trainer0, state0 = build(base, image_shape)
+    train = load_dataset(base.dataset, "train", base.tfds_data_dir)
+    test = load_dataset(base.dataset, "test", base.tfds_data_dir)
+    check_same_image_shape(image_shape, train, test)
+    if base.batch_size > len(train):
+        raise JaxaeError(f"--batch-size {base.batch_size} is larger than the {len(train)}-image train split")
+    input_dim = math.prod(image_shape)
+    param_count = sum(x.size for x in jax.tree.leaves(state0.params))
+    data_bytes = train.images.nbytes + test.images.nbytes
+    estimate = estimate_memory(base, param_count, input_dim, data_bytes, placement.models_per_device)
+    check_memory(estimate, len(configs), placement.devices[0])
+
+    states = [build(c, image_shape)[1] for c in configs]
+    if resume:
+        states = _restore(run_dirs, states, diverged)
+    healthy = [i for i in range(len(configs)) if i not in diverged]
+    start_epoch = int(states[healthy[0]].epoch) if healthy else base.epochs
+    histories = [_previous_records(d, start_epoch) if resume else [] for d in run_dirs]
+    hyper_names = tuple(n for n in varying if n in HYPERPARAMETERS)
+    program = SweepProgram(base, trainer0.graphdef, hyper_names)
+    hyper_host = {n: np.asarray([getattr(c, n) for c in configs], np.float32) for n in hyper_names}
+    if start_epoch >= base.epochs:
         summary = _summary(names, configs, varying, histories, placement, diverged)
-        if out is not None:
-            tmp = out / (SUMMARY + ".tmp")
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, out / SUMMARY)
-            if figures:
-                for d, c, s, h in zip(run_dirs, configs, host_states, histories, strict=True):
-                    trainer = SweepProgram(c, trainer0.graphdef, ()).trainer({})
-                    plots.write_run_figures(d, trainer, s, test, h)
-        return SweepResult(
-            configs, run_dirs, host_states, histories, summary, placement.kind, compile_seconds, start_epoch
-        )
+        return SweepResult(configs, run_dirs, states, histories, summary, placement.kind, 0.0, start_epoch)
+
+    state = placement.put_models(stack(states))
+    hyper = placement.put_models(hyper_host)
+    train_images = placement.put_data(train.images.reshape(len(train), input_dim))
+    test_images = placement.put_data(test.images.reshape(len(test), input_dim))
+    eval_batch = min(base.eval_batch_size, len(test))
+    t0 = time.perf_counter()
+    train_epoch = placement.compile(program, state, hyper, train_images, base.batch_size, "train_epoch")
+    evaluate = placement.compile(program, state, hyper, test_images, eval_batch, "evaluate")
+    compile_seconds = time.perf_counter() - t0
+
+    ckpts: list[Any] = []
+    metrics_files: list[Any] = []
+    stop = None
+    if out is not None:
+        _write_grid(out, grid, names, diverged)
+        for d, c, h in zip(run_dirs, configs, histories, strict=True):
+            metrics_file, ck = open_run_outputs(d, c, h, keep)  # each model's folder is an ordinary run's
+            metrics_files.append(metrics_file)
+            ckpts.append(ck)
+        stop = checkpoint.StopOnSignal().__enter__()
+    bar = tqdm(
+        range(start_epoch, base.epochs),
+        initial=start_epoch,
+        total=base.epochs,
+        desc=f"sweep of {len(configs)} {base.variant} models",
+        unit="epoch",
+        disable=not progress,
+    )
+    host_states = states
+    try:
+        for epoch in bar:
+            if stop is not None and stop.signum is not None:
+                break
+            t_start = time.perf_counter()
+            state, step_metrics = train_epoch(state, hyper, train_images)
+            step_metrics = jax.device_get(step_metrics)
+            t_train = time.perf_counter() - t_start
+            test_metrics = jax.device_get(evaluate(state, hyper, test_images))
+            seconds = time.perf_counter() - t_start
+            records = []
+            newly_diverged = False
+            for i in range(len(configs)):
+                train_i = summarize_epoch({k: v[i] for k, v in step_metrics.items()})
+                test_i = {k: float(v[i]) for k, v in test_metrics.items()}
+                record = {
+                    "epoch": epoch + 1,
+                    "step": int((epoch + 1) * -(-len(train) // base.batch_size)),
+                    **{f"train_{k}": v for k, v in train_i.items()},
+                    **{f"test_{k}": v for k, v in test_i.items()},
+                    "samples_per_s": len(train) / t_train,
+                    "sweep_samples_per_s": len(configs) * len(train) / t_train,
+                    "seconds": seconds,
+                }
+                records.append(record)
+                if i in diverged:
+                    continue  # its last record is the epoch it diverged at; it is saved no more
+                if not all(math.isfinite(v) for v in [*train_i.values(), *test_i.values()]):
+                    diverged[i] = epoch + 1  # its later checkpoints are not saved; the others go on
+                    newly_diverged = True
+                histories[i].append(record)
+                if metrics_files:
+                    metrics_files[i].write(_json_line(record))
+                    metrics_files[i].flush()
+            if newly_diverged and out is not None:
+                _write_grid(out, grid, names, diverged)  # a resume keeps it diverged
+            last = epoch + 1 == base.epochs
+            if ckpts and ((epoch + 1) % save_every == 0 or last):
+                host_states = unstack(state, len(configs))
+                _save_all(ckpts, host_states, configs, records, diverged)
+            for callback in callbacks:
+                callback(records)
+            best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))
+            bar.set_postfix(best_test_loss=f"{best:.4f}", models_per_s=f"{len(configs) / seconds:.1f}")
+        host_states = unstack(state, len(configs))
+        if stop is not None and stop.signum is not None:
+            if int(host_states[healthy[0]].epoch) > start_epoch:
+                _save_all(ckpts, host_states, configs, [h[-1] if h else {} for h in histories], diverged)
+            raise _interrupted(stop.signum, base, host_states[healthy[0]], ckpts[healthy[0]], saved_in=out)
+    finally:
+        if stop is not None:
+            stop.__exit__()
+        for f in metrics_files:
+            f.close()
+        for c in ckpts:
+            c.close()
+
+    summary = _summary(names, configs, varying, histories, placement, diverged)
+    if out is not None:
+        tmp = out / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, out / SUMMARY)
+        if figures:
+            for i, (d, c, s, h) in enumerate(zip(run_dirs, configs, host_states, histories, strict=True)):
+                if i in diverged:
+                    continue  # no figures of a model that holds NaN
+                trainer = SweepProgram(c, trainer0.graphdef, ()).trainer({})
+                plots.write_run_figures(d, trainer, s, test, h)
+    return SweepResult(configs, run_dirs, host_states, histories, summary, placement.kind, compile_seconds, start_epoch)
 
 
-def _check_workdir(out: Path, grid: dict, run_dirs: list, configs: list[TrainConfig], resume: bool) -> None:
-    """Before loading anything: a taken folder, or a resume of another grid, fails fast."""
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None: JSON has no NaN (Python's ``NaN`` is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(_json_safe(record), allow_nan=False) + "\n"
+
+
+def _write_grid(out: Path, grid: dict, names: list[str], diverged: dict[int, int]) -> None:
+    """``sweep.json``: the grid, and the models that diverged (by name, with the epoch), atomically."""
+    record = {**grid, "diverged": {names[i]: e for i, e in sorted(diverged.items())}}
+    tmp = out / (GRID_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / GRID_FILE)
+
+
+def _check_workdir(out: Path, grid: dict, run_dirs: list, configs: list[TrainConfig], resume: bool) -> dict[int, int]:
+    """Before loading anything: a taken folder, or a resume of another grid, fails fast.
+
+    Returns the models a resumed sweep recorded as diverged (index -> epoch).
+    """
     saved_grid = out / GRID_FILE
+    names = [r["workdir"] for r in grid["runs"]]
     if resume:
         if not saved_grid.exists():
             raise JaxaeError(f"--resume: {out} holds no sweep ({GRID_FILE} is missing); start it without --resume")
         try:
             saved = json.loads(saved_grid.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            saved_names = [r.get("workdir") for r in saved.get("runs", [])]
+            diverged = {names.index(n): int(e) for n, e in saved.get("diverged", {}).items() if n in names}
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             raise JaxaeError(f"--resume: cannot read {saved_grid}: {e}") from None
-        saved_names = [r.get("workdir") for r in saved.get("runs", [])]
-        names = [r["workdir"] for r in grid["runs"]]
         if saved_names != names:
             raise JaxaeError(
                 f"--resume: {out} holds a sweep of other runs ({', '.join(map(str, saved_names))}); pass the same "
                 "lists as when it started, or use a new --workdir"
             )
-        for d, c in zip(run_dirs, configs, strict=True):
-            checkpoint.check_resumable(d, c)
-        return
+        for i, (d, c) in enumerate(zip(run_dirs, configs, strict=True)):
+            if i not in diverged and checkpoint.complete_steps(d):
+                checkpoint.check_resumable(d, c)  # a model with none yet starts over
+        return diverged
     if saved_grid.exists():
         raise JaxaeError(
             f"{out} already holds a sweep ({saved_grid}); pass --resume to continue it, or use another --workdir"
         )
     for d in run_dirs:
         checkpoint.check_fresh(d)
+    return {}
 
 
-def _restore(run_dirs: list[Path], fresh: list[TrainState]) -> list[TrainState]:
-    """Every model's latest checkpoint, all at the same epoch (the earliest, if a save was cut short)."""
-    latest = [checkpoint.complete_steps(d)[-1] for d in run_dirs]
-    step = min(latest)
-    states = []
-    for d, f in zip(run_dirs, fresh, strict=True):
-        states.append(checkpoint.restore_state(d, f, step))
+def _restore(run_dirs: list[Path], fresh: list[TrainState], diverged: dict[int, int]) -> list[TrainState]:
+    """Every model at the latest step all the healthy ones saved (a save round cut short is redone);
+    all fresh if one has no checkpoint yet (the sweep was stopped in its first epoch). A diverged
+    model keeps its fresh state: it is trained along, never saved or reported again."""
+    healthy = [i for i in range(len(fresh)) if i not in diverged]
+    saved = [set(checkpoint.complete_steps(run_dirs[i])) for i in healthy]
+    common = set.intersection(*saved) if saved else set()
+    if not common:
+        return list(fresh)
+    step = max(common)
+    states = list(fresh)
+    for i in healthy:
+        states[i] = checkpoint.restore_state(run_dirs[i], fresh[i], step)
     return states
 
 

@@ -8,13 +8,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from jaxae import cli, sweep
+from jaxae import checkpoint, cli, sweep
 from jaxae.errors import JaxaeError, TrainingInterrupted
 from jaxae.loop import fit
 from jaxae.sweep import fit_sweep, sweep_configs
@@ -272,3 +273,162 @@ def test_a_sweep_keeps_the_runs_optimizer_settings(tmp_path):
         np.testing.assert_allclose(
             jax.tree.leaves(state.params)[0], jax.tree.leaves(alone.state.params)[0], atol=1e-5, rtol=0
         )
+
+
+# -- hostile round: processes, stuck sweeps, huge grids ------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _sweep_command(idx_folder, workdir, *flags):
+    return [sys.executable, "-m", "jaxae", "sweep", "--dataset", str(idx_folder), "--batch-size", "64"] + [
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        "--no-figures",
+        *flags,
+    ]
+
+
+def _wait_until(condition, proc, seconds=180):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc.poll() is None, f"exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _epochs(run_dir):
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_model_folder_of_a_running_sweep_is_refused_as_in_use(tmp_path, idx_folder):
+    sweep_dir = tmp_path / "S"
+    with open(tmp_path / "sweep.err", "w") as err:
+        proc = subprocess.Popen(
+            _sweep_command(idx_folder, sweep_dir, "--seeds", "0,1", "--epochs", "6"),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=_env(JAXAE_TEST_SLOW_SAVE_SECONDS="1"),  # every save held 1 s: the sweep is surely running
+        )
+    try:
+        _wait_until(lambda: (sweep_dir / "sweep.json").exists(), proc)
+        train = subprocess.run(
+            [sys.executable, "-m", "jaxae", "train", "--dataset", str(idx_folder), "--batch-size", "64"]
+            + ["--workdir", str(sweep_dir / "seed1"), "--seed", "1", "--epochs", "9", "--resume", "--no-progress"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=120,
+        )
+        assert proc.poll() is None, "the sweep ended before the train run started"
+        assert proc.wait(timeout=300) == 0, (tmp_path / "sweep.err").read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert train.returncode == 2, train.stderr
+    (line,) = train.stderr.strip().splitlines()
+    assert f"{sweep_dir / 'seed1'} is in use by another jaxae run (PID {proc.pid})" in line
+    for name in ("seed0", "seed1"):
+        assert _epochs(sweep_dir / name) == [1, 2, 3, 4, 5, 6]  # nothing the sweep wrote was lost
+
+
+def test_a_sweep_refuses_a_model_folder_a_train_run_holds_and_leaves_no_folders(tmp_path):
+    from jaxae.loop import WorkdirLock
+
+    (tmp_path / "held").mkdir()
+    configs = sweep_configs(TrainConfig(epochs=1), seed=[0, 1])
+    sweep_dir = tmp_path / "new" / "S"
+    (sweep_dir / "seed1").mkdir(parents=True)
+    with WorkdirLock(sweep_dir / "seed1"):
+        with pytest.raises(JaxaeError, match=rf"seed1 is in use by another jaxae run \(PID {os.getpid()}\)"):
+            fit_sweep(configs, sweep_dir, progress=False)
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [".jaxae.lock", "seed1"]  # only what it made is gone
+    # a refusal after the folders are claimed removes what it created
+    code = cli.main(["sweep", "--workdir", str(tmp_path / "fresh" / "S"), "--seeds", "0,1", "--batch-size", "5000"])
+    assert code == 2 and not (tmp_path / "fresh").exists()
+
+
+def test_a_sweep_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, idx_folder):
+    sweep_dir = tmp_path / "S"
+    flags = ("--seeds", "0,1", "--epochs", "2")
+    proc = subprocess.Popen(
+        _sweep_command(idx_folder, sweep_dir, *flags),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(JAXAE_TEST_SLOW_SAVE_SECONDS="60"),  # the first save is held: killed in the middle of it
+    )
+    try:
+        _wait_until(lambda: any((sweep_dir / "seed0" / "checkpoints").glob("*tmp*")), proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (sweep_dir / "sweep.json").exists() and checkpoint.complete_steps(sweep_dir / "seed0") == []
+    resumed = subprocess.run(
+        _sweep_command(idx_folder, sweep_dir, *flags, "--resume"), capture_output=True, text=True, env=_env()
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    fresh = subprocess.run(
+        _sweep_command(idx_folder, tmp_path / "F", *flags), capture_output=True, text=True, env=_env()
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    for name in ("seed0", "seed1"):
+        assert _epochs(sweep_dir / name) == [1, 2]
+    got = json.loads((sweep_dir / "summary.json").read_text())["runs"]
+    want = json.loads((tmp_path / "F" / "summary.json").read_text())["runs"]
+    assert [r["test_loss"] for r in got] == [r["test_loss"] for r in want]
+
+
+def _no_nan(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverged_model_is_reported_and_the_sweep_resumes(tmp_path, capsys, idx_folder):
+    argv = ["sweep", "--dataset", str(idx_folder), "--batch-size", "64", "--lr", "1e-3,1e30"]
+    argv += ["--workdir", str(tmp_path / "S"), "--no-progress", "--no-figures"]
+    assert cli.main([*argv, "--epochs", "2"]) == 1
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("jaxae: error: 1 of 2 models diverged (seed0_lr1e+30 at epoch 1)")
+    summary = _no_nan((tmp_path / "S" / "summary.json").read_text())
+    (bad,) = [r for r in summary["runs"] if "diverged_at_epoch" in r]
+    assert bad["test_loss"] is None and bad["epochs"] == 1
+    assert _no_nan((tmp_path / "S" / "sweep.json").read_text())["diverged"] == {"seed0_lr1e+30": 1}
+    for text in (tmp_path / "S" / "seed0_lr1e+30" / "metrics.jsonl").read_text().splitlines():
+        _no_nan(text)
+    # the sweep resumes: the healthy model goes on, the diverged one stays diverged and unsaved
+    assert cli.main([*argv, "--epochs", "3", "--resume"]) == 1
+    capsys.readouterr()
+    assert _epochs(tmp_path / "S" / "seed0_lr0.001") == [1, 2, 3]
+    assert _epochs(tmp_path / "S" / "seed0_lr1e+30") == [1]
+    assert checkpoint.complete_steps(tmp_path / "S" / "seed0_lr1e+30") == []
+
+
+def test_a_grid_far_too_large_is_refused_from_its_size_before_any_config_is_made(tmp_path, capsys, monkeypatch):
+    def no_configs(*args, **kwargs):
+        raise AssertionError("made the configs of a grid that cannot fit")
+
+    monkeypatch.setattr(sweep, "sweep_configs", no_configs)
+    lrs = ",".join(f"{1e-3 * (i + 1):g}" for i in range(10))
+    argv = ["sweep", "--workdir", str(tmp_path / "S"), "--seeds", ",".join(map(str, range(9000))), "--lr", lrs]
+    assert cli.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "a sweep of 90000 models needs about" in line and not (tmp_path / "S").exists()
+
+
+def test_sweeping_a_setting_the_variant_ignores_is_refused(tmp_path, capsys):
+    code = cli.main(["sweep", "--workdir", str(tmp_path / "S"), "--noise-std", "0.1,0.2"])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--noise-std does not change the vanilla variant's training" in line
+    assert "sweep it with --variant denoising" in line and not (tmp_path / "S").exists()
+    with pytest.raises(JaxaeError, match="--beta does not change the sparse variant"):
+        sweep.check_grid(sweep_configs(TrainConfig(variant="sparse"), beta=[1.0, 2.0]))
