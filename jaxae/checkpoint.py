@@ -48,6 +48,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,10 @@ SLOW_SAVE_ENV = "JAXAE_TEST_SLOW_SAVE_SECONDS"
 
 class ImageShapeError(JaxaeError):
     """A checkpoint's model is for images of another shape than those it was asked to take."""
+
+
+class _ListingError(JaxaeError):
+    """The checkpoints folder could not be listed (Orbax read a step's files as they went)."""
 
 
 class DamagedCheckpointError(JaxaeError):
@@ -151,16 +156,20 @@ def _check_files(workdir: str | Path, step: int, steps: list[int]) -> None:
             raise TypeError("not a file list")
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         raise _damaged(workdir, step, steps, f"its file list {FILE_LIST} is unreadable") from e
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise _damaged(workdir, step, steps, f"{name} is missing")
-        if path.stat().st_size != size:
-            raise _damaged(workdir, step, steps, f"{name} has {path.stat().st_size} bytes, {size} when saved")
-    for name in files:
-        # Lists written before format 2 hold sizes only; then the digests in the metadata decide.
-        if name in digests and _file_sha256(folder / name) != digests[name]:
-            raise _damaged(workdir, step, steps, f"{name} does not match the SHA-256 saved with it")
+    name = ""
+    try:
+        for name, size in files.items():
+            path = folder / name
+            if not path.is_file():
+                raise _damaged(workdir, step, steps, f"{name} is missing")
+            if path.stat().st_size != size:
+                raise _damaged(workdir, step, steps, f"{name} has {path.stat().st_size} bytes, {size} when saved")
+        for name in files:
+            # Lists written before format 2 hold sizes only; then the digests in the metadata decide.
+            if name in digests and _file_sha256(folder / name) != digests[name]:
+                raise _damaged(workdir, step, steps, f"{name} does not match the SHA-256 saved with it")
+    except OSError as e:  # a file that vanished (a rotated checkpoint) or cannot be read
+        raise _damaged(workdir, step, steps, f"{name} cannot be read ({e.strerror or e})") from None
 
 
 def input_shape_of(state: TrainState) -> list[int]:
@@ -295,8 +304,13 @@ def _is_orbax_aftermath(unraisable: Any) -> bool:
 class _DropOrbaxErrors(logging.Filter):
     # Orbax logs each background failure (with its traceback) before the caller sees it; jaxae
     # raises it as one exception naming the checkpoint. Orbax's warnings and info still pass.
+    # A missing metadata file is reported by jaxae itself where it matters (the file lists); Orbax
+    # also warns of one while it lists a checkpoint a running training is deleting.
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        missing = record.levelno == logging.WARNING and str(record.msg).startswith("Metadata file does not exist")
+        return not (record.levelno >= logging.ERROR or missing)
 
 
 def _through_orbax(tb: Any) -> bool:
@@ -376,7 +390,7 @@ def _manager(workdir: str | Path, *, keep: int | None = 3, read_only: bool = Fal
     try:
         return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
     except Exception as e:  # unreadable step metadata, permissions, ...
-        raise JaxaeError(f"cannot open the checkpoints in {checkpoint_dir(workdir)}: {_reason(e)}") from e
+        raise _ListingError(f"cannot open the checkpoints in {checkpoint_dir(workdir)}: {_reason(e)}") from e
 
 
 def _best_metric(metrics: dict[str, Any]) -> float:
@@ -657,13 +671,50 @@ def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, dict[s
     Raises:
         JaxaeError: no (such) checkpoint; :class:`DamagedCheckpointError` if it cannot be read.
     """
-    mngr = _open(workdir)
+
+    def read(step: int | None) -> tuple[int, dict[str, Any]]:
+        mngr = _open(workdir)
+        try:
+            step, steps = _pick_step(mngr, workdir, step)
+            _check_files(workdir, step, steps)
+            return step, _read_meta(mngr, workdir, step, steps)
+        finally:
+            mngr.close()
+
+    return _latest_of_a_live_run(workdir, step, read)
+
+
+# How many times a read of the latest checkpoint starts over when a running training deleted it meanwhile.
+_ROTATION_RETRIES = 10
+
+
+def _latest_of_a_live_run(workdir: str | Path, step: int | None, read: Any) -> Any:
+    """``read(step)``; for the latest checkpoint (``step`` None), read again while the one picked
+    was deleted under the read by a training that keeps ``--keep`` checkpoints and saved a newer one.
+
+    A checkpoint deleted that way is no damage: its files go while a newer complete one exists.
+    """
+    for _ in range(_ROTATION_RETRIES):
+        try:
+            return read(step)
+        except DamagedCheckpointError as e:
+            if step is not None or not _rotated_away(workdir, e.step):
+                raise
+        except _ListingError:
+            if step is not None:
+                raise
+        time.sleep(0.05)  # let the deletion finish
+    return read(step)
+
+
+def _rotated_away(workdir: str | Path, step: int) -> bool:
+    """Whether checkpoint ``step`` is gone, or going, while a newer complete checkpoint exists (or
+    the folder cannot be listed right now, as while a checkpoint in it is being deleted)."""
     try:
-        step, steps = _pick_step(mngr, workdir, step)
-        _check_files(workdir, step, steps)
-        return step, _read_meta(mngr, workdir, step, steps)
-    finally:
-        mngr.close()
+        newer = [s for s in complete_steps(workdir) if s > step]
+    except _ListingError:
+        return True
+    return bool(newer) or not step_dir(workdir, step).is_dir()
 
 
 def _key_name(key: Any) -> str:
@@ -793,6 +844,10 @@ def restore_state(
             trainer, template = create_train_state(model, optax.sgd(0.1, momentum=0.9))
             state = checkpoint.restore_state("runs/sgd", template)
     """
+    return _latest_of_a_live_run(workdir, step, lambda step: _restore_state(workdir, template, step, strategy))
+
+
+def _restore_state(workdir: str | Path, template: TrainState, step: int | None, strategy: Any) -> TrainState:
     target = strategy.put_state(template) if strategy is not None else template
     same_shapes = all(
         np.shape(a) == np.shape(b) for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(target), strict=True)

@@ -892,3 +892,27 @@ def test_init_from_a_model_for_other_images_is_refused(tmp_path):
     trainer, other = build(config, (24, 8, 3))  # 576 values too
     with pytest.raises(JaxaeError, match=r"--init-from .* holds a model for 16x12x3 images, not 24x8x3"):
         init_params_from(tmp_path, trainer, other)
+
+
+def test_reading_the_latest_checkpoint_of_a_run_that_rotates_them_never_reports_damage(tmp_path, idx_folder, caplog):
+    # A live `train --keep 1` deletes its latest checkpoint each time it completes a newer one.
+    workdir = tmp_path / "live"
+    proc, _ = _spawn(tmp_path, workdir, idx_folder, "--keep", "1")
+    restored, failures = 0, []
+    try:
+        _wait_for(proc, lambda: len(_step_dirs(workdir)[0]) >= 1)
+        deadline = time.monotonic() + 60
+        while restored < 40 and time.monotonic() < deadline:
+            try:
+                _, state, _ = checkpoint.restore(workdir)
+                step, meta = checkpoint.read_meta(workdir)
+                assert int(state.step) > 0 and meta["step"] == step
+                restored += 1
+            except JaxaeError as e:
+                failures.append(str(e))
+        assert proc.poll() is None, "the run ended while it was being read"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert failures == [] and restored == 40
+    assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
