@@ -708,13 +708,16 @@ def _latest_of_a_live_run(workdir: str | Path, step: int | None, read: Any) -> A
 
 
 def _rotated_away(workdir: str | Path, step: int) -> bool:
-    """Whether checkpoint ``step`` is gone, or going, while a newer complete checkpoint exists (or
-    the folder cannot be listed right now, as while a checkpoint in it is being deleted)."""
-    try:
-        newer = [s for s in complete_steps(workdir) if s > step]
-    except _ListingError:
+    """Whether checkpoint ``step`` may have been read as a running training deleted it: it is gone,
+    a newer checkpoint exists, or a save is in flight (the folder is listed, not opened with Orbax,
+    whose reads of a damaged checkpoint are still settling)."""
+    if not step_dir(workdir, step).is_dir():
         return True
-    return bool(newer) or not step_dir(workdir, step).is_dir()
+    try:
+        names = os.listdir(checkpoint_dir(workdir))
+    except OSError:
+        return True
+    return any(n.isdigit() and int(n) > step for n in names) or any(atomicity.TMP_DIR_SUFFIX in n for n in names)
 
 
 def _key_name(key: Any) -> str:
