@@ -46,6 +46,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -685,7 +686,7 @@ def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, dict[s
 
 
 # How many times a read of the latest checkpoint starts over when a running training deleted it meanwhile.
-_ROTATION_RETRIES = 10
+_ROTATION_RETRIES = 20
 
 
 def _latest_of_a_live_run(workdir: str | Path, step: int | None, read: Any) -> Any:
@@ -698,13 +699,32 @@ def _latest_of_a_live_run(workdir: str | Path, step: int | None, read: Any) -> A
         try:
             return read(step)
         except DamagedCheckpointError as e:
-            if step is not None or not _rotated_away(workdir, e.step):
+            if step is not None or not (_rotated_away(workdir, e.step) or _run_is_live(workdir)):
                 raise
         except _ListingError:
             if step is not None:
                 raise
-        time.sleep(0.05)  # let the deletion finish
+        time.sleep(0.1)  # let the deletion, or the commit, finish
     return read(step)
+
+
+# Written beside a run's lock by the run holding it (jaxae.loop.WorkdirLock): "PID HOST".
+_LOCK_HOLDER = ".jaxae.lock.holder"
+
+
+def _run_is_live(workdir: str | Path) -> bool:
+    """Whether a run is training in ``workdir`` now (its lock's holder is a live process): its
+    latest checkpoint may be mid-commit or mid-deletion, so a failed read of it is worth another."""
+    try:
+        pid, host = (Path(workdir) / _LOCK_HOLDER).read_text().split()[:2]
+        if host != socket.gethostname():
+            return True
+        os.kill(int(pid), 0)
+    except PermissionError:
+        return True  # alive, another user's
+    except (OSError, ValueError):
+        return False
+    return int(pid) != os.getpid()
 
 
 def _rotated_away(workdir: str | Path, step: int) -> bool:
