@@ -708,17 +708,35 @@ def _latest_of_a_live_run(workdir: str | Path, step: int | None, read: Any) -> A
     return read(step)
 
 
-# Written beside a run's lock by the run holding it (jaxae.loop.WorkdirLock): "PID HOST".
-_LOCK_HOLDER = ".jaxae.lock.holder"
+# A run's lock in its workdir (jaxae.loop.WorkdirLock); its holder writes "PID HOST" beside it.
+LOCK_FILE = ".jaxae.lock"
+
+
+def lock_holder_path(lock_path: str | Path) -> Path:
+    """The file beside a workdir lock where its holder writes ``"PID HOST"``."""
+    lock_path = Path(lock_path)
+    return lock_path.with_name(lock_path.name + ".holder")
+
+
+def read_lock_holder(lock_path: str | Path) -> tuple[str, str] | None:
+    """``(pid, host)`` of the process holding the lock at ``lock_path``, or None if unknown."""
+    try:
+        pid, host = lock_holder_path(lock_path).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return pid, host
 
 
 def _run_is_live(workdir: str | Path) -> bool:
     """Whether a run is training in ``workdir`` now (its lock's holder is a live process): its
     latest checkpoint may be mid-commit or mid-deletion, so a failed read of it is worth another."""
+    holder = read_lock_holder(Path(workdir) / LOCK_FILE)
+    if holder is None:
+        return False
+    pid, host = holder
+    if host != socket.gethostname():
+        return True
     try:
-        pid, host = (Path(workdir) / _LOCK_HOLDER).read_text().split()[:2]
-        if host != socket.gethostname():
-            return True
         os.kill(int(pid), 0)
     except PermissionError:
         return True  # alive, another user's

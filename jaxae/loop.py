@@ -36,7 +36,7 @@ from jaxae.errors import DataError, JaxaeError, TrainingInterrupted
 from jaxae.parallel import Strategy, get_strategy
 from jaxae.train import TrainConfig, Trainer, TrainState, build, summarize_epoch
 
-LOCK_FILE = ".jaxae.lock"
+LOCK_FILE = checkpoint.LOCK_FILE
 
 
 def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -> TrainState:
@@ -111,15 +111,15 @@ class WorkdirLock:
     def __init__(self, workdir: str | Path, process_index: int = 0):
         self.workdir = Path(workdir)
         self.path = self.workdir / (LOCK_FILE if process_index == 0 else f".jaxae.process{process_index}.lock")
-        self.holder_path = self.path.with_name(self.path.name + ".holder")
+        self.holder_path = checkpoint.lock_holder_path(self.path)
         self._lock = filelock.FileLock(str(self.path), thread_local=False)
 
     def holder(self) -> str | None:
         """Who holds the lock, as ``"PID 123"`` (``"PID 123 on HOST"`` for another host); None if unknown."""
-        try:
-            pid, host = self.holder_path.read_text().split()[:2]
-        except (OSError, ValueError):
+        holder = checkpoint.read_lock_holder(self.path)
+        if holder is None:
             return None
+        pid, host = holder
         return f"PID {pid}" if host == socket.gethostname() else f"PID {pid} on {host}"
 
     def acquire(self) -> WorkdirLock:

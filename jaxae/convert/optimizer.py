@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from jaxae import torch_reference
-from jaxae.convert.files import check_finite
+from jaxae.convert.files import _listed, check_finite
 from jaxae.convert.layouts import ParamLink, _leaf_paths
 from jaxae.errors import JaxaeError
 
@@ -180,7 +180,7 @@ def optimizer_parameter_groups(
         placed = [[names.get(n) for n in group] for group in saved_names]
         if unknown or sorted(k for g in placed for k in g) != sorted(keys):
             raise JaxaeError(
-                f"{where}: the optimizer's param_names ({_first(unknown or [n for g in saved_names for n in g])}) are "
+                f"{where}: the optimizer's param_names ({_listed([str(n) for n in unknown or [n for g in saved_names for n in g]], limit=3)}) are "
                 f"not the model's parameters, each once; the optimizer state is not this model's; {_WEIGHTS_ONLY}"
             )
         return placed, "the optimizer's parameters placed by the param_names it saved"
@@ -211,10 +211,6 @@ def _split(keys: list[str], sizes: list[int]) -> list[list[str]]:
         out.append(keys[start : start + size])
         start += size
     return out
-
-
-def _first(names: list[str]) -> str:
-    return ", ".join(map(str, names[:3])) + (", ..." if len(names) > 3 else "")
 
 
 def _moment_shape(entry: Any) -> tuple[int, ...] | None:
@@ -365,7 +361,7 @@ def torch_optimizer_state_dict(
     if sorted(k for g in groups for k in g) != sorted(by_key):
         raise JaxaeError(
             "the optimizer's parameter groups do not list the model's parameters, each once; "
-            f"they list {_first([k for g in groups for k in g])}"
+            f"they list {_listed([k for g in groups for k in g], limit=3)}"
         )
     stand_ins = [torch.nn.Parameter(torch.zeros(1)) for _ in by_key]
     # the param_groups entry as this torch writes it (every key its load_state_dict expects)
