@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,31 @@ class Dataset:
     """One split of a dataset, as it sits in host memory."""
 
     images: np.ndarray  # uint8 [N, H, W, C]
-    labels: np.ndarray  # int32 [N]
+    labels: np.ndarray | None  # int32 [N]; None for images without labels (nothing to probe)
     name: str
     split: str
+
+    @classmethod
+    def from_arrays(cls, images: Any, labels: Any = None, *, name: str = "arrays", split: str = "train") -> Dataset:
+        """A split of images in memory, checked as jaxae checks every dataset it reads.
+
+        Example::
+
+            train = jaxae.Dataset.from_arrays(x_train, y_train)  # uint8 (N, H, W, C) or (N, H, W)
+            jaxae.fit(config, train=train, test=jaxae.Dataset.from_arrays(x_test, split="test"))
+
+        Args:
+            images: uint8 pixels 0..255, ``(N, H, W, C)`` with ``C`` 1 or 3, or ``(N, H, W)``
+                (integers of another dtype are taken where every value is 0..255).
+            labels: one integer class per image, or None.
+            name: what the run records as its dataset.
+            split: ``"train"`` or ``"test"``, for messages.
+
+        Raises:
+            DataError: arrays jaxae cannot train on; the message says how to convert them.
+        """
+        images, labels = _checked_split_arrays(split, images, labels)
+        return cls(images=images, labels=None if labels is None else labels.astype(np.int32), name=name, split=split)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -156,6 +179,8 @@ def load_dataset(name: str = SAMPLE_NAME, split: str = "train", data_dir: str | 
         folder = importlib.resources.files("jaxae") / "_data" / SAMPLE_NAME
         with importlib.resources.as_file(folder) as path:
             images, labels = read_idx_split(Path(path), split)
+    elif _is_numpy_file(name):
+        images, labels = _read_npz_split(Path(name), split)
     elif _looks_like_path(name):
         images, labels = read_idx_split(Path(name), split)
     else:
@@ -184,6 +209,10 @@ def dataset_image_shape(name: str = SAMPLE_NAME, data_dir: str | None = None) ->
         folder = importlib.resources.files("jaxae") / "_data" / SAMPLE_NAME
         with importlib.resources.as_file(folder) as path:
             return _idx_folder_image_shape(Path(path))
+    if _is_numpy_file(name):
+        shapes = [_npz_image_shape(Path(name), split) for split in SPLITS]
+        _check_splits_agree(f"{name}: ", "train", shapes[0], "test", shapes[1])
+        return shapes[0]
     if _looks_like_path(name):
         return _idx_folder_image_shape(Path(name))
     train, test = (_tfds_image_shape(name, split, data_dir) for split in SPLITS)
@@ -245,6 +274,71 @@ def _check_splits_agree(where: str, split: str, shape: tuple, other: str, other_
             f"{where}the {split} images are {shape_text(shape)} but the {other} images are {shape_text(other_shape)} "
             "(H x W x C); both splits of a dataset must have one image shape"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy files: an .npz of x_train, y_train, x_test, y_test (the layout of Keras' mnist.npz)
+
+_NPZ_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
+_NPZ_HOW = (
+    "an .npz for jaxae holds x_train and x_test (uint8 (N, H, W) or (N, H, W, C)) and optionally y_train and "
+    "y_test: np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...); or write an IDX folder with "
+    "jaxae.write_idx_folder(folder, train=(x, y), test=(x, y))"
+)
+
+
+def _is_numpy_file(name: str) -> bool:
+    if name.endswith(".npy"):
+        raise DataError(f"{name} is one .npy array, without a train and a test split; {_NPZ_HOW}")
+    return name.endswith(".npz")
+
+
+def _open_npz(path: Path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a readable .npz file ({e}); {_NPZ_HOW}") from None
+
+
+def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    x_key, y_key = _NPZ_KEYS[split]
+    with _open_npz(path) as npz:
+        if x_key not in npz.files:
+            raise DataError(f"{path} has no {x_key} (it holds {', '.join(npz.files) or 'nothing'}); {_NPZ_HOW}")
+        try:
+            images = npz[x_key]
+            labels = npz[y_key] if y_key in npz.files else None
+        except ValueError as e:  # object arrays need pickle, which is never loaded
+            raise DataError(f"{path}: {e}; {_NPZ_HOW}") from None
+    images, labels = _checked_split_arrays(split, images, labels)
+    if labels is None:
+        return images, None
+    return images, labels.astype(np.int32)
+
+
+def _npz_image_shape(path: Path, split: str) -> tuple[int, int, int]:
+    """The image shape of one split of an .npz, read from its array header (the pixels are not read)."""
+    x_key = _NPZ_KEYS[split][0]
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{x_key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, _, _ = read_header(member)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    except KeyError:
+        raise DataError(f"{path} has no {x_key}; {_NPZ_HOW}") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a readable .npz file ({e}); {_NPZ_HOW}") from None
+    hwc = tuple(shape[1:]) + ((1,) if len(shape) == 3 else ())
+    if len(hwc) != 3:
+        raise DataError(f"the {split} images of {path} have shape {shape}; expected (N, H, W, C) or (N, H, W)")
+    check_image_shape(hwc, f"the {split} images of {path}")
+    return hwc  # type: ignore[return-value]
 
 
 def _looks_like_path(name: str) -> bool:
@@ -540,6 +634,9 @@ def write_idx_folder(
     for split, pair in (("train", train), ("test", test)):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise DataError(f"{split} must be a pair (images, labels), got {type(pair).__name__}")
+    for split, pair in (("train", train), ("test", test)):
+        if pair[1] is None:
+            raise DataError(f"the {split} labels are None; IDX folders hold one label per image (e.g. zeros)")
     splits = {"train": _checked_split_arrays("train", *train), "test": _checked_split_arrays("test", *test)}
     train_shape, test_shape = (images.shape[1:] for images, _ in splits.values())
     _check_splits_agree("", "train", train_shape, "test", test_shape)
@@ -610,9 +707,11 @@ def _pixel_kind(images: np.ndarray) -> str:
     return f"dtype {images.dtype}; give uint8 pixels 0..255"
 
 
-def _checked_split_arrays(split: str, images, labels) -> tuple[np.ndarray, np.ndarray]:
-    """``images`` as uint8 ``(N, H, W, C)`` and ``labels`` as uint8 ``(N,)``, checked for :func:`write_idx_folder`."""
-    images, labels = _one_array(images, f"the {split} images"), _one_array(labels, f"the {split} labels")
+def _checked_split_arrays(split: str, images, labels) -> tuple[np.ndarray, np.ndarray | None]:
+    """``images`` as uint8 ``(N, H, W, C)`` and ``labels`` as uint8 ``(N,)`` (None stays None),
+    checked for :func:`write_idx_folder` and :meth:`Dataset.from_arrays`."""
+    images = _one_array(images, f"the {split} images")
+    labels = None if labels is None else _one_array(labels, f"the {split} labels")
     if images.dtype.kind in "iu" and images.size and 0 <= images.min() and images.max() <= 255:
         images = images.astype(np.uint8)  # integer pixels 0..255 convert exactly
     if images.dtype != np.uint8:
@@ -624,6 +723,8 @@ def _checked_split_arrays(split: str, images, labels) -> tuple[np.ndarray, np.nd
     check_image_shape(images.shape[1:], f"the {split} images")
     if images.shape[0] == 0:
         raise DataError(f"the {split} split is empty")
+    if labels is None:
+        return images, None
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DataError(
             f"the {split} labels have shape {labels.shape}; expected one label per image: ({images.shape[0]},)"

@@ -609,3 +609,37 @@ def test_write_idx_folder_given_images_without_labels_is_one_line(tmp_path):
     images = np.zeros((4, 8, 8, 3), np.uint8)
     with pytest.raises(DataError, match=r"train must be a pair \(images, labels\), got ndarray"):
         write_idx_folder(tmp_path, train=images, test=(images, np.zeros(4, np.int32)))
+
+
+# -- arrays in memory and .npz files ----------------------------------------------------------
+
+
+def test_dataset_from_arrays_checks_as_every_reader_does(sample_train):
+    from jaxae.data import Dataset
+
+    d = Dataset.from_arrays(sample_train.images[:20, ..., 0].astype(np.int64), sample_train.labels[:20])
+    assert d.images.shape == (20, 28, 28, 1) and d.images.dtype == np.uint8 and d.labels.dtype == np.int32
+    assert Dataset.from_arrays(sample_train.images[:5]).labels is None
+    with pytest.raises(DataError, match=r"images must be uint8 pixels 0\.\.255, got dtype float64; convert floats"):
+        Dataset.from_arrays(sample_train.images[:5] / 255.0)
+
+
+def test_an_npz_of_the_keras_layout_reads_and_a_npy_is_refused_with_how(tmp_path, sample_train, sample_test):
+    path = tmp_path / "digits.npz"
+    np.savez(
+        path,
+        x_train=sample_train.images[:64, ..., 0],
+        y_train=sample_train.labels[:64],
+        x_test=sample_test.images[:32, ..., 0],
+    )
+    assert dataset_image_shape(str(path)) == (28, 28, 1)
+    train = load_dataset(str(path), "train")
+    np.testing.assert_array_equal(train.images, sample_train.images[:64])
+    np.testing.assert_array_equal(train.labels, sample_train.labels[:64])
+    assert load_dataset(str(path), "test").labels is None
+    np.save(tmp_path / "x.npy", sample_train.images[:4])
+    with pytest.raises(DataError, match=r"one \.npy array, without a train and a test split; .*write_idx_folder"):
+        load_dataset(str(tmp_path / "x.npy"))
+    np.savez(tmp_path / "bad.npz", images=sample_train.images[:4])
+    with pytest.raises(DataError, match="has no x_train"):
+        dataset_image_shape(str(tmp_path / "bad.npz"))
