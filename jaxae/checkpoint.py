@@ -45,10 +45,8 @@ import logging
 import math
 import os
 import re
-import signal
 import socket
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -78,10 +76,6 @@ FORMAT_VERSION = 3
 IMAGE_SHAPE_FORMAT = 3
 LEGACY_FORMAT = 1
 BEST_METRIC = "test_loss"
-
-# Config fields a resumed run may change: how long it trains, how it evaluates, and where
-# the dataset lies. Every other field, including ones added later, must match the checkpoint.
-RESUME_MAY_CHANGE = frozenset({"epochs", "eval_batch_size", "tfds_data_dir"})
 
 # Test hook: seconds to hold every save between writing its files and committing it, so
 # tests can kill a process in the middle of a save. Never set outside tests.
@@ -438,11 +432,16 @@ class Checkpoints:
     Args:
         workdir: the run's folder; checkpoints go to ``WORKDIR/checkpoints``.
         keep: how many of the latest checkpoints to keep (the best one is kept as well).
+        own_model: the states are of a model (or optimizer) of your own, which the config does
+            not describe: the config is saved for its other settings and the check that it
+            builds the state's model is left out. Restore such a checkpoint with
+            :func:`restore_state` into a state of the same model and optimizer.
     """
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3):
+    def __init__(self, workdir: str | Path, *, keep: int = 3, own_model: bool = False):
         self.workdir = Path(workdir)
         self.keep = keep
+        self.own_model = own_model
         self._mngr = _manager(workdir, keep=keep)
         self._unlisted: list[int] = []  # saved steps whose file list is not written yet
         self._failure: CheckpointSaveError | None = None  # once a save failed, nothing more is saved
@@ -469,7 +468,8 @@ class Checkpoints:
         step = int(jax.device_get(state.step))
         if step in self._mngr.all_steps():
             raise JaxaeError(f"a checkpoint of step {step} exists already in {checkpoint_dir(self.workdir)}")
-        check_config_fits(state, config)
+        if not self.own_model:
+            check_config_fits(state, config)
         meta = {
             "format": FORMAT_VERSION,
             "jaxae_version": __version__,
@@ -481,6 +481,8 @@ class Checkpoints:
             "state_sha256": state_digest(state),
             "metrics": metrics,
         }
+        if self.own_model:
+            meta["own_model"] = True
         meta["meta_sha256"] = meta_digest(meta)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._list_files_of_finished_saves()  # Orbax would wait for the previous save here anyway
@@ -957,6 +959,12 @@ def restore(
         trainer, state, config = checkpoint.restore("runs/sgd", tx=optax.sgd(0.1, momentum=0.9))
     """
     _, meta = read_meta(workdir, step)
+    if meta.get("own_model"):
+        raise JaxaeError(
+            f"the checkpoint in {checkpoint_dir(workdir)} holds a model of your own, which its config does not "
+            "describe: restore it with jaxae.checkpoint.restore_state(workdir, template), template being a state of "
+            "that model and optimizer (jaxae.create_train_state(model, tx))"
+        )
     try:
         config = TrainConfig.from_dict(meta["config"])
         shape = tuple(meta.get("input_shape") or ()) or int(meta["input_dim"])
@@ -977,105 +985,3 @@ def restore(
         trainer = dataclasses.replace(trainer, tx=tx)
         fresh = fresh.replace(opt_state=tx.init(fresh.params))
     return trainer, restore_state(workdir, fresh, step, strategy=strategy), config
-
-
-# -- resuming a run -------------------------------------------------------------------------
-
-
-def _same_dataset(a: Any, b: Any) -> bool:
-    if a == b or a is None:  # a conversion that recorded no dataset takes the one it is resumed on
-        return True
-    # The same folder written two ways (relative / absolute) is the same dataset.
-    return isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.samefile(a, b)
-
-
-def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
-    """``"field: checkpoint X, now Y"`` for each field a resumed run may not change."""
-    out = []
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in RESUME_MAY_CHANGE:
-            continue
-        old, now = getattr(saved, f.name), getattr(new, f.name)
-        same = _same_dataset(old, now) if f.name == "dataset" else _canonical(old) == _canonical(now)
-        if not same:
-            out.append(f"{f.name}: checkpoint {_canonical(old)!r}, now {_canonical(now)!r}")
-    return out
-
-
-def _canonical(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
-
-def check_resumable(workdir: str | Path, config: TrainConfig) -> tuple[int, dict[str, Any]]:
-    """The latest checkpoint's step and metadata, if ``config`` may continue it.
-
-    Raises:
-        JaxaeError: no checkpoint, or one saved with a different model or setup (the message
-            lists every difference).
-    """
-    step, meta = read_meta(workdir)
-    saved = TrainConfig.from_dict(meta["config"])
-    diffs = config_differences(saved, config)
-    if diffs:
-        raise JaxaeError(
-            f"--resume: the checkpoint in {checkpoint_dir(workdir)} (step {step}) was saved by a different run: "
-            f"{'; '.join(diffs)}. Pass the same settings (see {Path(workdir) / 'config.json'}) or use a new --workdir"
-        )
-    return step, meta
-
-
-def check_fresh(workdir: str | Path) -> None:
-    """Raises :class:`JaxaeError` if a new run would land on an earlier run's checkpoints."""
-    steps = complete_steps(workdir)
-    if steps:
-        raise JaxaeError(
-            f"{workdir} already holds checkpoints of a run (latest step {steps[-1]}); pass --resume to continue "
-            "it, or use another --workdir (or delete that one) to start over"
-        )
-
-
-# -- interruption ----------------------------------------------------------------------------
-
-
-class StopOnSignal:
-    """While active, the first SIGINT or SIGTERM only sets :attr:`signum`, so the training loop
-    can finish its epoch, save and exit cleanly; a second one stops the process at once (the
-    complete checkpoints on disk stay valid). A signal the process ignores stays ignored.
-
-    Only the main thread can handle signals; elsewhere this does nothing.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                previous = signal.getsignal(s)
-                if previous is signal.SIG_IGN:
-                    continue
-                self._previous[s] = previous
-                signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            self.__exit__()
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signum = signum
-        # os.write, not print: the handler may run while the main thread is inside a print.
-        os.write(
-            sys.stderr.fileno(),
-            f"\njaxae: {name}: finishing this epoch and saving a checkpoint (send it again to stop at once)\n".encode(),
-        )
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-        self._previous.clear()

@@ -10,33 +10,37 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
+import functools
 import json
 import math
-import os
-import signal
-import socket
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-# filelock: maintained, cross-platform, and its FileLock is an OS lock (flock(2) on Unix, LockFileEx
-# on Windows) that the OS drops when the holding process dies, even by SIGKILL, so a crashed run never
-# leaves its workdir blocked. A SoftFileLock (the file's existence is the lock) would need stale-lock
-# guessing, which is exactly what must not go wrong here.
-import filelock
 import jax
 from tqdm.auto import tqdm
 
-from jaxae import checkpoint, parallel, plots
-from jaxae.data import dataset_image_shape, load_dataset, shape_text
-from jaxae.errors import DataError, JaxaeError, TrainingInterrupted
+from jaxae import checkpoint, plots, rundir
+from jaxae.data import Dataset, dataset_image_shape, get_normalization, load_dataset, shape_text
+from jaxae.errors import DataError, JaxaeError
+from jaxae.objectives import check_model_contract, get_variant
 from jaxae.parallel import Strategy, get_strategy
-from jaxae.train import TrainConfig, Trainer, TrainState, build, summarize_epoch
 
-LOCK_FILE = checkpoint.LOCK_FILE
+# The run folder's lock, re-exported where library users have always found it.
+from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings, open_run_outputs
+from jaxae.train import (
+    TrainConfig,
+    Trainer,
+    TrainState,
+    build,
+    create_train_state,
+    learning_rate,
+    make_optimizer,
+    summarize_epoch,
+)
+
+__all__ = ["LOCK_FILE", "FitResult", "WorkdirLock", "check_same_image_shape", "fit", "init_params_from"]
 
 
 def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -> TrainState:
@@ -77,197 +81,6 @@ def check_same_image_shape(image_shape: tuple[int, ...], *splits: Any) -> None:
             )
 
 
-def check_run_settings(save_every: int, keep: int, resume: bool, workdir: str | Path | None) -> None:
-    """Raises :class:`JaxaeError` for checkpoint settings no run can use (``fit`` and sweeps alike)."""
-    if save_every < 1:
-        raise JaxaeError(f"--save-every must be at least 1, got {save_every}")
-    if keep < 1:
-        raise JaxaeError(f"--keep must be at least 1, got {keep}")
-    if resume and workdir is None:
-        raise JaxaeError("resuming needs the workdir of the run to continue")
-
-
-class WorkdirLock:
-    """An exclusive lock on a run's workdir, held while a run writes there.
-
-    Two runs on one workdir would write the same checkpoint steps and ``metrics.jsonl``; the
-    second one to start is refused at once instead. :func:`fit` takes this lock for its whole
-    run; a loop of your own can take it the same way::
-
-        with WorkdirLock("runs/a"):
-            ...  # train, save
-
-    The lock is an OS file lock on ``WORKDIR/.jaxae.lock``, so it dies with its process (a killed
-    run never blocks the next one). The holder's PID and host are written next to it for the
-    message a refused run prints. In a multi-process run each process locks its own file
-    (``.jaxae.process<I>.lock`` for process ``I > 0``), so the processes of one run share a
-    workdir while a second run's processes are refused.
-
-    Args:
-        workdir: the run's folder; it must exist.
-        process_index: this process's index in a multi-process run.
-    """
-
-    def __init__(self, workdir: str | Path, process_index: int = 0):
-        self.workdir = Path(workdir)
-        self.path = self.workdir / (LOCK_FILE if process_index == 0 else f".jaxae.process{process_index}.lock")
-        self.holder_path = checkpoint.lock_holder_path(self.path)
-        self._lock = filelock.FileLock(str(self.path), thread_local=False)
-
-    def holder(self) -> str | None:
-        """Who holds the lock, as ``"PID 123"`` (``"PID 123 on HOST"`` for another host); None if unknown."""
-        holder = checkpoint.read_lock_holder(self.path)
-        if holder is None:
-            return None
-        pid, host = holder
-        return f"PID {pid}" if host == socket.gethostname() else f"PID {pid} on {host}"
-
-    def acquire(self) -> WorkdirLock:
-        """Takes the lock without waiting.
-
-        Raises:
-            JaxaeError: another run holds it, or the lock file cannot be created.
-        """
-        try:
-            self._lock.acquire(blocking=False)
-        except filelock.Timeout:
-            who = self.holder() or "another process"
-            raise JaxaeError(
-                f"{self.workdir} is in use by another jaxae run ({who}); wait for it to end, or use another --workdir"
-            ) from None
-        except OSError as e:
-            raise JaxaeError(f"cannot lock {self.path}: {e.strerror or e}") from None
-        try:
-            # A holder file left by a killed run is simply overwritten: its lock died with it.
-            tmp = self.holder_path.with_name(f"{self.holder_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(f"{os.getpid()} {socket.gethostname()}\n")
-            os.replace(tmp, self.holder_path)
-        except OSError:
-            pass  # only the refusal message of another run loses the PID
-        return self
-
-    def release(self) -> None:
-        """Releases the lock (the lock file stays, so every waiter locks the same file)."""
-        if self._lock.is_locked:
-            with contextlib.suppress(OSError):
-                self.holder_path.unlink()  # while still holding it: no other run's holder file
-            self._lock.release()
-
-    def __enter__(self) -> WorkdirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def _workdir_path(workdir: str | Path | None) -> Path | None:
-    if workdir is None:
-        return None
-    if not str(workdir).strip():
-        # Path("") is the current folder: config.json, metrics.jsonl and the figures there would be overwritten.
-        raise JaxaeError("--workdir is empty; name a folder for the run's outputs, e.g. --workdir runs/first")
-    return Path(workdir)
-
-
-def _why_unusable(out: Path, e: OSError) -> str:
-    """The reason an OSError gives for ``out``, said in terms of the path the user gave."""
-    if e.errno == errno.ENAMETOOLONG:
-        return "a name in it is too long for the file system"
-    for p in (out, *out.parents):
-        try:
-            if p.is_symlink() and not p.exists():
-                return f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
-            if p.exists() and not p.is_dir():
-                return f"{p} is a file, not a folder"
-        except OSError:
-            continue  # this part cannot even be looked at: the error's own reason says why
-    return e.strerror or str(e)
-
-
-def check_workdir_writable(workdir: str | Path) -> None:
-    """Creates ``workdir`` if needed and writes and removes a small file there.
-
-    Raises:
-        JaxaeError: it cannot be created or written (under a file, on a read-only file system,
-            through a dangling symbolic link, a name too long, ...).
-    """
-    out = Path(workdir)
-    probe = out / f".jaxae-write-probe-{socket.gethostname()}-{os.getpid()}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"jaxae")
-        probe.unlink()
-    except OSError as e:
-        raise JaxaeError(
-            f"--workdir {out} cannot be used: {_why_unusable(out, e)}; pass a folder this process can create and write"
-        ) from None
-
-
-@contextlib.contextmanager
-def _claim_workdir(out: Path, config: TrainConfig, resume: bool) -> Iterator[None]:
-    """Checks ``out`` can hold this run and holds its :class:`WorkdirLock` while the run goes on.
-
-    Everything here runs before any data is loaded or anything is compiled. A run that fails
-    before writing anything leaves no folder behind that it created.
-    """
-    created = _missing_folders(out)
-    try:
-        with contextlib.ExitStack() as held:
-
-            def check_and_lock() -> None:
-                if resume and not out.is_dir():
-                    checkpoint.check_resumable(out, config)  # says there is nothing to resume; creates nothing
-                check_workdir_writable(out)
-                held.enter_context(WorkdirLock(out, jax.process_index()))
-
-            if jax.process_count() == 1:
-                check_and_lock()
-            else:
-                # Every process must reach each collective below, so a process's own problem is
-                # shared and raised everywhere instead of leaving the others waiting.
-                problem = None
-                try:
-                    check_and_lock()
-                except JaxaeError as e:
-                    problem = str(e)
-                parallel.check_shared_workdir(out, problem)
-            # Under the lock: no other run is writing checkpoints while they are read.
-            if resume:
-                checkpoint.check_resumable(out, config)
-            else:
-                checkpoint.check_fresh(out)
-            yield
-    except BaseException:
-        _remove_if_unused(created)
-        raise
-
-
-def _missing_folders(out: Path) -> list[Path]:
-    """The folders from ``out`` up that do not exist yet, deepest first."""
-    missing = []
-    for p in (out, *out.parents):
-        if os.path.lexists(p):
-            break
-        missing.append(p)
-    return missing
-
-
-def _remove_if_unused(created: list[Path]) -> None:
-    """Removes the folders a failed run created if they hold nothing but its own ``.jaxae*`` files."""
-    if not created:
-        return
-    try:
-        names = os.listdir(created[0])
-        if not all(name.startswith(".jaxae") for name in names):
-            return  # the run wrote something: keep it
-        for name in names:
-            os.remove(created[0] / name)
-        for folder in created:
-            os.rmdir(folder)
-    except OSError:
-        pass  # already gone, or another process is using it now
-
-
 @dataclasses.dataclass
 class FitResult:
     trainer: Trainer
@@ -281,6 +94,10 @@ def fit(
     config: TrainConfig,
     workdir: str | Path | None = None,
     *,
+    model: Any = None,
+    tx: Any = None,
+    train: Any = None,
+    test: Any = None,
     progress: bool = True,
     callbacks: Iterable[Callable[[dict[str, Any]], None]] = (),
     strategy: Any = None,
@@ -288,6 +105,7 @@ def fit(
     resume: bool = False,
     save_every: int = 1,
     keep: int = 3,
+    figures: bool = True,
 ) -> FitResult:
     """Trains ``config``'s model on its dataset and evaluates on the test split every epoch.
 
@@ -299,9 +117,29 @@ def fit(
     checked (created, written) and locked (:class:`WorkdirLock`) before any data is loaded; in a
     multi-process run every process must see the same workdir (shared storage).
 
+    Your own model, optimizer and data go in as they are::
+
+        model = MyAutoencoder(rngs=nnx.Rngs(0))          # any NNX module following AutoencoderModel
+        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
+        result = jaxae.fit(config, "runs/mine", model=model, tx=tx, train=(x_train, None), test=(x_test, None))
+
+    ``config`` then still says the objective (``variant`` and its settings), the batch size, the
+    epochs, the normalisation and the seed (the data order and the noise); the checkpoints hold
+    the state of your model and optimizer, and ``fit(..., resume=True)`` with the same model and
+    optimizer continues it.
+
     Args:
         config: the run; ``config.epochs`` is the total, counting epochs done before a resume.
         workdir: output folder (None: train in memory only).
+        model: an NNX module that follows the model contract (:class:`~jaxae.models.AutoencoderModel`,
+            :class:`~jaxae.models.VariationalModel` for ``variant="vae"``), checked before training
+            (default: the model ``config`` describes). Its parameters are copied: it stays usable.
+        tx: any optax ``GradientTransformation`` (schedules, clipping, chains) (default: the
+            optimizer ``config`` describes, :func:`~jaxae.train.make_optimizer`).
+        train: the train split in memory: a :class:`~jaxae.data.Dataset` or ``(images, labels)``
+            with ``labels`` possibly None (see :meth:`~jaxae.data.Dataset.from_arrays`); with
+            ``test``, instead of ``config.dataset``, which records the split's name (``"arrays"``).
+        test: the test split, likewise (evaluated every epoch); needed with ``train``.
         progress: show a progress bar.
         callbacks: each gets every epoch's metrics record.
         strategy: a :class:`~jaxae.parallel.Strategy` or its name (default ``"none"``). In a
@@ -314,6 +152,7 @@ def fit(
         keep: how many of the latest checkpoints to keep (the best is kept besides).
         init_from: a folder holding a checkpoint (e.g. from ``jaxae convert``): start from its
             parameters with a fresh optimizer (see :func:`init_params_from`); ignored on resume.
+        figures: write the figures (reconstructions, loss curves) at the end.
 
     Raises:
         JaxaeError: bad settings or data (e.g. a batch larger than the split), an empty or
@@ -324,14 +163,60 @@ def fit(
         CheckpointSaveError: a checkpoint could not be written (disk full, I/O error); training
             stops at the first failed save.
     """
-    config.validate()
     check_run_settings(save_every, keep, resume, workdir)
-    out = _workdir_path(workdir)
+    splits = _splits_in_memory(train, test)
+    if splits is not None:
+        config = dataclasses.replace(config, dataset=splits[0].name)
+    if model is not None:
+        check_model_contract(model, config.variant)
+    out = rundir.workdir_path(workdir)
     with contextlib.ExitStack() as held:
+        changed = {}
         if out is not None:
             # Before loading anything: a bad, taken or already used workdir fails fast.
-            held.enter_context(_claim_workdir(out, config, resume))
-        return _fit(config, out, progress, callbacks, strategy, init_from, resume, save_every, keep)
+            meta = held.enter_context(rundir.claim_workdir(out, config, resume))
+            if meta is not None:
+                changed = rundir.resume_changes(TrainConfig.from_dict(meta["config"]), config)
+        return _fit(
+            config,
+            out,
+            progress,
+            callbacks,
+            strategy,
+            init_from,
+            resume,
+            save_every,
+            keep,
+            figures,
+            changed,
+            model=model,
+            tx=tx,
+            splits=splits,
+        )
+
+
+def _splits_in_memory(train: Any, test: Any) -> tuple[Dataset, Dataset] | None:
+    """``fit``'s ``train`` and ``test`` as :class:`Dataset` s, checked; None when neither is given."""
+    if train is None and test is None:
+        return None
+    if train is None or test is None:
+        given, missing = ("train", "test") if test is None else ("test", "train")
+        raise JaxaeError(
+            f"fit got {given}= but no {missing}=: give both splits in memory (test is evaluated every epoch), "
+            "or neither to read config.dataset"
+        )
+    out = []
+    for split, value in (("train", train), ("test", test)):
+        if isinstance(value, Dataset):
+            out.append(value)
+        elif isinstance(value, (tuple, list)) and len(value) == 2:
+            out.append(Dataset.from_arrays(value[0], value[1], split=split))
+        else:
+            raise JaxaeError(
+                f"{split}= must be a jaxae.Dataset or a pair (images, labels or None), got {type(value).__name__}"
+            )
+    check_same_image_shape(out[0].image_shape, out[1])
+    return out[0], out[1]
 
 
 def _fit(
@@ -344,16 +229,42 @@ def _fit(
     resume: bool,
     save_every: int,
     keep: int,
+    figures: bool,
+    changed: dict[str, Any],
+    *,
+    model: Any,
+    tx: Any,
+    splits: tuple[Dataset, Dataset] | None,
 ) -> FitResult:
-    # The image shape from the files' headers first: a model those images cannot feed (conv
-    # sides not divisible by 4) fails before a large dataset is read.
-    image_shape = dataset_image_shape(config.dataset, config.tfds_data_dir)
-    trainer, state = build(config, image_shape)
-    train = load_dataset(config.dataset, "train", config.tfds_data_dir)
-    test = load_dataset(config.dataset, "test", config.tfds_data_dir)
-    check_same_image_shape(image_shape, train, test)
+    if splits is not None:
+        train, test = splits
+        image_shape = train.image_shape
+    else:
+        # The image shape from the files' headers first: a model those images cannot feed (conv
+        # sides not divisible by 4) fails before a large dataset is read.
+        image_shape = dataset_image_shape(config.dataset, config.tfds_data_dir)
+    if model is None:
+        trainer, state = build(config, image_shape)
+    else:
+        check_model_contract(model, config.variant, image_shape)
+        normalization = get_normalization(config.normalize)
+        objective = get_variant(config.variant).build_objective(config, normalization)
+        trainer, state = create_train_state(
+            model, tx or make_optimizer(config), objective, normalization, config.seed, image_shape=image_shape
+        )
+    if splits is None:
+        train = load_dataset(config.dataset, "train", config.tfds_data_dir)
+        test = load_dataset(config.dataset, "test", config.tfds_data_dir)
+        check_same_image_shape(image_shape, train, test)
     if config.batch_size > len(train):
         raise JaxaeError(f"--batch-size {config.batch_size} is larger than the {len(train)}-image train split")
+    steps_per_epoch = -(-len(train) // config.batch_size)
+    lr_of_step = None
+    if tx is None:
+        # The optimizer over this run's steps (a learning-rate schedule's length); its state is the same.
+        trainer = dataclasses.replace(trainer, tx=make_optimizer(config, steps_per_epoch))
+        learning_rate(config, steps_per_epoch, 0)  # a warm-up longer than the run is refused before compiling
+        lr_of_step = functools.partial(learning_rate, config, steps_per_epoch)
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy or Strategy()
     strategy.check_batch_size(config.batch_size)
     progress = progress and strategy.is_primary
@@ -365,7 +276,7 @@ def _fit(
             state = init_params_from(init_from, trainer, state)
         state = strategy.put_state(state)
     start_epoch = int(strategy.host_state(state).epoch)
-    history = _previous_records(out, start_epoch) if resume else []
+    history = rundir.previous_records(out, start_epoch) if resume else []
     if start_epoch >= config.epochs:
         return FitResult(trainer, strategy.host_state(state), history, 0.0, start_epoch)
     train_images = strategy.put_data(train.images.reshape(len(train), input_dim))
@@ -381,8 +292,10 @@ def _fit(
     ckpts = None
     stop = None
     if out is not None:
-        metrics_file, ckpts = open_run_outputs(out, config, history, keep, primary=strategy.is_primary)
-        stop = checkpoint.StopOnSignal().__enter__()
+        metrics_file, ckpts = open_run_outputs(
+            out, config, history, keep, primary=strategy.is_primary, own_model=model is not None
+        )
+        stop = rundir.StopOnSignal().__enter__()
 
     bar = tqdm(
         range(start_epoch, config.epochs),
@@ -394,7 +307,7 @@ def _fit(
     )
     try:
         for epoch in bar:
-            if stop is not None and stop.signum is not None:
+            if stop is not None and stop.agreed() is not None:
                 break
             t_start = time.perf_counter()
             state, step_metrics = train_epoch(state, train_images)
@@ -402,14 +315,18 @@ def _fit(
             t_train = time.perf_counter() - t_start
             test_metrics = {k: float(v) for k, v in jax.device_get(evaluate(state, test_images)).items()}
             _check_finite(epoch + 1, train_metrics, test_metrics, ckpts)
+            step = int(strategy.host_state(state).step)
             record = {
                 "epoch": epoch + 1,
-                "step": int(strategy.host_state(state).step),
+                "step": step,
+                **({"lr": lr_of_step(step - 1)} if lr_of_step is not None else {}),
                 **{f"train_{k}": v for k, v in train_metrics.items()},
                 **{f"test_{k}": v for k, v in test_metrics.items()},
                 "samples_per_s": len(train) / t_train,
                 "seconds": time.perf_counter() - t_start,
             }
+            if changed and epoch == start_epoch:
+                record["changed"] = changed  # the settings this resumed run changed, from -> to
             saving = ckpts is not None and ((epoch + 1) % save_every == 0 or epoch + 1 == config.epochs)
             if saving:
                 # The previous save must be complete before this one starts anyway; waiting here
@@ -424,11 +341,11 @@ def _fit(
             for callback in callbacks:
                 callback(record)
             bar.set_postfix(train_loss=f"{record['train_loss']:.4f}", test_loss=f"{record['test_loss']:.4f}")
-        if stop is not None and stop.signum is not None:
+        if stop is not None and stop.agreed() is not None:
             final = _host_copy(strategy, state)
             if int(final.epoch) > start_epoch and int(final.step) != ckpts.latest_step():
                 ckpts.save(final, config, metrics={"test_loss": history[-1]["test_loss"]})
-            raise _interrupted(stop.signum, config, final, ckpts)
+            raise rundir.interrupted(stop.signum, config, final, ckpts, elsewhere=stop.from_another_process)
     finally:
         if stop is not None:
             stop.__exit__()
@@ -437,31 +354,10 @@ def _fit(
         if ckpts is not None:
             ckpts.close()  # completes the save in flight
 
-    if out is not None:
+    if out is not None and figures:
         if strategy.is_primary:
             plots.write_run_figures(out, trainer, strategy.host_state(state), test, history)
     return FitResult(trainer, strategy.host_state(state), history, compile_seconds, start_epoch)
-
-
-def open_run_outputs(
-    out: Path, config: TrainConfig, history: list[dict[str, Any]], keep: int, *, primary: bool = True
-) -> tuple[Any, checkpoint.Checkpoints]:
-    """Opens a run's folder for training: ``config.json``, ``metrics.jsonl`` and its checkpoints.
-
-    ``metrics.jsonl`` is rewritten to ``history`` first (on a resume that drops the epochs past
-    the checkpoint) and returned open for appending; only the ``primary`` process writes files,
-    while every process takes part in the checkpoints.
-
-    Returns:
-        The open ``metrics.jsonl`` (None when not ``primary``) and the run's :class:`~jaxae.checkpoint.Checkpoints`.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_file = None
-    if primary:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        _write_records(out / "metrics.jsonl", history)
-        metrics_file = open(out / "metrics.jsonl", "a")
-    return metrics_file, checkpoint.Checkpoints(out, keep=keep)
 
 
 def _host_copy(strategy: Any, state: TrainState) -> TrainState:
@@ -484,76 +380,4 @@ def _check_finite(epoch: int, train_metrics: dict[str, float], test_metrics: dic
     values = ", ".join(f"{k} = {v}" for k, v in bad.items())
     raise JaxaeError(
         f"training diverged at epoch {epoch} ({values}); that state was not saved, {where}. Try a smaller --lr"
-    )
-
-
-def _previous_records(out: Path, epochs_done: int) -> list[dict[str, Any]]:
-    """The metrics of the epochs a resumed checkpoint holds (later lines are re-run).
-
-    Lines that are not an epoch's record (cut short by a killed process, damaged bytes, no
-    integer ``epoch``) are skipped with one warning: they never stop a resume.
-    """
-    path = out / "metrics.jsonl"
-    try:
-        lines = path.read_bytes().splitlines()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        warnings.warn(f"cannot read {path} ({e.strerror}); it restarts with this run's epochs", stacklevel=3)
-        return []
-    records, skipped = [], 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            record = None
-        epoch = record.get("epoch") if isinstance(record, dict) else None
-        if not isinstance(epoch, int) or isinstance(epoch, bool):
-            skipped += 1
-        elif epoch <= epochs_done:
-            records.append(record)
-    if skipped:
-        warnings.warn(
-            f"skipped {skipped} unreadable line{'s' * (skipped != 1)} of {path} (not an epoch's JSON record); "
-            "the resumed run rewrites it without them",
-            stacklevel=3,
-        )
-    return records
-
-
-def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
-def _interrupted(
-    signum: int, config: TrainConfig, state: TrainState, ckpts: Any, *, saved_in: str | Path | None = None
-) -> Exception:
-    """The :class:`TrainingInterrupted` to raise once the final save is complete.
-
-    ``saved_in``: a sweep's folder, whose every model was saved; by default the checkpoint's own folder.
-    """
-    epoch = int(state.epoch)
-    ckpts.wait()
-    step = ckpts.latest_step()
-    name = signal.Signals(signum).name
-    if step is None:
-        return TrainingInterrupted(
-            f"interrupted by {name} before the first epoch ended; no checkpoint was written",
-            signum=signum,
-            epoch=epoch,
-            step=None,
-            checkpoint=None,
-        )
-    path = str(saved_in or checkpoint.step_dir(ckpts.workdir, step))
-    what = "every model saved in" if saved_in else "checkpoint saved in"
-    return TrainingInterrupted(
-        f"interrupted by {name} after epoch {epoch} of {config.epochs}; {what} {path} (step {step})",
-        signum=signum,
-        epoch=epoch,
-        step=step,
-        checkpoint=path,
     )

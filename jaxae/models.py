@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,43 @@ from jaxae.data import shape_text
 from jaxae.errors import JaxaeError
 
 INITS = ("torch", "flax")
+
+
+@runtime_checkable
+class AutoencoderModel(Protocol):
+    """The contract of a model jaxae trains: its own (:class:`Autoencoder`, :class:`ConvAutoencoder`)
+    and any NNX module of yours given to :func:`jaxae.fit` or :func:`jaxae.create_train_state`.
+
+    Inputs are normalised images flattened to ``[B, D]`` with ``D = H * W * C`` (the row-major
+    flattening of ``[B, H, W, C]``): a conv model reshapes them itself. An ``image_shape``
+    attribute ``(H, W, C)`` lets jaxae check the shape before training and save it with the
+    checkpoint.
+
+    - ``model(x)``: the reconstruction, ``[B, D]``, in the units of ``x``.
+    - ``encode(x)``: the code, ``[B, latent]`` (the probe and figures use it).
+    - ``decode(z)``: codes back to ``[B, D]`` (the sparse objective reconstructs through it).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array: ...
+
+    def encode(self, x: jax.Array) -> jax.Array: ...
+
+    def decode(self, z: jax.Array) -> jax.Array: ...
+
+
+@runtime_checkable
+class VariationalModel(AutoencoderModel, Protocol):
+    """The contract of a model for the ``vae`` objective: :class:`AutoencoderModel`, plus
+
+    - ``encode_distribution(x)``: ``(mean, logvar)`` of the diagonal Gaussian q(z|x), each ``[B, latent]``;
+    - ``decode_logits(z)``: the pixel likelihood's logits (Bernoulli) or means (Gaussian), ``[B, D]``;
+    - optionally ``sample(key, n)``: ``n`` images from the prior, ``[n, D]``, for ``samples.png``.
+    """
+
+    def encode_distribution(self, x: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+
+    def decode_logits(self, z: jax.Array) -> jax.Array: ...
+
 
 # torch.nn.Linear draws W ~ kaiming_uniform(a=sqrt(5)), i.e. U(-b, b) with b = 1/sqrt(fan_in);
 # variance_scaling(1/3, fan_in, uniform) has limit sqrt(3 * (1/3) / fan_in): the same bound.

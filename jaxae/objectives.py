@@ -341,6 +341,9 @@ class Variant:
     archs: tuple[str, ...] = ("mlp", "conv")
     #: the config settings its model or objective reads, beyond the ones every variant uses
     settings: tuple[str, ...] = ()
+    #: the model's methods its objective calls (the contract: :class:`~jaxae.models.AutoencoderModel`,
+    #: :class:`~jaxae.models.VariationalModel`); a user's model must have them
+    model_methods: tuple[str, ...] = ("__call__",)
 
 
 def _autoencoder(code_activation: str = "linear"):
@@ -388,6 +391,7 @@ VARIANTS: dict[str, Variant] = {
         "MSE plus an L1 or KL sparsity penalty on the code",
         ("mlp",),
         settings=("sparsity", "sparsity_weight", "sparsity_target"),
+        model_methods=("__call__", "encode", "decode"),
     ),
     "vae": Variant(
         "vae",
@@ -395,8 +399,45 @@ VARIANTS: dict[str, Variant] = {
         vae_objective,
         "variational autoencoder, negative ELBO in nats",
         settings=("beta", "likelihood"),
+        model_methods=("__call__", "encode_distribution", "decode_logits"),
     ),
 }
+
+
+def check_model_contract(model: Any, variant: str, image_shape: tuple[int, ...] | None = None) -> None:
+    """Raises :class:`JaxaeError` (one line) unless ``model`` follows ``variant``'s contract
+    (:class:`~jaxae.models.AutoencoderModel`, :class:`~jaxae.models.VariationalModel` for a vae).
+
+    With ``image_shape`` (else the model's own ``image_shape``, if any), ``model(x)`` is also
+    traced on abstract inputs (nothing computed) and must give ``[B, H * W * C]``.
+    """
+    entry = get_variant(variant)
+    name = type(model).__name__
+    missing = [m for m in entry.model_methods if not callable(getattr(model, m, None))]
+    if missing:
+        contract = "VariationalModel" if "encode_distribution" in entry.model_methods else "AutoencoderModel"
+        raise JaxaeError(
+            f"{name} does not follow jaxae's model contract for the {variant} objective, which calls "
+            f"{', '.join(f'model.{m}()' for m in missing)}: it has no such method (see jaxae.models.{contract})"
+        )
+    image_shape = image_shape or getattr(model, "image_shape", None)
+    if image_shape is None:
+        return
+    d = math.prod(image_shape)
+    x = jax.ShapeDtypeStruct((2, d), jnp.float32)
+    graphdef, state = nnx.split(model)
+    try:
+        out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    except Exception as e:
+        raise JaxaeError(
+            f"{name}(x) fails on a batch of flat images x [2, {d}] (the contract: [B, H*W*C] for "
+            f"{'x'.join(map(str, image_shape))} images): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    if getattr(out, "shape", None) != (2, d):
+        got = getattr(out, "shape", type(out).__name__)
+        raise JaxaeError(
+            f"{name}(x) returns {got} for x [2, {d}]; the contract is a flat reconstruction [B, H*W*C] = [2, {d}]"
+        )
 
 
 def get_variant(name: str) -> Variant:

@@ -1,6 +1,6 @@
 """Many models as one compiled program: a grid of runs trained together, each an ordinary run.
 
-:func:`fit_sweep` trains a list of :class:`~jaxae.train.TrainConfig` that differ only in
+:func:`fit_sweep` trains a list of :class:`~jaxae.config.TrainConfig` that differ only in
 settings that keep the parameter shapes (:data:`SWEEPABLE`: the seed, the learning rate and
 the objectives' weights). Their train states are stacked along a leading model axis and one
 ``jax.vmap`` of :meth:`Trainer.train_epoch <jaxae.train.Trainer.train_epoch>` trains them all
@@ -44,29 +44,36 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxae import checkpoint, plots
+from jaxae import checkpoint, plots, rundir
+from jaxae.config import SHAPE_SETTINGS, SWEEPABLE, flag_of, shape_message
 from jaxae.data import dataset_image_shape, get_normalization, load_dataset
 from jaxae.errors import JaxaeError
-from jaxae.loop import (
-    WorkdirLock,
-    _interrupted,
-    _missing_folders,
-    _previous_records,
-    _remove_if_unused,
-    check_run_settings,
-    check_same_image_shape,
-    check_workdir_writable,
-    open_run_outputs,
-)
+from jaxae.loop import check_same_image_shape
 from jaxae.objectives import VARIANTS, get_variant
 from jaxae.parallel import MESH_AXIS
-from jaxae.train import TrainConfig, Trainer, TrainState, build, device_memory_bytes, make_optimizer, summarize_epoch
+from jaxae.rundir import (
+    WorkdirLock,
+    check_run_settings,
+    check_workdir_writable,
+    interrupted,
+    missing_folders,
+    open_run_outputs,
+    previous_records,
+    remove_if_unused,
+)
+from jaxae.train import (
+    TrainConfig,
+    Trainer,
+    TrainState,
+    build,
+    device_memory_bytes,
+    learning_rate,
+    make_optimizer,
+    summarize_epoch,
+)
 
-#: Settings a sweep may vary: none of them changes a parameter's shape.
-SWEEPABLE = ("seed", "lr", "noise_std", "mask_prob", "sparsity_weight", "sparsity_target", "beta")
-#: Settings that change the parameter shapes: one value per sweep.
-SHAPE_SETTINGS = ("variant", "arch", "hidden_dims", "latent_dim")
-#: The sweepable settings that are per-model values inside the compiled program.
+#: The sweepable settings (:data:`~jaxae.config.SWEEPABLE`, declared in :mod:`jaxae.config`) that
+#: are per-model values inside the compiled program: all but the seed.
 HYPERPARAMETERS = SWEEPABLE[1:]
 
 MODEL_AXIS = "models"
@@ -92,14 +99,16 @@ def sweep_configs(base: TrainConfig, **values: Sequence[Any]) -> list[TrainConfi
     """
     for name, options in values.items():
         if name in SHAPE_SETTINGS:
-            raise JaxaeError(_shape_message(name))
+            raise JaxaeError(shape_message(name))
         if name not in SWEEPABLE:
-            raise JaxaeError(f"{_flag(name)} cannot be swept; sweepable settings: {', '.join(SWEEPABLE)}")
+            raise JaxaeError(f"{flag_of(name)} cannot be swept; sweepable settings: {', '.join(SWEEPABLE)}")
         if len(options) == 0:
-            raise JaxaeError(f"{_flag(name)} needs at least one value")
+            raise JaxaeError(f"{flag_of(name)} needs at least one value")
+    for name, options in values.items():
+        for value in set(options):
+            dataclasses.replace(base, **{name: value})  # each distinct value validated, as it is made
     # Seeds vary fastest, so the runs of one group sit next to each other.
     names = sorted(values, key=lambda n: (n == "seed", SWEEPABLE.index(n)))
-    base.validate()
 
     def config(combo: tuple) -> TrainConfig:
         # a copy with the swept fields set: dataclasses.replace would re-run __init__ per model
@@ -108,17 +117,6 @@ def sweep_configs(base: TrainConfig, **values: Sequence[Any]) -> list[TrainConfi
         return made
 
     return [config(combo) for combo in itertools.product(*(values[n] for n in names))]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _shape_message(name: str) -> str:
-    return (
-        f"{_flag(name)} takes one value in a sweep: it changes the parameter shapes, and the models of "
-        "one sweep are stacked into one program; run one sweep per value"
-    )
 
 
 def varying_settings(configs: Sequence[TrainConfig]) -> list[str]:
@@ -137,7 +135,7 @@ def check_grid(configs: Sequence[TrainConfig]) -> None:
     if not configs:
         raise JaxaeError("a sweep needs at least one config")
     base = configs[0]
-    base.validate()
+
     fixed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SWEEPABLE]
     fixed_values = operator.attrgetter(*fixed)
     base_values = fixed_values(base)
@@ -145,20 +143,17 @@ def check_grid(configs: Sequence[TrainConfig]) -> None:
         if fixed_values(config) != base_values:
             name = next(n for n, v in zip(fixed, base_values, strict=True) if getattr(config, n) != v)
             if name in SHAPE_SETTINGS:
-                raise JaxaeError(_shape_message(name))
+                raise JaxaeError(shape_message(name))
             values = sorted({json.dumps(_plain(getattr(c, name))) for c in (base, config)})
             raise JaxaeError(
                 f"the configs of a sweep differ in {name} ({', '.join(values)}); only "
                 f"{', '.join(SWEEPABLE)} may differ: run one sweep per value"
             )
     varying = varying_settings(configs)
-    for name in varying:
-        for value in {getattr(c, name) for c in configs}:
-            dataclasses.replace(base, **{name: value}).validate()
     used = get_variant(base.variant).settings
     ignored = [n for n in varying if n not in ("seed", "lr") and n not in used]
     if ignored:
-        flag = _flag(ignored[0])
+        flag = flag_of(ignored[0])
         users = [v.name for v in VARIANTS.values() if ignored[0] in v.settings]
         raise JaxaeError(
             f"{flag} does not change the {base.variant} variant's training, so its models would be identical; "
@@ -266,6 +261,8 @@ class SweepProgram:
     base: TrainConfig
     graphdef: Any
     hyper_names: tuple[str, ...]
+    #: the optimizer steps of an epoch, which a learning-rate schedule runs over
+    steps_per_epoch: int | None = None
 
     def trainer(self, hyper: dict[str, jax.Array]) -> Trainer:
         """The :class:`Trainer` of one model, its swept settings being (traced) scalars.
@@ -273,12 +270,14 @@ class SweepProgram:
         Settings that do not vary stay Python numbers, so their code is the one ``jaxae train``
         compiles.
         """
-        config = dataclasses.replace(self.base, **hyper)
+        # The values were validated when the grid's configs were made; here they are tracers.
+        config = copy.copy(self.base)
+        config.__dict__.update(hyper)
         normalization = get_normalization(config.normalize)
         objective = get_variant(config.variant).build_objective(config, normalization)
         # The run's own optimizer (Adam or AdamW, its betas, eps and decay): optax scales the
         # update by -lr, and with a traced lr that is the same multiply.
-        return Trainer(self.graphdef, make_optimizer(config), objective, normalization)
+        return Trainer(self.graphdef, make_optimizer(config, self.steps_per_epoch), objective, normalization)
 
     def train_epoch(self, state: TrainState, hyper: dict[str, jax.Array], images: jax.Array, batch_size: int):
         """Every model's epoch: ``state`` and ``hyper`` carry the model axis, ``images`` not."""
@@ -489,11 +488,11 @@ def fit_sweep(
                 # One sweep per folder, as one run per workdir, and each model's folder locked as a
                 # train run's is: a second sweep, or a train run in the sweep or one of its models,
                 # is refused at once instead of writing the same checkpoints and metrics.
-                created.append(_missing_folders(out))
+                created.append(missing_folders(out))
                 check_workdir_writable(out)
                 held.enter_context(WorkdirLock(out))
                 for d in run_dirs:
-                    created.append(_missing_folders(d))
+                    created.append(missing_folders(d))
                     d.mkdir(exist_ok=True)
                     held.enter_context(WorkdirLock(d))
                 diverged = _check_workdir(out, grid, run_dirs, configs, resume)
@@ -504,7 +503,7 @@ def fit_sweep(
             )  # fmt: skip
     except BaseException:
         for folders in reversed(created):
-            _remove_if_unused(folders)
+            remove_if_unused(folders)
         raise
 
 
@@ -564,9 +563,12 @@ def _train_sweep(
         states = _restore(run_dirs, states, diverged)
     healthy = [i for i in range(len(configs)) if i not in diverged]
     start_epoch = int(states[healthy[0]].epoch) if healthy else base.epochs
-    histories = [_previous_records(d, start_epoch) if resume else [] for d in run_dirs]
+    histories = [previous_records(d, start_epoch) if resume else [] for d in run_dirs]
     hyper_names = tuple(n for n in varying if n in HYPERPARAMETERS)
-    program = SweepProgram(base, trainer0.graphdef, hyper_names)
+    steps_per_epoch = -(-len(train) // base.batch_size)
+    program = SweepProgram(base, trainer0.graphdef, hyper_names, steps_per_epoch)
+    for c in {c.lr for c in configs}:  # a warm-up longer than the run is refused before compiling
+        learning_rate(dataclasses.replace(base, lr=c), steps_per_epoch, 0)
     hyper_host = {n: np.asarray([getattr(c, n) for c in configs], np.float32) for n in hyper_names}
     if start_epoch >= base.epochs:
         summary = _summary(names, configs, varying, histories, placement, diverged)
@@ -591,7 +593,7 @@ def _train_sweep(
             metrics_file, ck = open_run_outputs(d, c, h, keep)  # each model's folder is an ordinary run's
             metrics_files.append(metrics_file)
             ckpts.append(ck)
-        stop = checkpoint.StopOnSignal().__enter__()
+        stop = rundir.StopOnSignal().__enter__()
     bar = tqdm(
         range(start_epoch, base.epochs),
         initial=start_epoch,
@@ -603,7 +605,7 @@ def _train_sweep(
     host_states = states
     try:
         for epoch in bar:
-            if stop is not None and stop.signum is not None:
+            if stop is not None and stop.agreed() is not None:
                 break
             t_start = time.perf_counter()
             state, step_metrics = train_epoch(state, hyper, train_images)
@@ -616,9 +618,11 @@ def _train_sweep(
             for i in range(len(configs)):
                 train_i = summarize_epoch({k: v[i] for k, v in step_metrics.items()})
                 test_i = {k: float(v[i]) for k, v in test_metrics.items()}
+                step = (epoch + 1) * steps_per_epoch
                 record = {
                     "epoch": epoch + 1,
-                    "step": int((epoch + 1) * -(-len(train) // base.batch_size)),
+                    "step": step,
+                    "lr": learning_rate(configs[i], steps_per_epoch, step - 1),
                     **{f"train_{k}": v for k, v in train_i.items()},
                     **{f"test_{k}": v for k, v in test_i.items()},
                     "samples_per_s": len(train) / t_train,
@@ -646,10 +650,10 @@ def _train_sweep(
             best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))
             bar.set_postfix(best_test_loss=f"{best:.4f}", models_per_s=f"{len(configs) / seconds:.1f}")
         host_states = unstack(state, len(configs))
-        if stop is not None and stop.signum is not None:
+        if stop is not None and stop.agreed() is not None:
             if int(host_states[healthy[0]].epoch) > start_epoch:
                 _save_all(ckpts, host_states, configs, [h[-1] if h else {} for h in histories], diverged)
-            raise _interrupted(stop.signum, base, host_states[healthy[0]], ckpts[healthy[0]], saved_in=out)
+            raise interrupted(stop.signum, base, host_states[healthy[0]], ckpts[healthy[0]], saved_in=out)
     finally:
         if stop is not None:
             stop.__exit__()
@@ -718,14 +722,14 @@ def _check_workdir(out: Path, grid: dict, run_dirs: list, configs: list[TrainCon
             )
         for i, (d, c) in enumerate(zip(run_dirs, configs, strict=True)):
             if i not in diverged and checkpoint.complete_steps(d):
-                checkpoint.check_resumable(d, c)  # a model with none yet starts over
+                rundir.check_resumable(d, c)  # a model with none yet starts over
         return diverged
     if saved_grid.exists():
         raise JaxaeError(
             f"{out} already holds a sweep ({saved_grid}); pass --resume to continue it, or use another --workdir"
         )
     for d in run_dirs:
-        checkpoint.check_fresh(d)
+        rundir.check_fresh(d)
     return {}
 
 

@@ -27,143 +27,15 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from jaxae.config import MAX_SEED, TrainConfig, check_seed  # noqa: F401  (MAX_SEED: re-exported)
 from jaxae.data import Normalization, get_normalization
 from jaxae.errors import JaxaeError
 from jaxae.models import image_shape_of
-from jaxae.objectives import Objective, get_variant
+from jaxae.objectives import VARIANTS, Objective, check_model_contract, get_variant
 
 # Independent random streams derived from a run's key (fold_in constants).
 _PARAMS_STREAM, _DATA_STREAM, _STEP_STREAM = 0, 1, 2
 _TRAIN_NOISE, _EVAL_NOISE = 0, 1
-# The float settings of a TrainConfig: each must be a finite number.
-_FLOAT_SETTINGS = ("lr", "noise_std", "mask_prob", "sparsity_weight", "sparsity_target", "beta")
-# jax.random.key keeps 32 bits of a seed (64-bit mode off): a larger or negative seed would
-# silently give the key of another seed (2**32 -> 0, -1 -> 2**32-1), and past 64 bits it overflows.
-MAX_SEED = 2**32 - 1
-
-
-def check_seed(seed: Any) -> int:
-    """``seed`` if it is an integer in ``0..MAX_SEED`` (each such seed gives its own key).
-
-    Raises:
-        JaxaeError: any other value.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise JaxaeError(f"--seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {seed!r}")
-    return int(seed)
-
-
-OPTIMIZERS = ("adam", "adamw")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that defines a run; written to ``config.json`` and into checkpoints.
-
-    The defaults are the document's: 20 epochs, batch 256, Adam 1e-3, MSE, [0, 1] inputs.
-    """
-
-    variant: str = "vanilla"
-    # None only in a run converted from PyTorch with --image-shape alone: it is trained or
-    # evaluated on the --dataset given then.
-    dataset: str | None = "mnist-sample"
-    tfds_data_dir: str | None = None
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
-    seed: int = 0
-    normalize: str = "unit"
-    init: str = "torch"
-    hidden_dims: tuple[int, ...] = (128, 64)
-    latent_dim: int = 32
-    eval_batch_size: int = 1000
-    arch: str = "mlp"
-    # denoising
-    noise_std: float = 0.5
-    mask_prob: float = 0.0
-    # sparse
-    sparsity: str = "l1"
-    sparsity_weight: float = 0.01
-    sparsity_target: float = 0.05
-    # vae
-    beta: float = 1.0
-    likelihood: str = "bernoulli"
-    # optimizer: torch.optim.Adam's defaults; "adamw" is torch.optim.AdamW (decoupled weight decay)
-    optimizer: str = "adam"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-
-    def validate(self) -> None:
-        """Raises :class:`JaxaeError` for settings no run can use."""
-        if self.epochs <= 0:
-            raise JaxaeError(f"--epochs must be positive, got {self.epochs}")
-        if self.batch_size <= 0:
-            raise JaxaeError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.eval_batch_size <= 0:
-            raise JaxaeError(f"eval batch size must be positive, got {self.eval_batch_size}")
-        for name in _FLOAT_SETTINGS:
-            value = getattr(self, name)
-            # Refused here, before any data is loaded: inf or nan only shows up later as a
-            # "diverged" loss whose advice (a smaller --lr) points the wrong way.
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                flag = "--" + name.replace("_", "-")
-                raise JaxaeError(f"{flag} must be a finite number, got {value!r}")
-        if not (self.lr > 0):
-            raise JaxaeError(f"--lr must be a positive number, got {self.lr}")
-        check_seed(self.seed)
-        if self.latent_dim <= 0:
-            raise JaxaeError(f"--latent-dim must be positive, got {self.latent_dim}")
-        if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
-            raise JaxaeError(f"--hidden-dims must be positive integers like 128,64, got {self.hidden_dims}")
-        variant = get_variant(self.variant)
-        get_normalization(self.normalize)
-        if self.arch not in ("mlp", "conv"):
-            raise JaxaeError(f"unknown --arch {self.arch!r}; choose mlp or conv")
-        if self.arch not in variant.archs:
-            raise JaxaeError(
-                f"--arch {self.arch} is not available for the {self.variant} variant ({', '.join(variant.archs)})"
-            )
-        if not (0 <= self.noise_std):
-            raise JaxaeError(f"--noise-std must be >= 0, got {self.noise_std}")
-        if not (0 <= self.mask_prob < 1):
-            raise JaxaeError(f"--mask-prob must be in [0, 1), got {self.mask_prob}")
-        if self.sparsity not in ("l1", "kl"):
-            raise JaxaeError(f"unknown --sparsity {self.sparsity!r}; choose l1 or kl")
-        if not (self.sparsity_weight >= 0):
-            raise JaxaeError(f"--sparsity-weight must be >= 0, got {self.sparsity_weight}")
-        if not (0 < self.sparsity_target < 1):
-            raise JaxaeError(f"--sparsity-target must be in (0, 1), got {self.sparsity_target}")
-        if not (self.beta >= 0):
-            raise JaxaeError(f"--beta must be >= 0, got {self.beta}")
-        if self.likelihood not in ("bernoulli", "gaussian"):
-            raise JaxaeError(f"unknown --likelihood {self.likelihood!r}; choose bernoulli or gaussian")
-        if self.optimizer not in OPTIMIZERS:
-            raise JaxaeError(f"unknown --optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise JaxaeError(f"--betas must be two numbers in [0, 1), got {','.join(map(str, self.betas))}")
-        if not (0 <= self.eps < float("inf")):
-            raise JaxaeError(f"--eps must be >= 0, got {self.eps}")
-        if not (0 <= self.weight_decay < float("inf")):
-            raise JaxaeError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["hidden_dims"] = list(self.hidden_dims)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise JaxaeError(f"unknown config keys: {', '.join(unknown)}")
-        d = dict(d)
-        for key in ("hidden_dims", "betas"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
 
 
 class TrainState(struct.PyTreeNode):
@@ -355,10 +227,14 @@ class Trainer:
 
     @functools.cached_property
     def jit_train_step(self) -> Callable:
+        """:meth:`train_step`, compiled. The state passed in is donated: its buffers are reused for
+        the new state, so use only the returned one afterwards (``state, m = f(state, batch)``)."""
         return jax.jit(self.train_step, donate_argnums=0)
 
     @functools.cached_property
     def jit_train_epoch(self) -> Callable:
+        """:meth:`train_epoch`, compiled (``batch_size`` static). The state passed in is donated,
+        as with :attr:`jit_train_step`."""
         return jax.jit(self.train_epoch, static_argnames="batch_size", donate_argnums=0)
 
     @functools.cached_property
@@ -390,23 +266,36 @@ def create_train_state(
     objective: Objective | str = "vanilla",
     normalization: Normalization | str = "unit",
     seed: int = 0,
+    *,
+    image_shape: tuple[int, ...] | None = None,
 ) -> tuple[Trainer, TrainState]:
     """Splits ``model`` into a :class:`Trainer` (static) and a :class:`TrainState` (arrays).
 
+    The model is checked against the contract of the objective's variant
+    (:class:`~jaxae.models.AutoencoderModel`, :class:`~jaxae.models.VariationalModel`): one line
+    names a missing method or an output of the wrong shape. Its parameters are copied, so the
+    module stays usable after the jitted steps, which donate the state.
+
     Args:
-        model: an NNX autoencoder (e.g. :class:`jaxae.Autoencoder`).
+        model: an NNX autoencoder (e.g. :class:`jaxae.Autoencoder`, or your own module).
         tx: an optax optimizer, e.g. ``optax.adam(1e-3)``.
         objective: an :class:`Objective` or a variant name (built with default settings).
         normalization: a :class:`Normalization` or a preset name (``"unit"``, ``"seed"``).
         seed: seeds the data order and the per-step randomness.
+        image_shape: the ``(H, W, C)`` of the images the model takes (default: the model's
+            ``image_shape`` attribute, if it has one); saved with checkpoints.
     """
     if isinstance(normalization, str):
         normalization = get_normalization(normalization)
     if isinstance(objective, str):
         objective = get_variant(objective).build_objective(TrainConfig(variant=objective), normalization)
+    image_shape = tuple(int(v) for v in image_shape) if image_shape is not None else _model_image_shape(model)
+    if objective.name in VARIANTS:
+        check_model_contract(model, objective.name, image_shape if image_shape and len(image_shape) == 3 else None)
     root = jax.random.key(check_seed(seed))
     graphdef, variables = nnx.split(model)
-    params = nnx.to_pure_dict(variables)
+    # A copy: the jitted steps donate the state's buffers, and the module keeps working after them.
+    params = jax.tree.map(jnp.array, nnx.to_pure_dict(variables))
     state = TrainState(
         params=params,
         opt_state=tx.init(params),
@@ -414,7 +303,7 @@ def create_train_state(
         epoch=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.fold_in(root, _STEP_STREAM)),
         data_rng=jax.random.key_data(jax.random.fold_in(root, _DATA_STREAM)),
-        image_shape=_model_image_shape(model),
+        image_shape=image_shape,
     )
     return Trainer(graphdef, tx, objective, normalization), state
 
@@ -424,13 +313,17 @@ def _model_image_shape(model: nnx.Module) -> tuple[int, ...] | None:
     return tuple(int(v) for v in shape) if shape is not None else None
 
 
-def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trainer, TrainState]:
+def build(
+    config: TrainConfig, input_shape: int | tuple[int, ...], steps_per_epoch: int | None = None
+) -> tuple[Trainer, TrainState]:
     """The model, optimizer and objective a config describes, freshly initialised.
 
     Args:
         config: the run's settings.
         input_shape: the image shape ``(H, W, C)``, or the flat input size (``784`` is taken as
             28x28x1).
+        steps_per_epoch: the optimizer steps of an epoch, which a learning-rate schedule runs
+            over (see :func:`make_optimizer`); not needed to evaluate or export.
     """
     variant = get_variant(config.variant)
     normalization = get_normalization(config.normalize)
@@ -439,24 +332,108 @@ def build(config: TrainConfig, input_shape: int | tuple[int, ...]) -> tuple[Trai
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(check_seed(config.seed)), _PARAMS_STREAM))
     model = variant.build_model(config, image_shape, rngs)
     objective = variant.build_objective(config, normalization)
-    return create_train_state(model, make_optimizer(config), objective, normalization, config.seed)
+    return create_train_state(model, make_optimizer(config, steps_per_epoch), objective, normalization, config.seed)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(config: TrainConfig, steps_per_epoch: int | None = None) -> optax.GradientTransformation:
     """The optax twin of ``torch.optim.Adam`` / ``AdamW`` with the config's settings.
 
     Adam's ``weight_decay`` is an L2 term added to the gradient before the moments
     (``add_decayed_weights`` first); AdamW's is decoupled, ``lr * wd * param`` added after them
-    (``optax.adamw``). With no decay the chain is plain ``optax.adam``, as before these settings
-    existed, so older checkpoints' optimizer states keep their structure.
+    (``optax.adamw``). With no decay, schedule or clipping the chain is plain ``optax.adam``, as
+    before these settings existed, so older checkpoints' optimizer states keep their structure.
+
+    A learning-rate schedule (``config.lr_schedule``) and gradient clipping
+    (``config.clip_grad_norm``) keep that state structure too: the update of the same optimizer
+    at lr 1 is scaled by the schedule's value at Adam's own step count, and the gradient is
+    clipped before it, as ``torch.nn.utils.clip_grad_norm_`` does (``max_norm / (norm + 1e-6)``,
+    at most 1). So a resumed run may change its learning rate, its schedule or its clipping and
+    still read its checkpoint.
+
+    Args:
+        config: the run's settings.
+        steps_per_epoch: the optimizer steps of one epoch: a schedule runs over
+            ``config.epochs * steps_per_epoch`` steps (needed only by ``cosine`` and
+            ``warmup_cosine``).
     """
+    if config.lr_schedule == "constant" and not config.clip_grad_norm:
+        return _adam(config, config.lr)
+    if steps_per_epoch is None and config.lr_schedule != "constant":
+        # A state can still be made and restored (evaluate, export); a step says what is missing.
+        def factor(count):
+            lr_factor(config, None)
+
+    else:
+        factor = lr_factor(config, steps_per_epoch)
+    return _scaled_by_schedule(_adam(config, 1.0), lambda count: config.lr * factor(count), config.clip_grad_norm)
+
+
+def _adam(config: TrainConfig, lr: Any) -> optax.GradientTransformation:
     b1, b2 = config.betas
     if config.optimizer == "adamw":
-        return optax.adamw(config.lr, b1, b2, config.eps, weight_decay=config.weight_decay)
-    adam = optax.adam(config.lr, b1, b2, config.eps)
+        return optax.adamw(lr, b1, b2, config.eps, weight_decay=config.weight_decay)
+    adam = optax.adam(lr, b1, b2, config.eps)
     if config.weight_decay:
         return optax.chain(optax.add_decayed_weights(config.weight_decay), adam)
     return adam
+
+
+def lr_factor(config: TrainConfig, steps_per_epoch: int | None) -> Callable[[Any], Any]:
+    """The schedule as a fraction of ``config.lr``: step count (updates done) -> factor in [0, 1].
+
+    Raises:
+        JaxaeError: a schedule over the run's steps without ``steps_per_epoch``, or a warm-up as
+            long as the run.
+    """
+    if config.lr_schedule == "constant":
+        return lambda count: 1.0
+    if steps_per_epoch is None:
+        raise JaxaeError(
+            f"--lr-schedule {config.lr_schedule} runs over the run's steps: build the optimizer with steps_per_epoch"
+        )
+    total = config.epochs * steps_per_epoch
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(1.0, total)
+    if config.warmup_steps >= total:
+        raise JaxaeError(
+            f"--warmup-steps {config.warmup_steps} is not shorter than the run ({total} steps: {config.epochs} "
+            f"epochs of {steps_per_epoch}); give fewer warm-up steps or more --epochs"
+        )
+    return optax.warmup_cosine_decay_schedule(0.0, 1.0, config.warmup_steps, total, end_value=0.0)
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int | None, step: int) -> float:
+    """The learning rate of update number ``step`` (0 = the first) of ``config``'s optimizer."""
+    return float(config.lr * lr_factor(config, steps_per_epoch)(step))
+
+
+def _adam_count(opt_state: Any) -> jax.Array:
+    """The update count of the Adam inside an optimizer state (updates done so far)."""
+    found = [
+        s.count
+        for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
+    return found[0]
+
+
+def _scaled_by_schedule(
+    base: optax.GradientTransformation, schedule: Callable[[Any], Any], clip_norm: float
+) -> optax.GradientTransformation:
+    """``base`` at lr 1, its update scaled by ``schedule(count)``, the gradient clipped first: the
+    state is ``base``'s own (see :func:`make_optimizer`)."""
+
+    def update(grads, state, params=None):
+        if clip_norm:
+            norm = optax.tree.norm(grads)
+            # torch.nn.utils.clip_grad_norm_: max_norm / (norm + 1e-6), clamped to at most 1.
+            coef = jnp.minimum(clip_norm / (norm + 1e-6), 1.0)
+            grads = jax.tree.map(lambda g: g * coef.astype(g.dtype), grads)
+        lr = schedule(_adam_count(state))
+        updates, state = base.update(grads, state, params)
+        return jax.tree.map(lambda u: u * jnp.asarray(lr, u.dtype), updates), state
+
+    return optax.GradientTransformation(base.init, update)
 
 
 # Training holds four float32 copies of every parameter: the values, the gradient and Adam's two moments.

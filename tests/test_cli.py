@@ -52,8 +52,8 @@ def test_train_then_evaluate_end_to_end(tmp_path, idx_folder):
 
 def test_document_defaults_in_help():
     parser = cli.build_parser()
-    args = parser.parse_args(["train"])
-    assert (args.epochs, args.batch_size, args.lr, args.variant, args.dataset, args.normalize) == (
+    config = cli.train_config(parser.parse_args(["train"]))
+    assert (config.epochs, config.batch_size, config.lr, config.variant, config.dataset, config.normalize) == (
         20,
         256,
         1e-3,
@@ -61,6 +61,9 @@ def test_document_defaults_in_help():
         "mnist-sample",
         "unit",
     )
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["train"].format_help().split())
+    for shown in ("(default: 20)", "(default: 256)", "(default: 0.001)", "(default: vanilla)", "(default: 128,64)"):
+        assert shown in help_text
 
 
 def _assert_one_line_error(capsys, code, pattern):
@@ -249,7 +252,7 @@ def test_variant_flags_reach_the_config(tmp_path, idx_folder):
             "mlp",
         ]
     )
-    cfg = cli._config_from_args(args)
+    cfg = cli.train_config(args)
     assert (cfg.variant, cfg.sparsity, cfg.sparsity_target, cfg.sparsity_weight) == ("sparse", "kl", 0.1, 0.5)
     assert (cfg.noise_std, cfg.mask_prob, cfg.beta, cfg.likelihood) == (0.3, 0.2, 4.0, "gaussian")
 

@@ -6,6 +6,7 @@ The workdir checks must run before any data is loaded or anything compiled: test
 second run on one workdir, a killed holder, a read-only mount) use real processes.
 """
 
+import dataclasses
 import errno
 import json
 import os
@@ -16,9 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
+import jaxae
 from jaxae import checkpoint, cli, loop
 from jaxae.errors import JaxaeError
 from jaxae.loop import LOCK_FILE, WorkdirLock, fit
@@ -289,3 +294,100 @@ def test_a_conv_model_the_images_cannot_feed_fails_before_the_data_is_read(tmp_p
     )
     assert code == 2
     assert "needs image sides divisible by 4, got 30x30" in _one_error_line(capsys.readouterr().err)
+
+
+# -- your own model, optimizer and arrays -----------------------------------------------------
+
+
+class _TinyNet(nnx.Module):
+    """A model of the user's own, following the contract: flat [B, D] in and out."""
+
+    def __init__(self, d: int, rngs: nnx.Rngs):
+        self.image_shape = (28, 28, 1)
+        self.down = nnx.Linear(d, 16, rngs=rngs)
+        self.up = nnx.Linear(16, d, rngs=rngs)
+
+    def encode(self, x):
+        return jax.nn.gelu(self.down(x))
+
+    def decode(self, z):
+        return jax.nn.sigmoid(self.up(z))
+
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
+
+def _own_tx():
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup_steps=4, decay_steps=16)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-2))
+
+
+def _arrays(sample_train, sample_test):
+    return (sample_train.images[:512], None), (sample_test.images[:128], sample_test.labels[:128])
+
+
+def test_fit_takes_your_own_module_optax_chain_and_arrays_and_resumes_exactly(tmp_path, sample_train, sample_test):
+    train, test = _arrays(sample_train, sample_test)
+    cfg = TrainConfig(batch_size=128, epochs=4, seed=3)
+
+    def run(workdir, epochs, resume=False):
+        model = _TinyNet(784, nnx.Rngs(params=0))
+        return fit(
+            dataclasses.replace(cfg, epochs=epochs),
+            workdir,
+            model=model,
+            tx=_own_tx(),
+            train=train,
+            test=test,
+            progress=False,
+            resume=resume,
+        )
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "halves", 2)
+    resumed = run(tmp_path / "halves", 4, resume=True)
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    assert straight.history[-1]["train_loss"] < straight.history[0]["train_loss"]
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["dataset"] == "arrays"
+    assert "lr" not in straight.history[0]  # the schedule is the user's: jaxae does not know its lr
+    # The checkpoint holds the user's model: restored into its template, not rebuilt from the config.
+    with pytest.raises(JaxaeError, match="holds a model of your own"):
+        checkpoint.restore(tmp_path / "straight")
+    _, template = jaxae.create_train_state(_TinyNet(784, nnx.Rngs(params=0)), _own_tx())
+    restored = checkpoint.restore_state(tmp_path / "straight", template)
+    np.testing.assert_array_equal(
+        np.asarray(restored.params["up"]["bias"]), np.asarray(straight.state.params["up"]["bias"])
+    )
+
+
+class _NoDecodeLogits(_TinyNet):
+    def encode_distribution(self, x):
+        return self.down(x), self.down(x)
+
+
+class _WrongShape(_TinyNet):
+    def __call__(self, x):
+        return self.encode(x)
+
+
+@pytest.mark.parametrize(
+    "model, variant, message",
+    [
+        (_NoDecodeLogits, "vae", r"_NoDecodeLogits does not follow .*calls model\.decode_logits\(\)"),
+        (_WrongShape, "vanilla", r"_WrongShape\(x\) returns \(2, 16\) for x \[2, 784\]; the contract is"),
+    ],
+)
+def test_a_model_off_the_contract_is_one_line_before_training(
+    tmp_path, sample_train, sample_test, model, variant, message
+):
+    train, test = _arrays(sample_train, sample_test)
+    with pytest.raises(JaxaeError, match=message):
+        fit(TrainConfig(variant=variant), tmp_path / "r", model=model(784, nnx.Rngs(params=0)), train=train, test=test)
+    assert not (tmp_path / "r").exists()
+
+
+def test_fit_needs_both_splits_in_memory(sample_train):
+    with pytest.raises(JaxaeError, match="fit got train= but no test="):
+        fit(TrainConfig(), train=(sample_train.images[:10], None))

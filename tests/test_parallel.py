@@ -8,6 +8,7 @@ run through ``jax.distributed`` (Gloo collectives over 127.0.0.1).
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -343,3 +344,50 @@ def test_train_help_documents_the_parallel_flags():
         assert flag in text, flag
     args = cli.build_parser().parse_args(["train"])
     assert args.parallel == "auto"
+
+
+def _train_two(dataset, workdir, *flags, env=None) -> list[subprocess.Popen]:
+    """``jaxae train --parallel shard`` of the whole run as 2 processes x 2 devices."""
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxae", "train", "--dataset", str(dataset), "--epochs", str(EPOCHS)]
+            + ["--batch-size", str(BATCH), "--parallel", "shard", "--workdir", str(workdir), "--no-progress"]
+            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env or _env(2),
+        )
+        for i in range(2)
+    ]
+
+
+def test_a_signal_to_one_process_stops_both_at_one_step_and_resume_is_exact(tmp_path, dataset, four_devices):
+    """A preempted host: SIGTERM to process 1 only. Both stop at the same epoch boundary with one
+    complete checkpoint (before: process 0 waited in a collective forever); resumed, the run ends
+    at the uninterrupted run's numbers."""
+    workdir = tmp_path / "run"
+    # Saves held 1.5 s each, so the signal lands mid-run.
+    procs = _train_two(dataset, workdir, env={**_env(2), checkpoint.SLOW_SAVE_ENV: "1.5"})
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and not any(p.poll() is not None for p in procs):
+        if metrics.exists() and metrics.read_text().strip():
+            break
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = _finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, [err[-2000:] for _, err in outputs]
+    assert "SIGTERM (sent to another process of the run)" in outputs[0][1]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(records) < EPOCHS and checkpoint.complete_steps(workdir)[-1] == records[-1]["step"], records
+
+    procs = _train_two(dataset, workdir, "--resume")
+    outputs = _finish(procs, timeout=TIMEOUT)
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    reference = four_devices[0]["runs"]["vanilla/shard"]["history"]
+    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
+    for key in ("train_loss", "test_loss", "step"):
+        np.testing.assert_allclose([r[key] for r in records], [r[key] for r in reference], atol=TOL, rtol=0)

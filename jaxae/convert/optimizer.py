@@ -57,7 +57,7 @@ def _number(value: Any) -> Any:
 
 
 def optimizer_settings(optimizer_state: Mapping[str, Any], where: str, optimizer: str | None = None) -> dict[str, Any]:
-    """The :class:`~jaxae.train.TrainConfig` optimizer fields of a torch Adam/AdamW ``state_dict()``.
+    """The :class:`~jaxae.config.TrainConfig` optimizer fields of a torch Adam/AdamW ``state_dict()``.
 
     Args:
         optimizer_state: ``optimizer.state_dict()`` as saved.

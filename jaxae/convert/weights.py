@@ -41,7 +41,7 @@ class Match:
     """A PyTorch file matched to the jaxae model that takes its weights.
 
     Attributes:
-        config: the :class:`~jaxae.train.TrainConfig` of that model (sizes read off the tensors
+        config: the :class:`~jaxae.config.TrainConfig` of that model (sizes read off the tensors
             unless given).
         image_shape: the images the model takes, ``(H, W, C)``.
         state_dict: the model's tensors under the twin's keys, in file order.
@@ -96,7 +96,7 @@ def match(
 
     Args:
         source: a file (``.pt``/``.pth``/``.ckpt``/``.safetensors``) or a state_dict / checkpoint dict.
-        config: a :class:`~jaxae.train.TrainConfig` for everything else (normalisation, dataset,
+        config: a :class:`~jaxae.config.TrainConfig` for everything else (normalisation, dataset,
             the sparse code activation); default: the document's.
         variant: the variant (default: ``"vae"`` for ``mean``/``logvar`` heads, else ``"vanilla"``).
         arch: ``"mlp"`` or ``"conv"``, if known; checked against the file.
