@@ -219,44 +219,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import jax
+    from jaxae.loop import evaluate_run
 
-    from jaxae.data import load_dataset
-    from jaxae.rundir import restore_for_dataset
-
-    trainer, state, config = restore_for_dataset(
-        args.workdir, args.step, need_dataset=True, dataset=args.dataset, data_dir=args.tfds_data_dir
+    out = evaluate_run(
+        args.workdir,
+        args.step,
+        dataset=args.dataset,
+        tfds_data_dir=args.tfds_data_dir,
+        iw_samples=args.iw_samples,
+        probe=args.probe,
     )
-    test = load_dataset(config.dataset, "test", config.tfds_data_dir)
-    images = jax.device_put(test.images.reshape(len(test), -1))
-    metrics = trainer.jit_evaluate(state, images, batch_size=min(config.eval_batch_size, len(test)))
-    out = {"step": int(state.step), "epoch": int(state.epoch), "dataset": config.dataset}
-    out.update({f"test_{k}": float(v) for k, v in jax.device_get(metrics).items()})
-    if args.iw_samples:
-        from jaxae.objectives import importance_weighted_nll, iw_chunk
-
-        if config.variant != "vae":
-            raise JaxaeError(f"--iw-samples needs a vae run; {args.workdir} holds a {config.variant} model")
-        if args.iw_samples < 1:
-            raise JaxaeError(f"--iw-samples must be at least 1, got {args.iw_samples}")
-        batch = min(100, len(test))
-        # Samples decoded in chunks that fit the memory: any K runs, a K that fits in one is unchunked.
-        chunk = iw_chunk(config.arch, tuple(test.image_shape), batch)
-        if chunk < args.iw_samples:
-            print(
-                f"jaxae: --iw-samples {args.iw_samples}: decoding {chunk} samples per image at a time "
-                f"({-(-args.iw_samples // chunk)} chunks per batch of {batch} images)",
-                file=sys.stderr,
-            )
-        fn = importance_weighted_nll(trainer.normalization, config.likelihood, args.iw_samples, chunk)
-        nll = trainer.jit_mean_over(state, images, fn=fn, batch_size=batch)
-        out["test_nll_iw"] = float(nll["nll_iw"])
-        out["iw_samples"] = args.iw_samples
-    if args.probe:
-        from jaxae.probe import linear_probe
-
-        train = load_dataset(config.dataset, "train", config.tfds_data_dir)
-        out.update(linear_probe(trainer, state, train, test))
     undefined = sorted(k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v))
     if undefined:
         # JSON has no NaN: print null, and fail so that scripts notice a broken model.

@@ -40,7 +40,15 @@ from jaxae.train import (
     summarize_epoch,
 )
 
-__all__ = ["LOCK_FILE", "FitResult", "WorkdirLock", "check_same_image_shape", "fit", "init_params_from"]
+__all__ = [
+    "LOCK_FILE",
+    "FitResult",
+    "WorkdirLock",
+    "check_same_image_shape",
+    "evaluate_run",
+    "fit",
+    "init_params_from",
+]
 
 
 def init_params_from(workdir: str | Path, trainer: Trainer, state: TrainState) -> TrainState:
@@ -381,3 +389,65 @@ def _check_finite(epoch: int, train_metrics: dict[str, float], test_metrics: dic
     raise JaxaeError(
         f"training diverged at epoch {epoch} ({values}); that state was not saved, {where}. Try a smaller --lr"
     )
+
+
+def evaluate_run(
+    workdir: str | Path,
+    step: int | None = None,
+    *,
+    dataset: str | None = None,
+    tfds_data_dir: str | None = None,
+    iw_samples: int = 0,
+    probe: bool = False,
+) -> dict[str, Any]:
+    """``jaxae evaluate``: a run's test metrics, as the JSON object the command prints.
+
+    Args:
+        workdir: a folder written by ``jaxae train`` or ``jaxae convert``.
+        step: which checkpoint (default: the latest complete one).
+        dataset: evaluate on this dataset's test split, of the model's image shape (default: the run's).
+        tfds_data_dir: TFDS data directory (with ``dataset``).
+        iw_samples: a VAE's importance-weighted NLL bound with this many samples (``test_nll_iw``);
+            the samples are decoded in chunks that fit the memory, announced on stderr.
+        probe: add the linear probe's accuracies (:func:`~jaxae.probe.linear_probe`).
+
+    Returns:
+        ``{"step", "epoch", "dataset", "test_<metric>": value, ...}``; a metric is NaN where the
+        model has non-finite parameters or outputs.
+    """
+    import sys
+
+    from jaxae.objectives import importance_weighted_nll, iw_chunk
+    from jaxae.probe import linear_probe
+
+    trainer, state, config = rundir.restore_for_dataset(
+        workdir, step, need_dataset=True, dataset=dataset, data_dir=tfds_data_dir
+    )
+    if iw_samples:
+        if config.variant != "vae":
+            raise JaxaeError(f"--iw-samples needs a vae run; {workdir} holds a {config.variant} model")
+        if iw_samples < 1:
+            raise JaxaeError(f"--iw-samples must be at least 1, got {iw_samples}")
+    test = load_dataset(config.dataset, "test", config.tfds_data_dir)
+    images = jax.device_put(test.images.reshape(len(test), -1))
+    metrics = trainer.jit_evaluate(state, images, batch_size=min(config.eval_batch_size, len(test)))
+    out: dict[str, Any] = {"step": int(state.step), "epoch": int(state.epoch), "dataset": config.dataset}
+    out.update({f"test_{k}": float(v) for k, v in jax.device_get(metrics).items()})
+    if iw_samples:
+        batch = min(100, len(test))
+        # Samples decoded in chunks that fit the memory: any K runs, a K that fits in one is unchunked.
+        chunk = iw_chunk(config.arch, tuple(test.image_shape), batch)
+        if chunk < iw_samples:
+            print(
+                f"jaxae: --iw-samples {iw_samples}: decoding {chunk} samples per image at a time "
+                f"({-(-iw_samples // chunk)} chunks per batch of {batch} images)",
+                file=sys.stderr,
+            )
+        fn = importance_weighted_nll(trainer.normalization, config.likelihood, iw_samples, chunk)
+        nll = trainer.jit_mean_over(state, images, fn=fn, batch_size=batch)
+        out["test_nll_iw"] = float(nll["nll_iw"])
+        out["iw_samples"] = iw_samples
+    if probe:
+        train = load_dataset(config.dataset, "train", config.tfds_data_dir)
+        out.update(linear_probe(trainer, state, train, test))
+    return out
