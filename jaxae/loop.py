@@ -48,6 +48,7 @@ __all__ = [
     "evaluate_run",
     "fit",
     "init_params_from",
+    "splits_in_memory",
 ]
 
 
@@ -172,7 +173,7 @@ def fit(
             stops at the first failed save.
     """
     check_run_settings(save_every, keep, resume, workdir)
-    splits = _splits_in_memory(train, test)
+    splits = splits_in_memory(train, test)
     if splits is not None:
         config = dataclasses.replace(config, dataset=splits[0].name)
     if model is not None:
@@ -203,14 +204,14 @@ def fit(
         )
 
 
-def _splits_in_memory(train: Any, test: Any) -> tuple[Dataset, Dataset] | None:
+def splits_in_memory(train: Any, test: Any) -> tuple[Dataset, Dataset] | None:
     """``fit``'s ``train`` and ``test`` as :class:`Dataset` s, checked; None when neither is given."""
     if train is None and test is None:
         return None
     if train is None or test is None:
         given, missing = ("train", "test") if test is None else ("test", "train")
         raise JaxaeError(
-            f"fit got {given}= but no {missing}=: give both splits in memory (test is evaluated every epoch), "
+            f"got {given}= but no {missing}=: give both splits in memory (test is evaluated every epoch), "
             "or neither to read config.dataset"
         )
     out = []

@@ -48,7 +48,7 @@ from jaxae import checkpoint, plots, rundir
 from jaxae.config import SHAPE_SETTINGS, SWEEPABLE, flag_of, shape_message
 from jaxae.data import dataset_image_shape, get_normalization, load_dataset
 from jaxae.errors import JaxaeError
-from jaxae.loop import check_same_image_shape
+from jaxae.loop import check_same_image_shape, splits_in_memory
 from jaxae.objectives import VARIANTS, get_variant
 from jaxae.parallel import MESH_AXIS
 from jaxae.rundir import (
@@ -117,6 +117,14 @@ def sweep_configs(base: TrainConfig, **values: Sequence[Any]) -> list[TrainConfi
         return made
 
     return [config(combo) for combo in itertools.product(*(values[n] for n in names))]
+
+
+def _with_setting(config: TrainConfig, name: str, value: Any) -> TrainConfig:
+    """``config`` with one setting changed, without validating it again (the grid's configs are
+    many; the value is one that was validated)."""
+    made = copy.copy(config)
+    made.__dict__[name] = value
+    return made
 
 
 def varying_settings(configs: Sequence[TrainConfig]) -> list[str]:
@@ -442,6 +450,8 @@ def fit_sweep(
     keep: int = 3,
     figures: bool = True,
     callbacks: Sequence[Callable[[list[dict[str, Any]]], None]] = (),
+    train: Any = None,
+    test: Any = None,
 ) -> SweepResult:
     """Trains every config of a grid (:func:`sweep_configs`) as one compiled program.
 
@@ -464,6 +474,9 @@ def fit_sweep(
         keep: checkpoints kept per model (the best is kept besides).
         figures: write each model's ``reconstructions.png`` and ``loss.png`` at the end.
         callbacks: each gets every epoch's list of per-model metrics records.
+        train: the train split in memory (a :class:`~jaxae.data.Dataset` or ``(images, labels)``),
+            with ``test``, as for :func:`jaxae.fit`; every model records the split's name as its dataset.
+        test: the test split in memory.
 
     Raises:
         JaxaeError: a grid that cannot be one sweep, one that does not fit in memory (before
@@ -471,10 +484,13 @@ def fit_sweep(
         TrainingInterrupted: SIGINT/SIGTERM stopped the sweep after every model was saved.
     """
     configs = list(configs)
+    splits = splits_in_memory(train, test)
+    if splits is not None:
+        configs = [_with_setting(c, "dataset", splits[0].name) for c in configs]
     check_grid(configs)
     check_run_settings(save_every, keep, resume, workdir)
     placement = Placement(len(configs), strategy, devices)
-    image_shape = check_size(configs[0], len(configs), placement)
+    image_shape = check_size(configs[0], len(configs), placement, splits[0].image_shape if splits else None)
     varying = varying_settings(configs)
     names = [run_name(c, varying) for c in configs]
     out = Path(workdir) if workdir is not None else None
@@ -499,7 +515,7 @@ def fit_sweep(
             return _train_sweep(
                 configs, names, varying, out, run_dirs, grid, diverged, placement, image_shape,
                 resume=resume, progress=progress, save_every=save_every, keep=keep, figures=figures,
-                callbacks=callbacks,
+                callbacks=callbacks, splits=splits,
             )  # fmt: skip
     except BaseException:
         for folders in reversed(created):
@@ -507,19 +523,25 @@ def fit_sweep(
         raise
 
 
-def check_size(base: TrainConfig, models: int, placement: Placement | str = "none") -> tuple[int, ...]:
+def check_size(
+    base: TrainConfig, models: int, placement: Placement | str = "none", image_shape: tuple[int, ...] | None = None
+) -> tuple[int, ...]:
     """Refuses a grid of ``models`` models of ``base`` whose models alone do not fit, from its size.
 
     Nothing is read but the dataset's headers, nothing built but shapes: a grid far too large
     (tens of thousands of models) is refused in a moment, before its configs or folders are
     made. The dataset is counted too once it is loaded (:func:`fit_sweep`).
 
+    Args:
+        image_shape: the images' shape, for images in memory (default: read from ``base.dataset``).
+
     Returns:
         The dataset's image shape.
     """
     if isinstance(placement, str):
         placement = Placement(models, placement)
-    image_shape = dataset_image_shape(base.dataset, base.tfds_data_dir)  # as fit: the model before the data
+    if image_shape is None:
+        image_shape = dataset_image_shape(base.dataset, base.tfds_data_dir)  # as fit: the model before the data
     shapes = jax.eval_shape(lambda: build(base, image_shape)[1].params)
     param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
     estimate = estimate_memory(base, param_count, math.prod(image_shape), 0, placement.models_per_device)
@@ -544,12 +566,16 @@ def _train_sweep(
     keep: int,
     figures: bool,
     callbacks: Sequence[Callable[[list[dict[str, Any]]], None]],
+    splits: tuple[Any, Any] | None = None,
 ) -> SweepResult:
     base = configs[0]
     trainer0, state0 = build(base, image_shape)
-    train = load_dataset(base.dataset, "train", base.tfds_data_dir)
-    test = load_dataset(base.dataset, "test", base.tfds_data_dir)
-    check_same_image_shape(image_shape, train, test)
+    if splits is not None:
+        train, test = splits
+    else:
+        train = load_dataset(base.dataset, "train", base.tfds_data_dir)
+        test = load_dataset(base.dataset, "test", base.tfds_data_dir)
+        check_same_image_shape(image_shape, train, test)
     if base.batch_size > len(train):
         raise JaxaeError(f"--batch-size {base.batch_size} is larger than the {len(train)}-image train split")
     input_dim = math.prod(image_shape)

@@ -389,5 +389,5 @@ def test_a_model_off_the_contract_is_one_line_before_training(
 
 
 def test_fit_needs_both_splits_in_memory(sample_train):
-    with pytest.raises(JaxaeError, match="fit got train= but no test="):
+    with pytest.raises(JaxaeError, match="got train= but no test="):
         fit(TrainConfig(), train=(sample_train.images[:10], None))

@@ -432,3 +432,16 @@ def test_sweeping_a_setting_the_variant_ignores_is_refused(tmp_path, capsys):
     assert "sweep it with --variant denoising" in line and not (tmp_path / "S").exists()
     with pytest.raises(JaxaeError, match="--beta does not change the sparse variant"):
         sweep.check_grid(sweep_configs(TrainConfig(variant="sparse"), beta=[1.0, 2.0]))
+
+
+def test_a_sweep_takes_arrays_in_memory_as_fit_does(sample_train, sample_test):
+    train = (sample_train.images[:256], sample_train.labels[:256])
+    test = (sample_test.images[:64], None)
+    base = TrainConfig(epochs=1, batch_size=64)
+    result = fit_sweep(sweep_configs(base, seed=[0, 1]), train=train, test=test, progress=False)
+    assert [c.dataset for c in result.configs] == ["arrays", "arrays"]
+    for config, history in zip(result.configs, result.histories, strict=True):
+        alone = fit(config, train=train, test=test, progress=False).history
+        np.testing.assert_allclose(history[0]["train_loss"], alone[0]["train_loss"], rtol=1e-5)
+    with pytest.raises(JaxaeError, match="got test= but no train="):
+        fit_sweep([base], test=test, progress=False)
