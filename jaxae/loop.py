@@ -254,6 +254,9 @@ def _fit(
         image_shape = dataset_image_shape(config.dataset, config.tfds_data_dir)
     if model is None:
         trainer, state = build(config, image_shape)
+        if tx is not None:  # the config's model with your optimizer
+            trainer = dataclasses.replace(trainer, tx=tx)
+            state = state.replace(opt_state=tx.init(state.params))
     else:
         check_model_contract(model, config.variant, image_shape)
         normalization = get_normalization(config.normalize)
@@ -422,7 +425,7 @@ def evaluate_run(
     from jaxae.probe import linear_probe
 
     trainer, state, config = rundir.restore_for_dataset(
-        workdir, step, need_dataset=True, dataset=dataset, data_dir=tfds_data_dir
+        workdir, step, need_dataset=True, dataset=dataset, data_dir=tfds_data_dir, optimizer=False
     )
     if iw_samples:
         if config.variant != "vae":

@@ -546,7 +546,13 @@ def interrupted(
 
 
 def restore_for_dataset(
-    workdir: str, step: int | None, *, need_dataset: bool, dataset: str | None = None, data_dir: str | None = None
+    workdir: str,
+    step: int | None,
+    *,
+    need_dataset: bool,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    optimizer: bool = True,
 ):
     """``checkpoint.restore`` for the images of the run's dataset (or ``dataset``, replacing it in the
     returned config), whose shape is read from its headers.
@@ -569,7 +575,7 @@ def restore_for_dataset(
             raise
         shape = None
     try:
-        trainer, state, saved = checkpoint.restore(workdir, step, image_shape=shape)
+        trainer, state, saved = checkpoint.restore(workdir, step, image_shape=shape, optimizer=optimizer)
     except checkpoint.ImageShapeError as e:
         raise JaxaeError(f"{e}; the {dataset} images are {shape_text(shape)} now") from None
     return trainer, state, dataclasses.replace(saved, dataset=dataset, tfds_data_dir=data_dir)

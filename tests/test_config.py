@@ -246,3 +246,17 @@ def test_export_of_a_scheduled_run_with_its_optimizer_is_one_line_and_clipping_i
     assert cli.main(["export", "--workdir", str(clipped), "--out", str(tmp_path / "k.pt"), "--with-optimizer"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "clip_grad_norm_(model.parameters(), 2)" in summary["notes"][0]
+
+
+def test_evaluate_and_export_read_a_run_of_another_optax_chain_without_its_optimizer(tmp_path, idx_folder, capsys):
+    workdir = tmp_path / "sgd"
+    cfg = TrainConfig(dataset=str(idx_folder), batch_size=128, epochs=1)
+    trained = fit(cfg, workdir, tx=optax.sgd(0.1, momentum=0.9), progress=False)
+    sgd_state = optax.sgd(0.1, momentum=0.9).init(trained.state.params)
+    assert jax.tree.structure(trained.state.opt_state) == jax.tree.structure(sgd_state)  # it trained with SGD
+    assert cli.main(["evaluate", "--workdir", str(workdir)]) == 0  # before: "another optimizer than the one given"
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["test_loss"] == pytest.approx(trained.history[-1]["test_loss"], rel=1e-6)
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "w.safetensors")]) == 0
+    code = cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "o.pt"), "--with-optimizer"])
+    assert code == 2 and "another optimizer" in capsys.readouterr().err  # that one needs the optimizer's state

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -652,11 +653,13 @@ def restore(
     strategy: Any = None,
     tx: optax.GradientTransformation | None = None,
     image_shape: tuple[int, ...] | None = None,
+    optimizer: bool = True,
 ) -> tuple[Trainer, TrainState, TrainConfig]:
     """Rebuilds the model from a checkpoint's config and restores its state into it.
 
     The optimizer is rebuilt too: Adam with the config's learning rate, as ``jaxae train``
-    uses. A checkpoint saved from your own loop with another optimizer needs it as ``tx``.
+    uses. A checkpoint saved from your own loop with another optimizer needs it as ``tx``, or
+    ``optimizer=False`` where its state is not needed (evaluating, exporting the weights).
 
     Args:
         workdir: a folder written by ``jaxae train`` (or :func:`save`).
@@ -669,6 +672,9 @@ def restore(
             (:func:`~jaxae.data.dataset_image_shape`): checked against the checkpoint's, and used
             for a checkpoint written before format 3, which recorded only a guess (default: the
             checkpoint's).
+        optimizer: restore the optimizer's state; with False, only the parameters, step, epoch
+            and keys are read (each file is still checked against its digest) and the state gets
+            a fresh optimizer state, so a run trained with any optax chain restores.
 
     Returns:
         The trainer, the restored state and the run's config.
@@ -709,4 +715,28 @@ def restore(
     if tx is not None:
         trainer = dataclasses.replace(trainer, tx=tx)
         fresh = fresh.replace(opt_state=tx.init(fresh.params))
+    if not optimizer:
+        read = functools.partial(_restore_without_optimizer, workdir, fresh)
+        return trainer, _latest_of_a_live_run(workdir, step, read), config
     return trainer, restore_state(workdir, fresh, step, strategy=strategy), config
+
+
+def _restore_without_optimizer(workdir: str | Path, template: TrainState, step: int | None) -> TrainState:
+    """``template`` with a checkpoint's parameters, step, epoch and keys; its optimizer state is left unread."""
+    fields = {name: getattr(template, name) for name in ("params", "step", "epoch", "rng", "data_rng")}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fields)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    mngr = _open(workdir)
+    try:
+        step, steps = _pick_step(mngr, workdir, step)
+        _check_files(workdir, step, steps)
+        meta = _read_meta(mngr, workdir, step, steps)
+        _check_image_shape(workdir, step, meta, template)
+        args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+        try:
+            got = mngr.restore(step, args=ocp.args.Composite(state=args)).state
+        except Exception as e:
+            raise _damaged(workdir, step, steps, _reason(e)) from e
+    finally:
+        mngr.close()
+    return template.replace(**{name: got[name] for name in fields})

@@ -339,9 +339,9 @@ def export_checkpoint(
     convert.check_output_file(out, overwrite=force)  # before the restore: fail before work
     _, meta = checkpoint.read_meta(workdir, step)
     if checkpoint.saved_image_shape(meta) is None:  # an older checkpoint: its dataset says the shape
-        trainer, state, config = restore_for_dataset(workdir, step, need_dataset=False)
+        trainer, state, config = restore_for_dataset(workdir, step, need_dataset=False, optimizer=with_optimizer)
     else:
-        trainer, state, config = checkpoint.restore(workdir, step)
+        trainer, state, config = checkpoint.restore(workdir, step, optimizer=with_optimizer)
     # the images the run's model takes; an older checkpoint's shape may be a flat size: then the
     # links read it off the parameters where they can
     image_shape = tuple(checkpoint.input_shape_of(state))
