@@ -98,7 +98,7 @@ def write_run_figures(out: Path, trainer: Any, state: Any, test: Any, history: S
     import jax
     import jax.numpy as jnp
 
-    idx = pick_examples(test.labels, 10)
+    idx = pick_examples(test.labels, 10) if test.labels is not None else np.arange(min(10, len(test.images)))
     images = jnp.asarray(test.images[idx].reshape(len(idx), -1))
     norm = trainer.normalization
     objective = trainer.objective

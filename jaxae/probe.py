@@ -117,6 +117,10 @@ def linear_probe(trainer: Any, state: Any, train: Dataset, test: Dataset, *, ste
     """``probe_accuracy`` on the model's codes and ``probe_accuracy_pixels`` on raw pixels."""
     from jaxae.train import encode
 
+    for split in (train, test):
+        if split.labels is None:
+            raise DataError(f"the probe needs labels: the {split.split} split of {split.name} has none")
+
     codes_train = encode(trainer, state, train.images)
     codes_test = encode(trainer, state, test.images)
     pixels_train = train.images.reshape(len(train), -1).astype(np.float32) / 255.0

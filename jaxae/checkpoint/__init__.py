@@ -91,6 +91,10 @@ BEST_METRIC = "test_loss"
 SLOW_SAVE_ENV = "JAXAE_TEST_SLOW_SAVE_SECONDS"
 
 
+class OptimizerStateError(JaxaeError):
+    """A checkpoint holds the state of another optimizer than the one given."""
+
+
 class ImageShapeError(JaxaeError):
     """A checkpoint's model is for images of another shape than those it was asked to take."""
 
@@ -531,7 +535,7 @@ def _check_optimizer(workdir: str | Path, step: int, template: TrainState) -> No
     }
     if params_match and saved_opt != given_opt:
         differ = sorted(set(saved_opt) ^ set(given_opt)) or sorted(k for k in saved_opt if saved_opt[k] != given_opt[k])
-        raise JaxaeError(
+        raise OptimizerStateError(
             f"checkpoint {step_dir(workdir, step)} holds the state of another optimizer than the one given "
             f"(first difference: {differ[0]} is {_describe(saved_opt, differ[0])} in the checkpoint but "
             f"{_describe(given_opt, differ[0])} in the given optimizer's state); "
@@ -672,9 +676,10 @@ def restore(
             (:func:`~jaxae.data.dataset_image_shape`): checked against the checkpoint's, and used
             for a checkpoint written before format 3, which recorded only a guess (default: the
             checkpoint's).
-        optimizer: restore the optimizer's state; with False, only the parameters, step, epoch
-            and keys are read (each file is still checked against its digest) and the state gets
-            a fresh optimizer state, so a run trained with any optax chain restores.
+        optimizer: whether the optimizer's state is needed. With False, a checkpoint of another
+            optimizer is read for its parameters, step, epoch and keys alone (each file is still
+            checked against its digest) with a fresh optimizer state, so a run trained with any
+            optax chain evaluates and exports.
 
     Returns:
         The trainer, the restored state and the run's config.
@@ -715,10 +720,15 @@ def restore(
     if tx is not None:
         trainer = dataclasses.replace(trainer, tx=tx)
         fresh = fresh.replace(opt_state=tx.init(fresh.params))
-    if not optimizer:
-        read = functools.partial(_restore_without_optimizer, workdir, fresh)
-        return trainer, _latest_of_a_live_run(workdir, step, read), config
-    return trainer, restore_state(workdir, fresh, step, strategy=strategy), config
+    try:
+        return trainer, restore_state(workdir, fresh, step, strategy=strategy), config
+    except OptimizerStateError:
+        if optimizer:
+            raise
+    # Another optimizer's state: the parameters alone. Each file is still checked against its
+    # digest; the digest of the whole state cannot be, without the state it covers.
+    read = functools.partial(_restore_without_optimizer, workdir, fresh)
+    return trainer, _latest_of_a_live_run(workdir, step, read), config
 
 
 def _restore_without_optimizer(workdir: str | Path, template: TrainState, step: int | None) -> TrainState:
