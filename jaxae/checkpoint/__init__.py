@@ -620,6 +620,18 @@ def restore_state(
     return _latest_of_a_live_run(workdir, step, lambda step: _restore_state(workdir, template, step, strategy))
 
 
+def _checked_step(
+    mngr: ocp.CheckpointManager, workdir: str | Path, step: int | None, template: TrainState
+) -> tuple[int, list[int], dict[str, Any]]:
+    """The step to restore, the complete steps and its metadata, once its files, metadata and
+    image shape are checked against the digests and ``template``."""
+    step, steps = _pick_step(mngr, workdir, step)
+    _check_files(workdir, step, steps)
+    meta = _read_meta(mngr, workdir, step, steps)
+    _check_image_shape(workdir, step, meta, template)
+    return step, steps, meta
+
+
 def _restore_state(workdir: str | Path, template: TrainState, step: int | None, strategy: Any) -> TrainState:
     target = strategy.put_state(template) if strategy is not None else template
     same_shapes = all(
@@ -628,10 +640,7 @@ def _restore_state(workdir: str | Path, template: TrainState, step: int | None, 
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target if same_shapes else template)
     mngr = _open(workdir)
     try:
-        step, steps = _pick_step(mngr, workdir, step)
-        _check_files(workdir, step, steps)
-        meta = _read_meta(mngr, workdir, step, steps)
-        _check_image_shape(workdir, step, meta, template)
+        step, steps, meta = _checked_step(mngr, workdir, step, template)
         try:
             state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
         except Exception as e:
@@ -738,10 +747,7 @@ def _restore_without_optimizer(workdir: str | Path, template: TrainState, step: 
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     mngr = _open(workdir)
     try:
-        step, steps = _pick_step(mngr, workdir, step)
-        _check_files(workdir, step, steps)
-        meta = _read_meta(mngr, workdir, step, steps)
-        _check_image_shape(workdir, step, meta, template)
+        step, steps, _ = _checked_step(mngr, workdir, step, template)
         args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
         try:
             got = mngr.restore(step, args=ocp.args.Composite(state=args)).state
