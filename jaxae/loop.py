@@ -353,11 +353,12 @@ def _fit(
             for callback in callbacks:
                 callback(record)
             bar.set_postfix(train_loss=f"{record['train_loss']:.4f}", test_loss=f"{record['test_loss']:.4f}")
-        if stop is not None and stop.agreed() is not None:
+        signum = stop.agreed() if stop is not None else None
+        if signum is not None:
             final = _host_copy(strategy, state)
             if int(final.epoch) > start_epoch and int(final.step) != ckpts.latest_step():
                 ckpts.save(final, config, metrics={"test_loss": history[-1]["test_loss"]})
-            raise rundir.interrupted(stop.signum, config, final, ckpts, elsewhere=stop.from_another_process)
+            raise rundir.interrupted(signum, config, final, ckpts, elsewhere=stop.from_another_process)
     finally:
         if stop is not None:
             stop.__exit__()

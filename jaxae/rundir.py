@@ -206,9 +206,14 @@ class StopOnSignal:
 
         everyone = np.asarray(multihost_utils.process_allgather(np.int32(self.signum or 0))).ravel()
         received = [int(s) for s in everyone if s]
-        if received and self.signum is None:
-            self.signum, self.from_another_process = received[0], True
-        return self.signum
+        if self.signum is not None:
+            return self.signum
+        if received:
+            # Not self.signum: that is this process's own first signal, and a second one of its own
+            # stops it at once; another host's signal must not make this host's first one its second.
+            self.from_another_process = True
+            return received[0]
+        return None
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():

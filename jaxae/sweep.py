@@ -676,10 +676,11 @@ def _train_sweep(
             best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))
             bar.set_postfix(best_test_loss=f"{best:.4f}", models_per_s=f"{len(configs) / seconds:.1f}")
         host_states = unstack(state, len(configs))
-        if stop is not None and stop.agreed() is not None:
+        signum = stop.agreed() if stop is not None else None
+        if signum is not None:
             if int(host_states[healthy[0]].epoch) > start_epoch:
                 _save_all(ckpts, host_states, configs, [h[-1] if h else {} for h in histories], diverged)
-            raise interrupted(stop.signum, base, host_states[healthy[0]], ckpts[healthy[0]], saved_in=out)
+            raise interrupted(signum, base, host_states[healthy[0]], ckpts[healthy[0]], saved_in=out)
     finally:
         if stop is not None:
             stop.__exit__()

@@ -260,3 +260,25 @@ def test_evaluate_and_export_read_a_run_of_another_optax_chain_without_its_optim
     assert cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "w.safetensors")]) == 0
     code = cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "o.pt"), "--with-optimizer"])
     assert code == 2 and "another optimizer" in capsys.readouterr().err  # that one needs the optimizer's state
+
+
+def test_another_hosts_signal_does_not_make_this_hosts_first_signal_its_second(monkeypatch):
+    import os
+    import signal as signals
+
+    from jax.experimental import multihost_utils
+
+    from jaxae import rundir
+
+    killed = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.array([0, signals.SIGTERM]))
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
+    stop = rundir.StopOnSignal()
+    assert stop.agreed() == signals.SIGTERM and stop.from_another_process
+    stop._handle(signals.SIGTERM, None)  # this host's own first SIGTERM: finish the epoch and save
+    assert killed == [] and stop.signum == signals.SIGTERM
+    stop._handle(signals.SIGTERM, None)  # its second one stops it at once
+    assert killed == [signals.SIGTERM]
+    stop.__exit__()
+    signals.signal(signals.SIGTERM, signals.SIG_DFL)
