@@ -11,24 +11,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
-import math
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import jax
-from tqdm.auto import tqdm
 
-from jaxae import checkpoint, plots, rundir
+from jaxae import checkpoint, rundir
 from jaxae.data import Dataset, dataset_image_shape, get_normalization, load_dataset, shape_text
+from jaxae.epochs import EpochLoop, Member
 from jaxae.errors import DataError, JaxaeError
 from jaxae.objectives import check_model_contract, get_variant
 from jaxae.parallel import Strategy, get_strategy
 
 # The run folder's lock, re-exported where library users have always found it.
-from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings, open_run_outputs
+from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings
 from jaxae.train import (
     TrainConfig,
     Trainer,
@@ -37,7 +34,6 @@ from jaxae.train import (
     create_train_state,
     learning_rate,
     make_optimizer,
-    summarize_epoch,
 )
 
 __all__ = [
@@ -279,121 +275,38 @@ def _fit(
         lr_of_step = functools.partial(learning_rate, config, steps_per_epoch)
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy or Strategy()
     strategy.check_batch_size(config.batch_size)
-    progress = progress and strategy.is_primary
-    input_dim = math.prod(image_shape)
     if resume:
         state = checkpoint.restore_state(out, state, strategy=strategy)
     else:
         if init_from is not None:
             state = init_params_from(init_from, trainer, state)
         state = strategy.put_state(state)
-    start_epoch = int(strategy.host_state(state).epoch)
+    at = strategy.host_state(state)
+    start_epoch, start_step = int(at.epoch), int(at.step)
     history = rundir.previous_records(out, start_epoch) if resume else []
     if start_epoch >= config.epochs:
-        return FitResult(trainer, strategy.host_state(state), history, 0.0, start_epoch)
-    train_images = strategy.put_data(train.images.reshape(len(train), input_dim))
-    test_images = strategy.put_data(test.images.reshape(len(test), input_dim))
-    eval_batch = min(config.eval_batch_size, len(test))
-
-    t0 = time.perf_counter()
-    train_epoch = strategy.compile_epoch(trainer, state, train_images, config.batch_size)
-    evaluate = strategy.compile_evaluate(trainer, state, test_images, eval_batch)
-    compile_seconds = time.perf_counter() - t0
-
-    metrics_file = None
-    ckpts = None
-    stop = None
-    if out is not None:
-        metrics_file, ckpts = open_run_outputs(
-            out, config, history, keep, primary=strategy.is_primary, own_model=model is not None
-        )
-        stop = rundir.StopOnSignal().__enter__()
-
-    bar = tqdm(
-        range(start_epoch, config.epochs),
-        initial=start_epoch,
-        total=config.epochs,
+        return FitResult(trainer, at, history, 0.0, start_epoch)
+    member = Member(config, trainer, out, history, lr_of_step, changed, own_model=model is not None)
+    loop = EpochLoop(
+        strategy, trainer, state, [member], train, test,
+        batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+    )  # fmt: skip
+    (final,) = loop.run(
+        start_epoch=start_epoch,
+        start_step=start_step,
+        epochs=config.epochs,
+        save_every=save_every,
+        keep=keep,
+        progress=progress,
         desc=f"{config.variant} on {config.dataset}",
-        unit="epoch",
-        disable=not progress,
+        callbacks=[functools.partial(_one_record, c) for c in callbacks],
+        figures=figures and out is not None,
     )
-    try:
-        for epoch in bar:
-            if stop is not None and stop.agreed() is not None:
-                break
-            t_start = time.perf_counter()
-            state, step_metrics = train_epoch(state, train_images)
-            train_metrics = summarize_epoch(jax.device_get(step_metrics))
-            t_train = time.perf_counter() - t_start
-            test_metrics = {k: float(v) for k, v in jax.device_get(evaluate(state, test_images)).items()}
-            _check_finite(epoch + 1, train_metrics, test_metrics, ckpts)
-            step = int(strategy.host_state(state).step)
-            record = {
-                "epoch": epoch + 1,
-                "step": step,
-                **({"lr": lr_of_step(step - 1)} if lr_of_step is not None else {}),
-                **{f"train_{k}": v for k, v in train_metrics.items()},
-                **{f"test_{k}": v for k, v in test_metrics.items()},
-                "samples_per_s": len(train) / t_train,
-                "seconds": time.perf_counter() - t_start,
-            }
-            if changed and epoch == start_epoch:
-                record["changed"] = changed  # the settings this resumed run changed, from -> to
-            saving = ckpts is not None and ((epoch + 1) % save_every == 0 or epoch + 1 == config.epochs)
-            if saving:
-                # The previous save must be complete before this one starts anyway; waiting here
-                # instead stops a run whose save failed (CheckpointSaveError) before it records more.
-                ckpts.wait()
-            history.append(record)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            if saving:
-                ckpts.save(_host_copy(strategy, state), config, metrics={"test_loss": test_metrics["loss"]})
-            for callback in callbacks:
-                callback(record)
-            bar.set_postfix(train_loss=f"{record['train_loss']:.4f}", test_loss=f"{record['test_loss']:.4f}")
-        signum = stop.agreed() if stop is not None else None
-        if signum is not None:
-            final = _host_copy(strategy, state)
-            if int(final.epoch) > start_epoch and int(final.step) != ckpts.latest_step():
-                ckpts.save(final, config, metrics={"test_loss": history[-1]["test_loss"]})
-            raise rundir.interrupted(signum, config, final, ckpts, elsewhere=stop.from_another_process)
-    finally:
-        if stop is not None:
-            stop.__exit__()
-        if metrics_file is not None:
-            metrics_file.close()
-        if ckpts is not None:
-            ckpts.close()  # completes the save in flight
-
-    if out is not None and figures:
-        if strategy.is_primary:
-            plots.write_run_figures(out, trainer, strategy.host_state(state), test, history)
-    return FitResult(trainer, strategy.host_state(state), history, compile_seconds, start_epoch)
+    return FitResult(trainer, final, history, loop.compile_seconds, start_epoch)
 
 
-def _host_copy(strategy: Any, state: TrainState) -> TrainState:
-    """The state as a checkpoint holds it (a strategy may say how; else its host copy)."""
-    return getattr(strategy, "checkpoint_state", strategy.host_state)(state)
-
-
-def _check_finite(epoch: int, train_metrics: dict[str, float], test_metrics: dict[str, float], ckpts: Any) -> None:
-    bad = {f"train {k}": v for k, v in train_metrics.items() if not math.isfinite(v)}
-    bad.update({f"test {k}": v for k, v in test_metrics.items() if not math.isfinite(v)})
-    if not bad:
-        return
-    # The diverged state is never saved; the last good checkpoint stays the latest.
-    where = "there is no earlier checkpoint"
-    if ckpts is not None:
-        ckpts.wait()
-        step = ckpts.latest_step()
-        if step is not None:
-            where = f"the last good checkpoint is {checkpoint.step_dir(ckpts.workdir, step)} (step {step})"
-    values = ", ".join(f"{k} = {v}" for k, v in bad.items())
-    raise JaxaeError(
-        f"training diverged at epoch {epoch} ({values}); that state was not saved, {where}. Try a smaller --lr"
-    )
+def _one_record(callback: Callable[[dict[str, Any]], None], records: list[dict[str, Any]]) -> None:
+    callback(records[0])
 
 
 def evaluate_run(

@@ -104,6 +104,16 @@ class Strategy:
         """
         return self.host_state(state)
 
+    def host_values(self, tree: Any) -> list[Any]:
+        """A compiled function's outputs -> ``[host copy]`` (one model; see :class:`jaxae.epochs.Runner`)."""
+        return [jax.device_get(tree)]
+
+    def host_states(self, state: TrainState) -> list[TrainState]:
+        return [self.host_state(state)]
+
+    def checkpoint_states(self, state: TrainState) -> list[TrainState]:
+        return [self.checkpoint_state(state)]
+
     def compile_epoch(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
         """``(state, images) -> (state, per-step metrics)``, compiled ahead of time."""
         self.check_batch_size(batch_size)

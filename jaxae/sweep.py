@@ -27,12 +27,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import operator
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
-from jaxae import checkpoint, plots, rundir
+from jaxae import checkpoint, rundir
 from jaxae.config import SHAPE_SETTINGS, SWEEPABLE, flag_of, shape_message
 from jaxae.data import dataset_image_shape, get_normalization, load_dataset
+from jaxae.epochs import EpochLoop, Member, json_safe
 from jaxae.errors import JaxaeError
 from jaxae.loop import check_same_image_shape, splits_in_memory
 from jaxae.objectives import VARIANTS, get_variant
@@ -55,9 +55,7 @@ from jaxae.rundir import (
     WorkdirLock,
     check_run_settings,
     check_workdir_writable,
-    interrupted,
     missing_folders,
-    open_run_outputs,
     previous_records,
     remove_if_unused,
 )
@@ -69,7 +67,6 @@ from jaxae.train import (
     device_memory_bytes,
     learning_rate,
     make_optimizer,
-    summarize_epoch,
 )
 
 #: The sweepable settings (:data:`~jaxae.config.SWEEPABLE`, declared in :mod:`jaxae.config`) that
@@ -378,6 +375,33 @@ class Placement:
     def put_data(self, images: np.ndarray) -> jax.Array:
         return jax.device_put(images, self.replicated)
 
+    # -- a runner of the epoch loop (jaxae.epochs.Runner): one stack of models, in one process
+
+    is_primary = True
+
+    def compile_epoch(self, program: tuple[SweepProgram, Any], state: Any, images: jax.Array, batch_size: int):
+        """``(state, images) -> (state, per-step metrics)`` of every model; ``program`` is the
+        sweep's program and its per-model settings (placed by :meth:`put_models`)."""
+        return self._bind(program, state, images, batch_size, "train_epoch")
+
+    def compile_evaluate(self, program: tuple[SweepProgram, Any], state: Any, images: jax.Array, batch_size: int):
+        """``(state, images) -> {metric: [models]}``."""
+        return self._bind(program, state, images, batch_size, "evaluate")
+
+    def _bind(self, program: tuple[SweepProgram, Any], state: Any, images: jax.Array, batch_size: int, fn: str):
+        program, hyper = program
+        compiled = self.compile(program, state, hyper, images, batch_size, fn)
+        return lambda state, images: compiled(state, hyper, images)
+
+    def host_values(self, tree: Any) -> list[Any]:
+        return unstack(tree, self.models)
+
+    def host_states(self, state: Any) -> list[TrainState]:
+        return unstack(state, self.models)
+
+    def checkpoint_states(self, state: Any) -> list[TrainState]:
+        return [jax.tree.map(jnp.asarray, s) for s in unstack(state, self.models)]
+
     def compile(
         self, program: SweepProgram, state: Any, hyper: Any, images: jax.Array, batch_size: int, fn: str
     ) -> Callable:
@@ -600,122 +624,44 @@ def _train_sweep(
         summary = _summary(names, configs, varying, histories, placement, diverged)
         return SweepResult(configs, run_dirs, states, histories, summary, placement.kind, 0.0, start_epoch)
 
-    state = placement.put_models(stack(states))
-    hyper = placement.put_models(hyper_host)
-    train_images = placement.put_data(train.images.reshape(len(train), input_dim))
-    test_images = placement.put_data(test.images.reshape(len(test), input_dim))
-    eval_batch = min(base.eval_batch_size, len(test))
-    t0 = time.perf_counter()
-    train_epoch = placement.compile(program, state, hyper, train_images, base.batch_size, "train_epoch")
-    evaluate = placement.compile(program, state, hyper, test_images, eval_batch, "evaluate")
-    compile_seconds = time.perf_counter() - t0
-
-    ckpts: list[Any] = []
-    metrics_files: list[Any] = []
-    stop = None
+    members = [
+        Member(
+            c,
+            SweepProgram(c, trainer0.graphdef, ()).trainer({}),
+            d,
+            h,
+            functools.partial(learning_rate, c, steps_per_epoch),
+        )
+        for c, d, h in zip(configs, run_dirs, histories, strict=True)
+    ]
+    loop = EpochLoop(
+        placement, (program, placement.put_models(hyper_host)), placement.put_models(stack(states)), members,
+        train, test, batch_size=base.batch_size, eval_batch_size=base.eval_batch_size,
+    )  # fmt: skip
+    compile_seconds = loop.compile_seconds
     if out is not None:
         _write_grid(out, grid, names, diverged)
-        for d, c, h in zip(run_dirs, configs, histories, strict=True):
-            metrics_file, ck = open_run_outputs(d, c, h, keep)  # each model's folder is an ordinary run's
-            metrics_files.append(metrics_file)
-            ckpts.append(ck)
-        stop = rundir.StopOnSignal().__enter__()
-    bar = tqdm(
-        range(start_epoch, base.epochs),
-        initial=start_epoch,
-        total=base.epochs,
+    host_states = loop.run(
+        start_epoch=start_epoch,
+        start_step=start_epoch * steps_per_epoch,
+        epochs=base.epochs,
+        save_every=save_every,
+        keep=keep,
+        progress=progress,
         desc=f"sweep of {len(configs)} {base.variant} models",
-        unit="epoch",
-        disable=not progress,
+        callbacks=callbacks,
+        figures=figures,
+        diverged=diverged,
+        on_diverged=(lambda d: _write_grid(out, grid, names, d)) if out is not None else (lambda d: None),
+        saved_in=out,
     )
-    host_states = states
-    try:
-        for epoch in bar:
-            if stop is not None and stop.agreed() is not None:
-                break
-            t_start = time.perf_counter()
-            state, step_metrics = train_epoch(state, hyper, train_images)
-            step_metrics = jax.device_get(step_metrics)
-            t_train = time.perf_counter() - t_start
-            test_metrics = jax.device_get(evaluate(state, hyper, test_images))
-            seconds = time.perf_counter() - t_start
-            records = []
-            newly_diverged = False
-            for i in range(len(configs)):
-                train_i = summarize_epoch({k: v[i] for k, v in step_metrics.items()})
-                test_i = {k: float(v[i]) for k, v in test_metrics.items()}
-                step = (epoch + 1) * steps_per_epoch
-                record = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "lr": learning_rate(configs[i], steps_per_epoch, step - 1),
-                    **{f"train_{k}": v for k, v in train_i.items()},
-                    **{f"test_{k}": v for k, v in test_i.items()},
-                    "samples_per_s": len(train) / t_train,
-                    "sweep_samples_per_s": len(configs) * len(train) / t_train,
-                    "seconds": seconds,
-                }
-                records.append(record)
-                if i in diverged:
-                    continue  # its last record is the epoch it diverged at; it is saved no more
-                if not all(math.isfinite(v) for v in [*train_i.values(), *test_i.values()]):
-                    diverged[i] = epoch + 1  # its later checkpoints are not saved; the others go on
-                    newly_diverged = True
-                histories[i].append(record)
-                if metrics_files:
-                    metrics_files[i].write(_json_line(record))
-                    metrics_files[i].flush()
-            if newly_diverged and out is not None:
-                _write_grid(out, grid, names, diverged)  # a resume keeps it diverged
-            last = epoch + 1 == base.epochs
-            if ckpts and ((epoch + 1) % save_every == 0 or last):
-                host_states = unstack(state, len(configs))
-                _save_all(ckpts, host_states, configs, records, diverged)
-            for callback in callbacks:
-                callback(records)
-            best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))
-            bar.set_postfix(best_test_loss=f"{best:.4f}", models_per_s=f"{len(configs) / seconds:.1f}")
-        host_states = unstack(state, len(configs))
-        signum = stop.agreed() if stop is not None else None
-        if signum is not None:
-            if int(host_states[healthy[0]].epoch) > start_epoch:
-                _save_all(ckpts, host_states, configs, [h[-1] if h else {} for h in histories], diverged)
-            raise interrupted(signum, base, host_states[healthy[0]], ckpts[healthy[0]], saved_in=out)
-    finally:
-        if stop is not None:
-            stop.__exit__()
-        for f in metrics_files:
-            f.close()
-        for c in ckpts:
-            c.close()
 
     summary = _summary(names, configs, varying, histories, placement, diverged)
     if out is not None:
         tmp = out / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
         os.replace(tmp, out / SUMMARY)
-        if figures:
-            for i, (d, c, s, h) in enumerate(zip(run_dirs, configs, host_states, histories, strict=True)):
-                if i in diverged:
-                    continue  # no figures of a model that holds NaN
-                trainer = SweepProgram(c, trainer0.graphdef, ()).trainer({})
-                plots.write_run_figures(d, trainer, s, test, h)
     return SweepResult(configs, run_dirs, host_states, histories, summary, placement.kind, compile_seconds, start_epoch)
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float as None: JSON has no NaN (Python's ``NaN`` is not JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(_json_safe(record), allow_nan=False) + "\n"
 
 
 def _write_grid(out: Path, grid: dict, names: list[str], diverged: dict[int, int]) -> None:
@@ -774,13 +720,6 @@ def _restore(run_dirs: list[Path], fresh: list[TrainState], diverged: dict[int, 
     for i in healthy:
         states[i] = checkpoint.restore_state(run_dirs[i], fresh[i], step)
     return states
-
-
-def _save_all(ckpts: list, states: list[TrainState], configs: list, records: list[dict], diverged: dict) -> None:
-    for i, (ck, s, c, r) in enumerate(zip(ckpts, states, configs, records, strict=True)):
-        if i in diverged or int(s.step) in ck.steps():
-            continue  # a diverged model keeps its last good checkpoint; a resumed one may hold this step
-        ck.save(jax.tree.map(jnp.asarray, s), c, metrics={"test_loss": r["test_loss"]})
 
 
 def _summary(

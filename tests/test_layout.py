@@ -28,6 +28,7 @@ LAYERS = [
     "rundir",
     "plots",
     "probe",
+    "epochs",
     "convert",
     "loop",
     "sweep",
@@ -121,3 +122,28 @@ def test_public_api_unchanged_by_the_split(name):
     import jaxae
 
     assert hasattr(jaxae, name)
+
+
+# What only the one epoch loop (jaxae/epochs.py) does: the run's outputs, signals, records, progress, figures.
+_LOOP_ONLY = ("open_run_outputs", "StopOnSignal", "summarize_epoch", "tqdm", "write_run_figures", "metrics_file")
+
+
+@pytest.mark.parametrize("module", ["loop", "sweep"])
+def test_fit_and_fit_sweep_leave_the_epochs_to_the_one_loop(module):
+    text = (PACKAGE / f"{module}.py").read_text()
+    found = [name for name in _LOOP_ONLY if name in text]
+    assert not found, f"jaxae/{module}.py does what jaxae/epochs.py is for: {found}"
+    assert "EpochLoop(" in text
+    assert all(name in (PACKAGE / "epochs.py").read_text() for name in _LOOP_ONLY)
+
+
+def test_a_strategy_and_a_sweeps_placement_are_runners_of_the_loop():
+    from jaxae.epochs import Runner
+    from jaxae.parallel import PmapStrategy, ShardStrategy, Strategy
+    from jaxae.sweep import Placement
+
+    wanted = [n for n in vars(Runner) if not n.startswith("_")]
+    assert {"compile_epoch", "compile_evaluate", "host_values", "checkpoint_states"} <= set(wanted)
+    for cls in (Strategy, PmapStrategy, ShardStrategy, Placement):
+        missing = [n for n in wanted if not hasattr(cls, n)]
+        assert not missing, f"{cls.__name__} lacks {missing}"

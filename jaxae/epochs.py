@@ -1,0 +1,315 @@
+"""The one epoch loop: every run, one model (:func:`jaxae.fit`) or a grid (:func:`jaxae.fit_sweep`).
+
+:class:`EpochLoop` compiles a run's epoch and evaluation and trains epoch after epoch. It writes
+each model's records (``metrics.jsonl``, callbacks, the progress bar), saves its checkpoints,
+stops every process at the same epoch boundary on a signal, handles a loss that stops being
+finite, and draws the figures at the end. It knows nothing of how the models sit on the devices:
+that is a :class:`Runner`'s, which a parallel strategy (:class:`jaxae.parallel.Strategy`, one
+model) and a sweep's placement (:class:`jaxae.sweep.Placement`, a stack of models) implement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+from tqdm.auto import tqdm
+
+from jaxae import checkpoint, plots, rundir
+from jaxae.data import Dataset
+from jaxae.errors import JaxaeError
+from jaxae.train import TrainConfig, Trainer, TrainState, summarize_epoch
+
+__all__ = ["EpochLoop", "Member", "Runner", "json_line", "json_safe"]
+
+
+class Runner(Protocol):
+    """Where a run's models and data live, and its compiled epoch and evaluation.
+
+    ``program`` is what the runner compiles: a :class:`~jaxae.train.Trainer` for a strategy, a
+    sweep's program and its per-model settings for a placement. Compiled functions take
+    ``(state, images)``; their outputs carry one model or a leading model axis, which
+    :meth:`host_values` splits.
+    """
+
+    @property
+    def is_primary(self) -> bool:
+        """True in the one process that writes files and shows progress."""
+        ...
+
+    def put_data(self, images: Any) -> jax.Array: ...
+
+    def compile_epoch(self, program: Any, state: Any, images: jax.Array, batch_size: int) -> Callable: ...
+
+    def compile_evaluate(self, program: Any, state: Any, images: jax.Array, batch_size: int) -> Callable: ...
+
+    def host_values(self, tree: Any) -> list[Any]:
+        """Outputs of a compiled function -> one host copy per model."""
+        ...
+
+    def host_states(self, state: Any) -> list[TrainState]:
+        """The run's state -> each model's, on the host (figures, the result)."""
+        ...
+
+    def checkpoint_states(self, state: Any) -> list[TrainState]:
+        """The run's state -> each model's, as :meth:`jaxae.checkpoint.Checkpoints.save` takes it
+        (in a multi-process run: global arrays, and every process saves)."""
+        ...
+
+
+@dataclasses.dataclass
+class Member:
+    """One model of the loop, and its run folder (an ordinary run's, also inside a sweep).
+
+    Attributes:
+        config: its settings (written to ``config.json`` and every checkpoint).
+        trainer: its trainer (the figures are drawn with it).
+        workdir: its run folder (None: in memory only).
+        history: its records so far (a resumed run's earlier epochs); the loop appends to it.
+        lr: its learning rate at an optimizer step, recorded each epoch (None: not recorded).
+        changed: the settings a resume changed (``{name: {"from", "to"}}``), recorded with the
+            first epoch it trains.
+        own_model: its model is the user's (the checkpoints say so).
+    """
+
+    config: TrainConfig
+    trainer: Trainer
+    workdir: Path | None = None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    lr: Callable[[int], float] | None = None
+    changed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    own_model: bool = False
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None: JSON has no NaN (Python's ``NaN`` is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One line of ``metrics.jsonl``."""
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
+class EpochLoop:
+    """A run's compiled epoch and evaluation, and the loop over its epochs.
+
+    Args:
+        runner: where the models live (a strategy or a sweep's placement).
+        program: what ``runner`` compiles (see :class:`Runner`).
+        state: the run's state, already in ``runner``'s layout (donated to the first epoch).
+        members: one :class:`Member` per model, in the state's model order.
+        train: the train split.
+        test: the test split, evaluated after every epoch.
+        batch_size: the train batch.
+        eval_batch_size: the test batch (at most the split).
+
+    Attributes:
+        compile_seconds: the time compiling took.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        program: Any,
+        state: Any,
+        members: Sequence[Member],
+        train: Dataset,
+        test: Dataset,
+        *,
+        batch_size: int,
+        eval_batch_size: int,
+    ):
+        self.runner = runner
+        self.state = state
+        self.members = list(members)
+        self.train, self.test = train, test
+        self.train_images = runner.put_data(train.images.reshape(len(train), -1))
+        self.test_images = runner.put_data(test.images.reshape(len(test), -1))
+        self.steps_per_epoch = -(-len(train) // batch_size)
+        t0 = time.perf_counter()
+        self.train_epoch = runner.compile_epoch(program, state, self.train_images, batch_size)
+        self.evaluate = runner.compile_evaluate(program, state, self.test_images, min(eval_batch_size, len(test)))
+        self.compile_seconds = time.perf_counter() - t0
+
+    def run(
+        self,
+        *,
+        start_epoch: int,
+        start_step: int,
+        epochs: int,
+        save_every: int = 1,
+        keep: int = 3,
+        progress: bool = True,
+        desc: str = "",
+        callbacks: Sequence[Callable[[list[dict[str, Any]]], None]] = (),
+        figures: bool = True,
+        diverged: dict[int, int] | None = None,
+        on_diverged: Callable[[dict[int, int]], None] | None = None,
+        saved_in: Path | None = None,
+    ) -> list[TrainState]:
+        """Trains from ``start_epoch`` (at optimizer step ``start_step``) to ``epochs``.
+
+        Each epoch: train, evaluate, one record per model (``metrics.jsonl``, then the
+        ``callbacks`` with every model's record), a checkpoint every ``save_every`` epochs and
+        after the last (the ``keep`` latest and the best are kept). The first SIGINT or SIGTERM to
+        any process ends the epoch, saves and raises :class:`~jaxae.errors.TrainingInterrupted`.
+
+        A loss that stops being finite raises :class:`~jaxae.errors.JaxaeError` (the last good
+        checkpoint stays the latest) unless ``on_diverged`` is given: then the model is marked in
+        ``diverged`` (index -> epoch), saved no more, ``on_diverged(diverged)`` is called, and the
+        others go on.
+
+        ``saved_in``: the folder an interruption's message names (a sweep's); by default the
+        checkpoint's own.
+
+        Returns:
+            Each model's final state, on the host.
+        """
+        runner, members = self.runner, self.members
+        diverged = diverged if diverged is not None else {}
+        sweep = on_diverged is not None
+        metrics_files: list[Any] = []
+        ckpts: list[Any] = []
+        stop = None
+        if any(m.workdir is not None for m in members):
+            for m in members:
+                metrics_file, ck = rundir.open_run_outputs(
+                    m.workdir, m.config, m.history, keep, primary=runner.is_primary, own_model=m.own_model
+                )
+                metrics_files.append(metrics_file)
+                ckpts.append(ck)
+            stop = rundir.StopOnSignal().__enter__()
+        bar = tqdm(
+            range(start_epoch, epochs),
+            initial=start_epoch,
+            total=epochs,
+            desc=desc,
+            unit="epoch",
+            disable=not (progress and runner.is_primary),
+        )
+        state = self.state
+        self.state = None  # donated
+        try:
+            for epoch in bar:
+                if stop is not None and stop.agreed() is not None:
+                    break
+                t_start = time.perf_counter()
+                state, step_metrics = self.train_epoch(state, self.train_images)
+                step_metrics = runner.host_values(step_metrics)
+                t_train = time.perf_counter() - t_start
+                test_metrics = runner.host_values(self.evaluate(state, self.test_images))
+                step = start_step + (epoch + 1 - start_epoch) * self.steps_per_epoch
+                records = []
+                for i, m in enumerate(members):
+                    train_i = summarize_epoch(step_metrics[i])
+                    test_i = {k: float(v) for k, v in test_metrics[i].items()}
+                    record = {
+                        "epoch": epoch + 1,
+                        "step": step,
+                        **({"lr": m.lr(step - 1)} if m.lr is not None else {}),
+                        **{f"train_{k}": v for k, v in train_i.items()},
+                        **{f"test_{k}": v for k, v in test_i.items()},
+                        "samples_per_s": len(self.train) / t_train,
+                        **({"sweep_samples_per_s": len(members) * len(self.train) / t_train} if sweep else {}),
+                        "seconds": time.perf_counter() - t_start,
+                    }
+                    if m.changed and epoch == start_epoch:
+                        record["changed"] = m.changed  # the settings this resumed run changed, from -> to
+                    records.append(record)
+                    if i in diverged:
+                        continue  # its last record is the epoch it diverged at; it is saved no more
+                    if not all(math.isfinite(v) for v in [*train_i.values(), *test_i.values()]):
+                        if not sweep:
+                            _raise_diverged(epoch + 1, train_i, test_i, ckpts[i] if ckpts else None)
+                        diverged[i] = epoch + 1  # its later checkpoints are not saved; the others go on
+                        m.history.append(record)
+                        if metrics_files and metrics_files[i] is not None:
+                            metrics_files[i].write(json_line(record))
+                            metrics_files[i].flush()
+                        on_diverged(diverged)  # a resume keeps it diverged
+                        continue
+                    saving = ckpts and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs)
+                    if saving:
+                        # The previous save must be complete before this one starts anyway; waiting
+                        # here stops a run whose save failed (CheckpointSaveError) before it records more.
+                        ckpts[i].wait()
+                    m.history.append(record)
+                    if metrics_files and metrics_files[i] is not None:
+                        metrics_files[i].write(json_line(record))
+                        metrics_files[i].flush()
+                if ckpts and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
+                    self._save(ckpts, runner.checkpoint_states(state), records, diverged)
+                for callback in callbacks:
+                    callback(records)
+                bar.set_postfix(**_postfix(records, diverged, time.perf_counter() - t_start))
+            signum = stop.agreed() if stop is not None else None
+            if signum is not None:
+                first = next((i for i in range(len(members)) if i not in diverged), 0)
+                saved = runner.checkpoint_states(state)
+                if int(saved[first].epoch) > start_epoch:
+                    self._save(ckpts, saved, [m.history[-1] if m.history else {} for m in members], diverged)
+                raise rundir.interrupted(
+                    signum,
+                    members[first].config,
+                    saved[first],
+                    ckpts[first],
+                    saved_in=saved_in,
+                    elsewhere=stop.from_another_process,
+                )
+        finally:
+            if stop is not None:
+                stop.__exit__()
+            for f in metrics_files:
+                if f is not None:
+                    f.close()
+            for ck in ckpts:
+                ck.close()  # completes the save in flight
+
+        final = runner.host_states(state)
+        if figures and runner.is_primary:
+            for i, (m, s) in enumerate(zip(members, final, strict=True)):
+                if m.workdir is not None and i not in diverged:  # no figures of a model that holds NaN
+                    plots.write_run_figures(m.workdir, m.trainer, s, self.test, m.history)
+        return final
+
+    def _save(self, ckpts: list, states: list[TrainState], records: list[dict], diverged: dict[int, int]) -> None:
+        for i, (ck, m, s, r) in enumerate(zip(ckpts, self.members, states, records, strict=True)):
+            if i in diverged or int(s.step) in ck.steps():
+                continue  # a diverged model keeps its last good checkpoint; a resumed one may hold this step
+            ck.save(s, m.config, metrics={"test_loss": r["test_loss"]})
+
+
+def _postfix(records: list[dict], diverged: dict[int, int], seconds: float) -> dict[str, str]:
+    if len(records) == 1:
+        return {"train_loss": f"{records[0]['train_loss']:.4f}", "test_loss": f"{records[0]['test_loss']:.4f}"}
+    best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))
+    return {"best_test_loss": f"{best:.4f}", "models_per_s": f"{len(records) / seconds:.1f}"}
+
+
+def _raise_diverged(epoch: int, train_metrics: dict[str, float], test_metrics: dict[str, float], ckpts: Any) -> None:
+    bad = {f"train {k}": v for k, v in train_metrics.items() if not math.isfinite(v)}
+    bad.update({f"test {k}": v for k, v in test_metrics.items() if not math.isfinite(v)})
+    # The diverged state is never saved; the last good checkpoint stays the latest.
+    where = "there is no earlier checkpoint"
+    if ckpts is not None:
+        ckpts.wait()
+        step = ckpts.latest_step()
+        if step is not None:
+            where = f"the last good checkpoint is {checkpoint.step_dir(ckpts.workdir, step)} (step {step})"
+    values = ", ".join(f"{k} = {v}" for k, v in bad.items())
+    raise JaxaeError(
+        f"training diverged at epoch {epoch} ({values}); that state was not saved, {where}. Try a smaller --lr"
+    )
