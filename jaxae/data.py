@@ -38,6 +38,8 @@ import numpy as np
 from jaxae.errors import DataError
 
 SAMPLE_NAME = "mnist-sample"
+#: The dataset a run records when its splits were given as arrays in memory.
+IN_MEMORY_NAME = "arrays"
 SPLITS = ("train", "test")
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_DTYPES = {0x08: np.uint8}
@@ -60,7 +62,9 @@ class Dataset:
     split: str
 
     @classmethod
-    def from_arrays(cls, images: Any, labels: Any = None, *, name: str = "arrays", split: str = "train") -> Dataset:
+    def from_arrays(
+        cls, images: Any, labels: Any = None, *, name: str = IN_MEMORY_NAME, split: str = "train"
+    ) -> Dataset:
         """A split of images in memory, checked as jaxae checks every dataset it reads.
 
         Example::
@@ -225,6 +229,12 @@ def _check_named(name: str | None) -> None:
         raise DataError(
             "no dataset given: pass --dataset (mnist-sample, a folder of IDX files or a TFDS name); a run converted "
             "from PyTorch with --image-shape alone records none"
+        )
+    if name == IN_MEMORY_NAME and not os.path.exists(name):
+        raise DataError(
+            f"the run was trained on arrays in memory (its dataset is {IN_MEMORY_NAME!r}), which no file holds: "
+            "pass --dataset (images of the same shape) to read one, or from Python give the arrays again "
+            "(jaxae.fit(..., train=, test=))"
         )
 
 
@@ -637,7 +647,10 @@ def write_idx_folder(
     for split, pair in (("train", train), ("test", test)):
         if pair[1] is None:
             raise DataError(f"the {split} labels are None; IDX folders hold one label per image (e.g. zeros)")
-    splits = {"train": _checked_split_arrays("train", *train), "test": _checked_split_arrays("test", *test)}
+    splits = {
+        "train": _checked_split_arrays("train", *train, idx=True),
+        "test": _checked_split_arrays("test", *test, idx=True),
+    }
     train_shape, test_shape = (images.shape[1:] for images, _ in splits.values())
     _check_splits_agree("", "train", train_shape, "test", test_shape)
     suffix = ".gz" if compress else ""
@@ -707,9 +720,10 @@ def _pixel_kind(images: np.ndarray) -> str:
     return f"dtype {images.dtype}; give uint8 pixels 0..255"
 
 
-def _checked_split_arrays(split: str, images, labels) -> tuple[np.ndarray, np.ndarray | None]:
-    """``images`` as uint8 ``(N, H, W, C)`` and ``labels`` as uint8 ``(N,)`` (None stays None),
-    checked for :func:`write_idx_folder` and :meth:`Dataset.from_arrays`."""
+def _checked_split_arrays(split: str, images, labels, *, idx: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """``images`` as uint8 ``(N, H, W, C)`` and ``labels`` as int32 ``(N,)`` (None stays None),
+    checked for :meth:`Dataset.from_arrays` and, with ``idx``, :func:`write_idx_folder` (uint8
+    labels: an IDX label file holds bytes)."""
     images = _one_array(images, f"the {split} images")
     labels = None if labels is None else _one_array(labels, f"the {split} labels")
     if images.dtype.kind in "iu" and images.size and 0 <= images.min() and images.max() <= 255:
@@ -729,9 +743,16 @@ def _checked_split_arrays(split: str, images, labels) -> tuple[np.ndarray, np.nd
         raise DataError(
             f"the {split} labels have shape {labels.shape}; expected one label per image: ({images.shape[0]},)"
         )
-    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 255:
-        raise DataError(f"the {split} labels must be integers 0..255 (IDX label files hold bytes)")
-    return images, labels.astype(np.uint8)
+    if idx:
+        if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 255:
+            raise DataError(f"the {split} labels must be integers 0..255 (IDX label files hold bytes)")
+        return images, labels.astype(np.uint8)
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= 2**31:
+        raise DataError(
+            f"the {split} labels must be non-negative integer classes, got {labels.dtype} values from "
+            f"{labels.min()} to {labels.max()}"
+        )
+    return images, labels.astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from jaxae.errors import DataError, JaxaeError
 from jaxae.objectives import check_model_contract, get_variant
 from jaxae.parallel import Strategy, get_strategy
 
-# The run folder's lock, re-exported where library users have always found it.
-from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings
+# The run folder's checks, re-exported where library users have always found them.
+from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings, check_workdir_writable
 from jaxae.train import (
     TrainConfig,
     Trainer,
@@ -41,6 +41,7 @@ __all__ = [
     "FitResult",
     "WorkdirLock",
     "check_same_image_shape",
+    "check_workdir_writable",
     "evaluate_run",
     "fit",
     "init_params_from",
@@ -179,9 +180,9 @@ def fit(
         changed = {}
         if out is not None:
             # Before loading anything: a bad, taken or already used workdir fails fast.
-            meta = held.enter_context(rundir.claim_workdir(out, config, resume))
+            meta = held.enter_context(rundir.claim_workdir(out, config, resume, own_model=model is not None))
             if meta is not None:
-                changed = rundir.resume_changes(TrainConfig.from_dict(meta["config"]), config)
+                changed = rundir.resume_changes(type(config).from_dict(meta["config"]), config)
         return _fit(
             config,
             out,

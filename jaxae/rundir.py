@@ -86,6 +86,9 @@ def run_config(
             f"Leave {'that flag' if len(conflicts) == 1 else 'those flags'} out to continue the run in {resume_from}, "
             "or train a new run in another --workdir"
         )
+    given = dict(given)
+    if given.get("lr_schedule", "warmup_cosine") != "warmup_cosine" and "warmup_steps" not in given:
+        given["warmup_steps"] = 0  # the checkpoint's warm-up was its schedule's: another schedule has none
     return dataclasses.replace(saved, **given)
 
 
@@ -99,9 +102,11 @@ def resume_changes(saved: TrainConfig, config: TrainConfig) -> dict[str, dict[st
     """``{setting: {"from": old, "to": new}}`` for what a resumed run changed (the settings of
     :data:`RESUME_MAY_CHANGE` only: any other difference is refused before). ``epochs`` is not
     among them: a longer run is what every resume asks for, and its records stay those of the
-    uninterrupted run."""
+    uninterrupted run. It is recorded where a schedule runs over the run's length (``cosine``,
+    ``warmup_cosine``): there a resume that adds epochs stretches the rest of the schedule."""
     out = {}
-    for name in sorted(RESUME_MAY_CHANGE - {"epochs"}):
+    recorded = RESUME_MAY_CHANGE if config.lr_schedule != "constant" else RESUME_MAY_CHANGE - {"epochs"}
+    for name in sorted(recorded):
         old, new = getattr(saved, name), getattr(config, name)
         if old != new:
             out[name] = {"from": plain(old), "to": plain(new)}
@@ -114,8 +119,11 @@ def resume_changes(saved: TrainConfig, config: TrainConfig) -> dict[str, dict[st
 def _same_dataset(a: Any, b: Any) -> bool:
     if a == b or a is None:  # a conversion that recorded no dataset takes the one it is resumed on
         return True
-    # The same folder written two ways (relative / absolute) is the same dataset.
-    return isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.samefile(a, b)
+    # The same folder or file written two ways (relative / absolute, a link) is the same dataset.
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)
+    except OSError:  # a TFDS name, or a path that is gone
+        return False
 
 
 def same_setting(name: str, saved: Any, now: Any) -> bool:
@@ -133,7 +141,7 @@ def plain(v: Any) -> Any:
 def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
     """``"--flag: checkpoint X, now Y"`` for each setting a resumed run may not change."""
     out = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(new):
         if f.name in RESUME_MAY_CHANGE:
             continue
         old, now = getattr(saved, f.name), getattr(new, f.name)
@@ -142,15 +150,23 @@ def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
     return out
 
 
-def check_resumable(workdir: str | Path, config: TrainConfig) -> tuple[int, dict[str, Any]]:
+def check_resumable(workdir: str | Path, config: TrainConfig, *, own_model: bool = False) -> tuple[int, dict[str, Any]]:
     """The latest checkpoint's step and metadata, if ``config`` may continue it.
 
+    ``own_model``: the run continues with a model of the user's (``fit(model=...)``).
+
     Raises:
-        JaxaeError: no checkpoint, or one saved with a different model or setup (the message
-            lists every difference).
+        JaxaeError: no checkpoint, one saved with a different model or setup (the message
+            lists every difference), or one of a model of the user's continued without it.
     """
     step, meta = checkpoint.read_meta(workdir)
-    saved = TrainConfig.from_dict(meta["config"])
+    if meta.get("own_model") and not own_model:
+        raise JaxaeError(
+            f"--resume: the checkpoint in {checkpoint.checkpoint_dir(workdir)} (step {step}) holds a model of your "
+            "own, which its config does not describe: continue it from Python with "
+            "jaxae.fit(config, workdir, model=<the same module>, tx=<the same optimizer>, resume=True)"
+        )
+    saved = type(config).from_dict(meta["config"])
     diffs = config_differences(saved, config)
     if diffs:
         raise JaxaeError(
@@ -378,8 +394,12 @@ def check_workdir_writable(workdir: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def claim_workdir(out: Path, config: TrainConfig, resume: bool) -> Iterator[dict[str, Any] | None]:
+def claim_workdir(
+    out: Path, config: TrainConfig, resume: bool, *, own_model: bool = False
+) -> Iterator[dict[str, Any] | None]:
     """Checks ``out`` can hold this run and holds its :class:`WorkdirLock` while the run goes on.
+
+    ``own_model``: the run trains a model of the user's (see :func:`check_resumable`).
 
     Yields the metadata of the checkpoint a resumed run continues (None for a new run).
 
@@ -392,7 +412,7 @@ def claim_workdir(out: Path, config: TrainConfig, resume: bool) -> Iterator[dict
 
             def check_and_lock() -> None:
                 if resume and not out.is_dir():
-                    check_resumable(out, config)  # says there is nothing to resume; creates nothing
+                    check_resumable(out, config, own_model=own_model)  # nothing to resume; creates nothing
                 check_workdir_writable(out)
                 held.enter_context(WorkdirLock(out, jax.process_index()))
 
@@ -410,7 +430,7 @@ def claim_workdir(out: Path, config: TrainConfig, resume: bool) -> Iterator[dict
             # Under the lock: no other run is writing checkpoints while they are read.
             meta = None
             if resume:
-                _, meta = check_resumable(out, config)
+                _, meta = check_resumable(out, config, own_model=own_model)
             else:
                 check_fresh(out)
             yield meta

@@ -51,6 +51,11 @@ def test_a_setting_declared_once_is_a_flag_of_train_and_sweep_validated_and_reco
     assert cli.main([*argv, "--workdir", str(workdir), "--no-progress", "--no-figures"], config_class=_WithOneMore) == 0
     assert json.loads((workdir / "config.json").read_text())["decoder_dropout"] == 0.25
     assert not (workdir / "reconstructions.png").exists()  # --no-figures, shared with sweep
+    # and a run of the subclass resumes with it (its checkpoint's config is read as the subclass)
+    resume = [*argv[:5], "--epochs", "2", "--resume", "--workdir", str(workdir), "--no-progress", "--no-figures"]
+    assert cli.main(resume, config_class=_WithOneMore) == 0, capsys.readouterr().err
+    assert json.loads((workdir / "config.json").read_text())["decoder_dropout"] == 0.25
+    assert [r["epoch"] for r in _records(workdir)] == [1, 2]
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(TrainConfig)])
@@ -135,6 +140,39 @@ def test_resume_may_change_the_schedule_and_clipping_and_records_each_epochs_lr(
     assert lrs[0] == 1e-3 and lrs[1] > lrs[2] > lrs[3] > 0
     assert lrs[3] == pytest.approx(learning_rate(TrainConfig(epochs=4, lr_schedule="cosine"), 4, 15))
     assert set(_records(workdir)[1]["changed"]) == {"lr_schedule", "clip_grad_norm"}
+
+
+def test_a_resume_that_lengthens_a_cosine_schedule_records_it(tmp_path, idx_folder):
+    workdir = tmp_path / "run"
+    assert _train(workdir, idx_folder, "--epochs", "2", "--lr-schedule", "cosine") == 0
+    assert _train(workdir, idx_folder, "--epochs", "4", "--resume") == 0
+    records = _records(workdir)
+    # The schedule now runs over 4 epochs: the rest of it is stretched, and the record says so.
+    assert records[2]["changed"] == {"epochs": {"from": 2, "to": 4}}
+    assert records[2]["lr"] == pytest.approx(learning_rate(TrainConfig(epochs=4, lr_schedule="cosine"), 4, 11))
+
+
+def test_a_resume_may_leave_a_warmup_schedule_without_naming_the_warmup(tmp_path, idx_folder):
+    workdir = tmp_path / "run"
+    assert _train(workdir, idx_folder, "--epochs", "2", "--lr-schedule", "warmup_cosine", "--warmup-steps", "2") == 0
+    assert _train(workdir, idx_folder, "--epochs", "3", "--lr-schedule", "cosine", "--resume") == 0
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["lr_schedule"], saved["warmup_steps"]) == ("cosine", 0)
+    assert _records(workdir)[2]["changed"]["warmup_steps"] == {"from": 2, "to": 0}
+
+
+def test_the_same_npz_through_another_path_resumes(tmp_path, sample_train, sample_test, monkeypatch):
+    np.savez(
+        tmp_path / "digits.npz",
+        x_train=sample_train.images[:256, :, :, 0], y_train=sample_train.labels[:256],
+        x_test=sample_test.images[:64, :, :, 0], y_test=sample_test.labels[:64],
+    )  # fmt: skip
+    workdir = tmp_path / "run"
+    assert _train(workdir, tmp_path / "digits.npz", "--epochs", "1") == 0
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--dataset", "digits.npz", "--batch-size", "128", "--workdir", str(workdir), "--epochs", "2"]
+    assert cli.main([*argv, "--resume", "--no-progress", "--no-figures"]) == 0
+    assert [r["epoch"] for r in _records(workdir)] == [1, 2]
 
 
 def test_a_warmup_as_long_as_the_run_is_one_line(tmp_path, idx_folder, capsys):

@@ -622,6 +622,11 @@ def test_dataset_from_arrays_checks_as_every_reader_does(sample_train):
     assert Dataset.from_arrays(sample_train.images[:5]).labels is None
     with pytest.raises(DataError, match=r"images must be uint8 pixels 0\.\.255, got dtype float64; convert floats"):
         Dataset.from_arrays(sample_train.images[:5] / 255.0)
+    # Classes in memory are any non-negative integers (1000 ImageNet classes); only IDX files hold bytes.
+    many = np.arange(5) * 300
+    np.testing.assert_array_equal(Dataset.from_arrays(sample_train.images[:5], many).labels, many)
+    with pytest.raises(DataError, match=r"labels must be non-negative integer classes, got int64 values from -1"):
+        Dataset.from_arrays(sample_train.images[:5], many - 1)
 
 
 def test_an_npz_of_the_keras_layout_reads_and_a_npy_is_refused_with_how(tmp_path, sample_train, sample_test):

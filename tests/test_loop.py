@@ -355,6 +355,9 @@ def test_fit_takes_your_own_module_optax_chain_and_arrays_and_resumes_exactly(tm
     # The checkpoint holds the user's model: restored into its template, not rebuilt from the config.
     with pytest.raises(JaxaeError, match="holds a model of your own"):
         checkpoint.restore(tmp_path / "straight")
+    # Resumed without that model, it is not called damaged: the message says what to pass.
+    with pytest.raises(JaxaeError, match=r"holds a model of your own.*model=<the same module>"):
+        fit(cfg, tmp_path / "straight", train=train, test=test, progress=False, resume=True, save_every=1)
     _, template = jaxae.create_train_state(_TinyNet(784, nnx.Rngs(params=0)), _own_tx())
     restored = checkpoint.restore_state(tmp_path / "straight", template)
     np.testing.assert_array_equal(
@@ -386,6 +389,15 @@ def test_a_model_off_the_contract_is_one_line_before_training(
     with pytest.raises(JaxaeError, match=message):
         fit(TrainConfig(variant=variant), tmp_path / "r", model=model(784, nnx.Rngs(params=0)), train=train, test=test)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_on_arrays_says_so_where_its_dataset_is_needed(tmp_path, sample_train, sample_test, capsys):
+    train, test = _arrays(sample_train, sample_test)
+    fit(TrainConfig(batch_size=128, epochs=1), tmp_path / "run", train=train, test=test, progress=False, figures=False)
+    for argv in (["evaluate", "--workdir", str(tmp_path / "run")], ["train", "--resume", "--workdir", str(tmp_path / "run")]):
+        assert cli.main([*argv, "--epochs", "2"] if argv[0] == "train" else argv) == 2
+        err = capsys.readouterr().err
+        assert "trained on arrays in memory" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_fit_needs_both_splits_in_memory(sample_train):
