@@ -438,7 +438,36 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_arguments(p: Any) -> None:
+    """The flags of ``jaxae bench`` (an ``argparse`` parser), which :func:`main` reads."""
+    from jaxae.config import positive_ints
+
+    p.add_argument(
+        "--dataset",
+        default="mnist-sample",
+        help="train split to time on, e.g. fashion_mnist or a folder of IDX files (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=lambda s: list(positive_ints(s)),
+        default=[256, 1024, 4096],
+        help="comma-separated; the first is the headline (default: 256,1024,4096)",
+    )
+    p.add_argument("--epochs", type=int, default=0, help="epochs per method per round (default: 2; 3 with --quick)")
+    p.add_argument(
+        "--rounds", type=int, default=0, help="interleaved rounds, medians reported (default: 5; 3 with --quick)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="fewer rounds, no torch.compile: under a minute on a 2-core CPU"
+    )
+    p.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+
+
 def main(args: Any) -> int:
+    """``jaxae bench``: the flags of :func:`add_arguments` -> the table on stdout (and ``--json``)."""
+    if any(b <= 0 for b in args.batch_sizes):
+        raise JaxaeError(f"--batch-sizes must be positive, got {args.batch_sizes}")
     quick = args.quick
     results = run_benchmark(
         args.dataset,

@@ -30,12 +30,17 @@ def _add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
         if sweep
         else "output folder (default: %(default)s)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-figures", action="store_true", help="no figures (reconstructions, loss curves)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--no-figures", dest="figures", action="store_false", help="no figures (reconstructions, loss curves)"
+    )
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --workdir from its latest complete checkpoint; --epochs is the total. The "
+        help="continue the sweep in --workdir, every model from its latest complete checkpoint; --epochs is the "
+        "total, and every other flag must be given as when the sweep started"
+        if sweep
+        else "continue the run in --workdir from its latest complete checkpoint; --epochs is the total. The "
         "settings left out are the checkpoint's; those that shape only what comes next (--epochs, --lr and its "
         "schedule, --clip-grad-norm, --eval-batch-size) may change, the others must stay",
     )
@@ -46,6 +51,12 @@ def _add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
         default=3,
         help="keep the K latest checkpoints (per model), plus the best by test loss (default: %(default)s)",
     )
+
+
+def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the commands that read one checkpoint of a run (evaluate, export)."""
+    p.add_argument("--workdir", required=True, help="a folder written by 'jaxae train' or 'jaxae convert'")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
 
 
 def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
@@ -99,6 +110,13 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _given_to(fn, args: argparse.Namespace) -> dict:
+    """The flags of ``args`` that ``fn`` takes by name (each flag's ``dest`` is the parameter's name)."""
+    import inspect
+
+    return {name: getattr(args, name) for name in inspect.signature(fn).parameters if hasattr(args, name)}
+
+
 def _strategy_from_args(args: argparse.Namespace):
     from jaxae import parallel
 
@@ -139,17 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     show = warnings.showwarning
     warnings.showwarning = lambda message, *_, **__: print(f"jaxae: warning: {message}", file=sys.stderr)
     try:
-        result = fit(
-            config,
-            args.workdir,
-            progress=not args.no_progress,
-            strategy=strategy,
-            init_from=args.init_from,
-            resume=args.resume,
-            save_every=args.save_every,
-            keep=args.keep,
-            figures=not args.no_figures,
-        )
+        result = fit(config, strategy=strategy, **_given_to(fit, args))
     finally:
         warnings.showwarning = show
     if not strategy.is_primary:
@@ -175,7 +183,7 @@ def _sweep_configs_from_args(args: argparse.Namespace):
     base = args.config_class(**single)
     lists.setdefault("seed", [base.seed])
     # From the grid's size, before its configs are made: a grid far too large is refused at once.
-    check_size(base, math.prod(len(v) for v in lists.values()), args.parallel)
+    check_size(base, math.prod(len(v) for v in lists.values()), args.strategy)
     return sweep_configs(base, **{k: v for k, v in lists.items() if len(v) > 1 or k == "seed"})
 
 
@@ -183,29 +191,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from jaxae.sweep import fit_sweep
 
     configs = _sweep_configs_from_args(args)
-    result = fit_sweep(
-        configs,
-        args.workdir,
-        strategy=args.parallel,
-        resume=args.resume,
-        progress=not args.no_progress,
-        save_every=args.save_every,
-        keep=args.keep,
-        figures=not args.no_figures,
-    )
+    result = fit_sweep(configs, **_given_to(fit_sweep, args))
     if result.start_epoch >= configs[0].epochs:
         print(f"jaxae: {args.workdir} is already at epoch {result.start_epoch}; nothing to train", file=sys.stderr)
     summary = result.summary
-    print(
-        json.dumps(
-            {
-                "workdir": args.workdir,
-                "models": summary["models"],
-                "placement": summary["placement"],
-                "groups": summary["groups"],
-            }
-        )
-    )
+    print(json.dumps({"workdir": args.workdir, **{k: summary[k] for k in ("models", "placement", "groups")}}))
     diverged = [(r["workdir"], r["diverged_at_epoch"]) for r in summary["runs"] if "diverged_at_epoch" in r]
     if diverged:
         which = ", ".join(f"{name} at epoch {epoch}" for name, epoch in diverged)
@@ -221,14 +211,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from jaxae.loop import evaluate_run
 
-    out = evaluate_run(
-        args.workdir,
-        args.step,
-        dataset=args.dataset,
-        tfds_data_dir=args.tfds_data_dir,
-        iw_samples=args.iw_samples,
-        probe=args.probe,
-    )
+    out = evaluate_run(**_given_to(evaluate_run, args))
     undefined = sorted(k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v))
     if undefined:
         # JSON has no NaN: print null, and fail so that scripts notice a broken model.
@@ -263,27 +246,7 @@ def _image_shape_flag(text: str) -> tuple[int, int, int]:
 def cmd_convert(args: argparse.Namespace) -> int:
     from jaxae.convert.run import convert_checkpoint
 
-    result = convert_checkpoint(
-        args.model,
-        args.out,
-        variant=args.variant,
-        arch=args.arch,
-        hidden_dims=args.hidden_dims,
-        latent_dim=args.latent_dim,
-        image_shape=args.image_shape,
-        dataset=args.dataset,
-        tfds_data_dir=args.tfds_data_dir,
-        normalize=args.normalize,
-        sparsity=args.sparsity,
-        rename=args.rename,
-        no_optimizer=args.no_optimizer,
-        optimizer_kind=args.optimizer,
-        constant_lr=args.constant_lr,
-        allow_nonfinite=args.allow_nonfinite,
-        check=args.check,
-        tolerance=args.tolerance,
-        force=args.force,
-    )
+    result = convert_checkpoint(**_given_to(convert_checkpoint, args))
     report = result.report
     if not result.passed:
         print(json.dumps(report, indent=2))
@@ -304,10 +267,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from jaxae.convert.run import export_checkpoint
 
-    summary = export_checkpoint(
-        args.workdir, args.out, step=args.step, fmt=args.format, with_optimizer=args.with_optimizer, force=args.force
-    )
-    print(json.dumps(summary))
+    print(json.dumps(export_checkpoint(**_given_to(export_checkpoint, args))))
     return 0
 
 
@@ -315,15 +275,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from jaxae import bench, torch_reference
 
     torch_reference.require_torch()
-    if any(b <= 0 for b in args.batch_sizes):
-        raise JaxaeError(f"--batch-sizes must be positive, got {args.batch_sizes}")
     return bench.main(args)
 
 
 def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
     """The ``jaxae`` parser. ``config_class``: the settings of ``train`` and ``sweep`` (a
     :class:`~jaxae.TrainConfig` subclass adds its own; every flag is derived from the fields)."""
-    from jaxae.config import TrainConfig, add_setting_flags, positive_ints
+    from jaxae.config import TrainConfig, add_setting_flags
 
     config_class = config_class or TrainConfig
     parser = _OneLineErrorParser(
@@ -351,6 +309,7 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
     _add_run_flags(p, "sweep")
     p.add_argument(
         "--parallel",
+        dest="strategy",
         choices=("auto", "none", "pmap", "shard"),
         default="auto",
         help="none: one device; otherwise every visible device: models spread over them when the grid has at "
@@ -359,8 +318,7 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep, config_class=config_class)
 
     p = sub.add_parser("evaluate", help="print a trained model's test metrics as JSON")
-    p.add_argument("--workdir", required=True, help="a folder written by 'jaxae train'")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
+    _add_checkpoint_flags(p)
     p.add_argument(
         "--dataset",
         default=None,
@@ -384,18 +342,30 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
 
     from jaxae.convert import DEFAULT_TOLERANCE
 
-    d = config_class()
     p = sub.add_parser(
         "convert",
         help="a PyTorch state_dict (.pt/.pth/.safetensors) -> a checkpoint folder that evaluate and train accept",
     )
     p.add_argument(
-        "model",
+        "source",
         metavar="MODEL.pt",
         help="torch.save(model.state_dict()) output, a training checkpoint (the tutorial's general checkpoint, "
         "a Lightning .ckpt) or a .safetensors file",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="a new folder for the checkpoint")
+    from_tensors = "from the tensors; checked against them when given"
+    model_settings = {
+        "variant": "vae for a file with mean/logvar heads, else vanilla: a linear code",
+        "arch": from_tensors,
+        "hidden_dims": from_tensors,
+        "latent_dim": from_tensors,
+        "sparsity": "l1; give the code the model was trained with",
+        "normalize": "unit; give the scaling the model was trained with: it is recorded, and --check uses it",
+        "dataset": "mnist-sample; the image shape is read from it and --check uses its test split; with "
+        "--image-shape and no --check, none: given later to evaluate and train",
+        "tfds_data_dir": None,
+    }
+    add_setting_flags(p, config_class=config_class, only=model_settings)
     p.add_argument(
         "--force",
         action="store_true",
@@ -407,19 +377,6 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
         "--allow-nonfinite",
         action="store_true",
         help="convert weights holding NaN or Inf (refused by default: such a model computes NaN)",
-    )
-    p.add_argument(
-        "--variant",
-        default=None,
-        help="vanilla, denoising, sparse or vae: the model's (default: vae for a file with mean/logvar heads, "
-        "else vanilla: a linear code)",
-    )
-    p.add_argument(
-        "--arch",
-        choices=("mlp", "conv"),
-        default=None,
-        help="mlp: the document's layout; conv: the conv twin (vanilla, denoising, vae) of "
-        "jaxae.torch_reference (default: from the tensors; checked against them when given)",
     )
     p.add_argument(
         "--rename",
@@ -435,6 +392,7 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--optimizer",
+        dest="optimizer_kind",
         choices=("adam", "adamw"),
         default=None,
         help="only for files of torch releases that do not record it: whether the optimizer was Adam or AdamW",
@@ -446,41 +404,12 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
         "optimizer's param_groups): continue it at the lr it had reached, as a constant (refused by default)",
     )
     p.add_argument(
-        "--sparsity",
-        choices=("l1", "kl"),
-        default=d.sparsity,
-        help="sparse only: l1 = a ReLU code, kl = a Sigmoid code, as trained (default: %(default)s)",
-    )
-    p.add_argument(
-        "--normalize",
-        choices=("unit", "seed"),
-        default=d.normalize,
-        help="the input scaling the PyTorch model was trained with; recorded for evaluate/train and used "
-        "by --check (default: %(default)s)",
-    )
-    p.add_argument(
-        "--dataset",
-        default=None,
-        help="recorded for evaluate/train; the image shape is read from it, and --check uses its test split "
-        "(default: mnist-sample; with --image-shape and no --check: none, given later to evaluate and train)",
-    )
-    p.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (TFDS datasets only)")
-    p.add_argument(
         "--image-shape",
         type=_image_shape_flag,
         default=None,
         metavar="H,W,C",
         help="the images the PyTorch model takes (it takes them NCHW); default: --dataset's; give it to "
         "convert without the dataset at hand",
-    )
-    p.add_argument(
-        "--latent-dim", type=int, default=None, help="code size (default: from the tensors; checked when given)"
-    )
-    p.add_argument(
-        "--hidden-dims",
-        type=positive_ints,
-        default=None,
-        help="encoder hidden widths, comma-separated (default: from the tensors; checked when given)",
     )
     p.add_argument(
         "--check",
@@ -497,16 +426,16 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="a checkpoint -> a PyTorch state_dict (.pt) or .safetensors file")
-    p.add_argument("--workdir", required=True, help="a folder written by 'jaxae train' or 'jaxae convert'")
+    _add_checkpoint_flags(p)
     p.add_argument("--out", required=True, metavar="FILE", help="a new file to write, e.g. model.pt")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument(
         "--format",
+        dest="fmt",
         choices=("torch", "safetensors"),
         default=None,
         help="torch (torch.save) or safetensors (default: safetensors if FILE ends in .safetensors, else torch)",
     )
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument(
         "--with-optimizer",
         action="store_true",
@@ -518,26 +447,9 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
         "bench",
         help="time jaxae's training against the document's PyTorch loop on this machine, in one run",
     )
-    p.add_argument(
-        "--dataset",
-        default="mnist-sample",
-        help="train split to time on, e.g. ../shared/data/fashion-mnist (default: %(default)s)",
-    )
-    p.add_argument(
-        "--batch-sizes",
-        type=lambda s: list(positive_ints(s)),
-        default=[256, 1024, 4096],
-        help="comma-separated; the first is the headline (default: 256,1024,4096)",
-    )
-    p.add_argument("--epochs", type=int, default=0, help="epochs per method per round (default: 2; 3 with --quick)")
-    p.add_argument(
-        "--rounds", type=int, default=0, help="interleaved rounds, medians reported (default: 5; 3 with --quick)"
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="fewer rounds, no torch.compile: under a minute on a 2-core CPU"
-    )
-    p.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    from jaxae.bench import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -415,7 +415,11 @@ def _cli_type(f: dataclasses.Field) -> Callable[[str], Any]:
 
 
 def add_setting_flags(
-    parser: argparse.ArgumentParser, *, sweep: bool = False, config_class: type = TrainConfig
+    parser: argparse.ArgumentParser,
+    *,
+    sweep: bool = False,
+    config_class: type = TrainConfig,
+    only: dict[str, str | None] | None = None,
 ) -> None:
     """Adds a flag for every setting of ``config_class``, derived from its declaration.
 
@@ -423,14 +427,19 @@ def add_setting_flags(
     :func:`given_settings` tells a flag given with the default value from one not given: a
     resumed run keeps the checkpoint's value for the flags left out. With ``sweep``, sweepable
     settings take a comma list (parsed by :func:`sweep_lists`) and shape settings one value.
+    ``only``: just these settings, each with what the command does when it is left out (its
+    help's default; None: the declared default), as ``jaxae convert`` takes a model's settings.
     """
     groups: dict[str, Any] = {}
     for f in dataclasses.fields(config_class):
+        if only is not None and f.name not in only:
+            continue
         s = declaration(f)
         if s.group not in groups:
-            groups[s.group] = parser if s.group == "training" else parser.add_argument_group(s.group)
+            groups[s.group] = parser if s.group == "training" or only else parser.add_argument_group(s.group)
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        help_text = f"{s.help} (default: {_format_default(default)})"
+        shown = (only or {}).get(f.name) or _format_default(default)
+        help_text = f"{s.help} (default: {shown})"
         names = [s.flag or flag_of(f.name)]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "metavar": s.metavar}
         if sweep and s.sweep:
