@@ -270,20 +270,61 @@ def test_the_module_a_state_was_built_from_still_works_after_a_donating_step():
     np.testing.assert_array_equal(np.asarray(model(jnp.zeros((2, 784)))), before)  # not "Array has been deleted"
 
 
-def test_export_of_a_scheduled_run_with_its_optimizer_is_one_line_and_clipping_is_noted(tmp_path, idx_folder, capsys):
-    pytest.importorskip("torch")
-    cosine, clipped = tmp_path / "cosine", tmp_path / "clipped"
-    assert _train(cosine, idx_folder, "--epochs", "1", "--lr-schedule", "cosine") == 0
-    assert _train(clipped, idx_folder, "--epochs", "1", "--clip-grad-norm", "2") == 0
+def _torch_continuation(torch, path, steps):
+    """The lr of each of torch's next ``steps`` optimizer steps after loading an exported run's
+    model, optimizer and scheduler as the export's note says."""
+    from jaxae import torch_reference
+
+    back = torch.load(path, weights_only=True)
+    model = torch_reference.MLPAutoencoder(784, (128, 64), 32)
+    model.load_state_dict(back["model_state_dict"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt.load_state_dict(back["optimizer_state_dict"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=back["scheduler_state_dict"]["T_max"])
+    sched.load_state_dict(back["scheduler_state_dict"])
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()  # no gradients: the parameters stay, the step is counted
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "warmup_cosine"])
+def test_export_of_a_scheduled_run_carries_its_schedule_as_torch_s_cosine_annealing(
+    tmp_path, idx_folder, capsys, schedule
+):
+    torch = pytest.importorskip("torch")
+    workdir = tmp_path / "run"
+    warmup = ["--warmup-steps", "3"] if schedule == "warmup_cosine" else []
+    # 512 images in batches of 128: 4 steps an epoch, 12 in the run; one epoch done.
+    assert (
+        _train(workdir, idx_folder, "--epochs", "3", "--lr-schedule", schedule, *warmup, "--clip-grad-norm", "2") == 0
+    )
+    # stopped after one epoch (the checkpoint of step 4): rewrite it as a run at epoch 1 of 3
+    cfg = TrainConfig(epochs=3, lr_schedule=schedule, warmup_steps=3 if warmup else 0)
     capsys.readouterr()
-    code = cli.main(["export", "--workdir", str(cosine), "--out", str(tmp_path / "c.pt"), "--with-optimizer"])
-    err = capsys.readouterr().err
-    assert code == 2 and "trains with --lr-schedule cosine" in err and len(err.strip().splitlines()) == 1
-    assert cli.main(["export", "--workdir", str(cosine), "--out", str(tmp_path / "w.pt")]) == 0  # the weights
-    capsys.readouterr()
-    assert cli.main(["export", "--workdir", str(clipped), "--out", str(tmp_path / "k.pt"), "--with-optimizer"]) == 0
+    out = tmp_path / "run.pt"
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(out), "--with-optimizer", "--step", "4"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert "clip_grad_norm_(model.parameters(), 2)" in summary["notes"][0]
+    assert "CosineAnnealingLR(optimizer, T_max=" in summary["notes"][0]
+    assert "clip_grad_norm_(model.parameters(), 2)" in summary["notes"][1]
+    # torch's scheduler continues the run's schedule: every later step's lr is jaxae's, to rounding
+    # (jaxae's schedule is float32 math: 1e-7 of the peak lr, 1e-3 = 1e-10)
+    expected = [learning_rate(cfg, 4, step) for step in range(4, 12)]
+    np.testing.assert_allclose(_torch_continuation(torch, out, 8), expected, rtol=1e-6, atol=1e-10)
+
+
+def test_export_of_a_run_in_its_warmup_with_its_optimizer_is_one_line(tmp_path, idx_folder, capsys):
+    pytest.importorskip("torch")
+    workdir = tmp_path / "run"
+    assert _train(workdir, idx_folder, "--epochs", "2", "--lr-schedule", "warmup_cosine", "--warmup-steps", "6") == 0
+    capsys.readouterr()
+    argv = ["export", "--workdir", str(workdir), "--out", str(tmp_path / "w.pt"), "--with-optimizer", "--step", "4"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is in its warm-up (update 4 of --warmup-steps 6)" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(argv[:-3] + ["--step", "4"]) == 0  # the weights alone
 
 
 def test_evaluate_and_export_read_a_run_of_another_optax_chain_without_its_optimizer(tmp_path, idx_folder, capsys):

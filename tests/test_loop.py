@@ -394,7 +394,10 @@ def test_a_model_off_the_contract_is_one_line_before_training(
 def test_a_run_on_arrays_says_so_where_its_dataset_is_needed(tmp_path, sample_train, sample_test, capsys):
     train, test = _arrays(sample_train, sample_test)
     fit(TrainConfig(batch_size=128, epochs=1), tmp_path / "run", train=train, test=test, progress=False, figures=False)
-    for argv in (["evaluate", "--workdir", str(tmp_path / "run")], ["train", "--resume", "--workdir", str(tmp_path / "run")]):
+    for argv in (
+        ["evaluate", "--workdir", str(tmp_path / "run")],
+        ["train", "--resume", "--workdir", str(tmp_path / "run")],
+    ):
         assert cli.main([*argv, "--epochs", "2"] if argv[0] == "train" else argv) == 2
         err = capsys.readouterr().err
         assert "trained on arrays in memory" in err and len(err.strip().splitlines()) == 1, err

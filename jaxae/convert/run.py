@@ -360,31 +360,82 @@ def export_checkpoint(
             summary["parameter_order"] = f"the converted file's ({convert.TORCH_LAYOUT_FILE})"
     if image_shape is not None:
         summary["image_shape"] = list(image_shape)
-    if with_optimizer and config.lr_schedule != "constant":
-        raise JaxaeError(
-            f"{workdir} trains with --lr-schedule {config.lr_schedule}, whose position a torch optimizer's "
-            "state_dict does not hold (a torch scheduler would need to be rebuilt to match): export the weights "
-            "without --with-optimizer, or continue the run in jaxae"
-        )
     if with_optimizer:
         from jaxae.torch_reference import require_torch
 
         torch = require_torch()
+        optimizer = convert.torch_optimizer_state_dict(state.opt_state, links, config, groups, named=named)
         general = {
             "epoch": int(state.epoch),
             "global_step": int(state.step),
             "model_state_dict": {k: torch.from_numpy(v) for k, v in state_dict.items()},
-            "optimizer_state_dict": convert.torch_optimizer_state_dict(
-                state.opt_state, links, config, groups, named=named
-            ),
+            "optimizer_state_dict": optimizer,
         }
+        notes = []
+        if config.lr_schedule != "constant":
+            general["scheduler_state_dict"], note = torch_scheduler_state(torch, workdir, config, state, optimizer)
+            notes.append(note)
         path = convert.save_torch_checkpoint(general, out, overwrite=force)
         summary.update(epoch=int(state.epoch), optimizer=config.optimizer)
         if config.clip_grad_norm:
-            summary["notes"] = [
+            notes.append(
                 f"the run clips gradients (--clip-grad-norm {config.clip_grad_norm:g}): in torch, call "
                 f"torch.nn.utils.clip_grad_norm_(model.parameters(), {config.clip_grad_norm:g}) before each step"
-            ]
+            )
+        if notes:
+            summary["notes"] = notes
     else:
         path = convert.save_state_dict(state_dict, out, fmt, overwrite=force)
     return {"out": str(path), **summary, "tensors": len(state_dict)}
+
+
+def torch_scheduler_state(
+    torch: Any, workdir: str | Path, config: TrainConfig, state: Any, optimizer: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """The rest of a run's learning-rate schedule as a ``torch.optim.lr_scheduler.CosineAnnealingLR``
+    stepped once per batch: its ``state_dict()``, and a note on how to load it. ``optimizer``'s
+    param_groups get the scheduler's ``initial_lr`` and the lr of the next step.
+
+    ``cosine`` is ``CosineAnnealingLR(T_max=the run's steps, eta_min=0)``. A ``warmup_cosine`` run
+    past its warm-up continues as ``CosineAnnealingLR(T_max=the steps after the warm-up)``; one
+    still warming up has no torch scheduler of the same meaning (``LinearLR`` cannot start at 0)
+    and is refused.
+
+    Raises:
+        JaxaeError: a run in its warm-up, or one that has not trained an epoch (its steps per
+            epoch, which the schedule's length needs, are unknown).
+    """
+    from jaxae.train import _adam_count, learning_rate
+
+    step, epoch = int(state.step), int(state.epoch)
+    if epoch == 0 or step % epoch:
+        raise JaxaeError(
+            f"{workdir} has not trained whole epochs (step {step}, epoch {epoch}), so its --lr-schedule "
+            f"{config.lr_schedule}'s length is unknown: export the weights without --with-optimizer"
+        )
+    steps_per_epoch = step // epoch
+    count = int(_adam_count(state.opt_state))  # the schedule's position: the updates done
+    total = config.epochs * steps_per_epoch
+    start = config.warmup_steps if config.lr_schedule == "warmup_cosine" else 0
+    if count < start:
+        raise JaxaeError(
+            f"{workdir} is in its warm-up (update {count} of --warmup-steps {start}), which no torch scheduler "
+            "matches (torch's LinearLR cannot start at 0): export after the warm-up, or without --with-optimizer"
+        )
+    lr_now = learning_rate(config, steps_per_epoch, count)
+    for group in optimizer["param_groups"]:
+        group.update(lr=lr_now, initial_lr=config.lr)
+    param = torch.nn.Parameter(torch.zeros(1))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        torch.optim.SGD([param], lr=config.lr), T_max=total - start, eta_min=0.0
+    )
+    scheduler_state = scheduler.state_dict()
+    scheduler_state.update(last_epoch=count - start, _step_count=count - start + 1, _last_lr=[lr_now])
+    scheduler_state["base_lrs"] = [config.lr] * len(optimizer["param_groups"])
+    scheduler_state["_last_lr"] = [lr_now] * len(optimizer["param_groups"])
+    note = (
+        f"scheduler_state_dict: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max={total - start}), "
+        f"stepped after every optimizer step; create it, then load_state_dict(checkpoint['scheduler_state_dict']) "
+        f"(it is at step {count - start} of {total - start}, lr {lr_now:.6g})"
+    )
+    return scheduler_state, note
