@@ -111,10 +111,17 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _given_to(fn, args: argparse.Namespace) -> dict:
-    """The flags of ``args`` that ``fn`` takes by name (each flag's ``dest`` is the parameter's name)."""
+    """The flags of ``args`` that ``fn`` takes by name (each flag's ``dest`` is the parameter's name).
+
+    In ``train`` and ``sweep`` the settings' flags go into the config, never to ``fn``: a setting
+    a ``TrainConfig`` subclass names ``model`` or ``devices`` is no argument of ``fit``.
+    """
+    import dataclasses
     import inspect
 
-    return {name: getattr(args, name) for name in inspect.signature(fn).parameters if hasattr(args, name)}
+    settings = {f.name for f in dataclasses.fields(args.config_class)} if hasattr(args, "config_class") else set()
+    params = inspect.signature(fn).parameters
+    return {name: getattr(args, name) for name in params if hasattr(args, name) and name not in settings}
 
 
 def _strategy_from_args(args: argparse.Namespace):

@@ -233,8 +233,8 @@ def _check_named(name: str | None) -> None:
     if name == IN_MEMORY_NAME and not os.path.exists(name):
         raise DataError(
             f"the run was trained on arrays in memory (its dataset is {IN_MEMORY_NAME!r}), which no file holds: "
-            "pass --dataset (images of the same shape) to read one, or from Python give the arrays again "
-            "(jaxae.fit(..., train=, test=))"
+            "evaluate it with --dataset (images of the same shape), and resume it from Python with the arrays "
+            "(jaxae.fit(config, workdir, train=, test=, resume=True))"
         )
 
 

@@ -26,7 +26,7 @@ from jaxae.data import Dataset
 from jaxae.errors import JaxaeError
 from jaxae.train import TrainConfig, Trainer, TrainState, summarize_epoch
 
-__all__ = ["EpochLoop", "Member", "Runner", "json_line", "json_safe"]
+__all__ = ["RUNNER_METHODS", "EpochLoop", "Member", "Runner", "json_line", "json_safe"]
 
 
 class Runner(Protocol):
@@ -61,6 +61,12 @@ class Runner(Protocol):
         """The run's state -> each model's, as :meth:`jaxae.checkpoint.Checkpoints.save` takes it
         (in a multi-process run: global arrays, and every process saves)."""
         ...
+
+
+#: What the loop calls on a :class:`Runner`.
+RUNNER_METHODS = (
+    "is_primary", "put_data", "compile_epoch", "compile_evaluate", "host_values", "host_states", "checkpoint_states",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -155,7 +161,6 @@ class EpochLoop:
         progress: bool = True,
         desc: str = "",
         callbacks: Sequence[Callable[[list[dict[str, Any]]], None]] = (),
-        figures: bool = True,
         diverged: dict[int, int] | None = None,
         on_diverged: Callable[[dict[int, int]], None] | None = None,
         saved_in: Path | None = None,
@@ -166,6 +171,7 @@ class EpochLoop:
         ``callbacks`` with every model's record), a checkpoint every ``save_every`` epochs and
         after the last (the ``keep`` latest and the best are kept). The first SIGINT or SIGTERM to
         any process ends the epoch, saves and raises :class:`~jaxae.errors.TrainingInterrupted`.
+        The figures are the caller's to ask for (:meth:`write_figures`), once its own files are written.
 
         A loss that stops being finite raises :class:`~jaxae.errors.JaxaeError` (the last good
         checkpoint stays the latest) unless ``on_diverged`` is given: then the model is marked in
@@ -211,6 +217,7 @@ class EpochLoop:
                 step_metrics = runner.host_values(step_metrics)
                 t_train = time.perf_counter() - t_start
                 test_metrics = runner.host_values(self.evaluate(state, self.test_images))
+                seconds = time.perf_counter() - t_start  # the epoch's training and evaluation, every model's
                 step = start_step + (epoch + 1 - start_epoch) * self.steps_per_epoch
                 records = []
                 for i, m in enumerate(members):
@@ -224,7 +231,7 @@ class EpochLoop:
                         **{f"test_{k}": v for k, v in test_i.items()},
                         "samples_per_s": len(self.train) / t_train,
                         **({"sweep_samples_per_s": len(members) * len(self.train) / t_train} if sweep else {}),
-                        "seconds": time.perf_counter() - t_start,
+                        "seconds": seconds,
                     }
                     if m.changed and epoch == start_epoch:
                         record["changed"] = m.changed  # the settings this resumed run changed, from -> to
@@ -254,7 +261,7 @@ class EpochLoop:
                     self._save(ckpts, runner.checkpoint_states(state), records, diverged)
                 for callback in callbacks:
                     callback(records)
-                bar.set_postfix(**_postfix(records, diverged, time.perf_counter() - t_start))
+                bar.set_postfix(**_postfix(records, seconds))
             signum = stop.agreed() if stop is not None else None
             if signum is not None:
                 first = next((i for i in range(len(members)) if i not in diverged), 0)
@@ -278,12 +285,16 @@ class EpochLoop:
             for ck in ckpts:
                 ck.close()  # completes the save in flight
 
-        final = runner.host_states(state)
-        if figures and runner.is_primary:
-            for i, (m, s) in enumerate(zip(members, final, strict=True)):
-                if m.workdir is not None and i not in diverged:  # no figures of a model that holds NaN
-                    plots.write_run_figures(m.workdir, m.trainer, s, self.test, m.history)
-        return final
+        return runner.host_states(state)
+
+    def write_figures(self, states: Sequence[TrainState], diverged: dict[int, int] | None = None) -> None:
+        """Each model's ``reconstructions.png`` and ``loss.png`` in its run folder (the primary
+        process only; none for a model that diverged: it holds NaN)."""
+        if not self.runner.is_primary:
+            return
+        for i, (m, s) in enumerate(zip(self.members, states, strict=True)):
+            if m.workdir is not None and i not in (diverged or {}):
+                plots.write_run_figures(m.workdir, m.trainer, s, self.test, m.history)
 
     def _save(self, ckpts: list, states: list[TrainState], records: list[dict], diverged: dict[int, int]) -> None:
         for i, (ck, m, s, r) in enumerate(zip(ckpts, self.members, states, records, strict=True)):
@@ -292,7 +303,7 @@ class EpochLoop:
             ck.save(s, m.config, metrics={"test_loss": r["test_loss"]})
 
 
-def _postfix(records: list[dict], diverged: dict[int, int], seconds: float) -> dict[str, str]:
+def _postfix(records: list[dict], seconds: float) -> dict[str, str]:
     if len(records) == 1:
         return {"train_loss": f"{records[0]['train_loss']:.4f}", "test_loss": f"{records[0]['test_loss']:.4f}"}
     best = min((r["test_loss"] for r in records if math.isfinite(r["test_loss"])), default=float("nan"))

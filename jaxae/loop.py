@@ -19,7 +19,7 @@ import jax
 
 from jaxae import checkpoint, rundir
 from jaxae.data import Dataset, dataset_image_shape, get_normalization, load_dataset, shape_text
-from jaxae.epochs import EpochLoop, Member
+from jaxae.epochs import RUNNER_METHODS, EpochLoop, Member
 from jaxae.errors import DataError, JaxaeError
 from jaxae.objectives import check_model_contract, get_variant
 from jaxae.parallel import Strategy, get_strategy
@@ -275,6 +275,12 @@ def _fit(
         learning_rate(config, steps_per_epoch, 0)  # a warm-up longer than the run is refused before compiling
         lr_of_step = functools.partial(learning_rate, config, steps_per_epoch)
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy or Strategy()
+    missing = [name for name in ("put_state", "check_batch_size", *RUNNER_METHODS) if not hasattr(strategy, name)]
+    if missing:
+        raise JaxaeError(
+            f"strategy= {type(strategy).__name__} lacks {', '.join(missing)}: give a jaxae.parallel.Strategy "
+            "(subclass it to place the state and data your way) or its name"
+        )
     strategy.check_batch_size(config.batch_size)
     if resume:
         state = checkpoint.restore_state(out, state, strategy=strategy)
@@ -301,8 +307,9 @@ def _fit(
         progress=progress,
         desc=f"{config.variant} on {config.dataset}",
         callbacks=[functools.partial(_one_record, c) for c in callbacks],
-        figures=figures and out is not None,
     )
+    if figures:
+        loop.write_figures([final])
     return FitResult(trainer, final, history, loop.compile_seconds, start_epoch)
 
 

@@ -34,13 +34,16 @@ def logistic_regression_accuracy(
 
     Features are standardised with the train split's mean and std; training is full-batch
     Adam for ``steps`` steps (one ``lax.scan``) with an L2 penalty on the weights. The classes
-    are ``0..max(y_train)``.
+    are the distinct train labels.
 
     Raises:
         DataError: labels that cannot be scored: wrong counts, negative
             labels, one class only, or test labels that the train split never shows.
     """
-    classes = _class_count(x_train, y_train, x_test, y_test)
+    classes = _classes(x_train, y_train, x_test, y_test)
+    # One logit per class the train split shows, so any class ids (1000 ImageNet ids, or sparse
+    # ones such as 10**9) need no wider classifier than their count.
+    y_train, y_test = np.searchsorted(classes, y_train), np.searchsorted(classes, y_test)
     x_train = jnp.asarray(x_train, jnp.float32)
     x_test = jnp.asarray(x_test, jnp.float32)
     mean = x_train.mean(0)
@@ -51,7 +54,7 @@ def logistic_regression_accuracy(
             jnp.asarray(y_train),
             (x_test - mean) / std,
             jnp.asarray(y_test),
-            classes,
+            len(classes),
             steps,
             lr,
             l2,
@@ -59,8 +62,8 @@ def logistic_regression_accuracy(
     )
 
 
-def _class_count(x_train, y_train, x_test, y_test) -> int:
-    """The classifier's class count, ``max(train label) + 1``, after checking the labels can be scored.
+def _classes(x_train, y_train, x_test, y_test) -> np.ndarray:
+    """The classes, the train split's distinct labels sorted, after checking the labels can be scored.
 
     A test label the train split never shows can never be predicted: the accuracy would be
     silently low (0.0 when no test label occurs in train), so it is refused instead.
@@ -90,7 +93,7 @@ def _class_count(x_train, y_train, x_test, y_test) -> int:
             f"{int(train_classes.min())}..{int(train_classes.max())}); a classifier cannot predict them. "
             "Use a test split with the train split's classes"
         )
-    return int(train_classes.max()) + 1
+    return train_classes
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))

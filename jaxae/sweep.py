@@ -524,6 +524,7 @@ def fit_sweep(
     try:
         with contextlib.ExitStack() as held:
             diverged: dict[int, int] = {}
+            changed: dict[int, dict] = {}
             if out is not None:
                 # One sweep per folder, as one run per workdir, and each model's folder locked as a
                 # train run's is: a second sweep, or a train run in the sweep or one of its models,
@@ -535,11 +536,11 @@ def fit_sweep(
                     created.append(missing_folders(d))
                     d.mkdir(exist_ok=True)
                     held.enter_context(WorkdirLock(d))
-                diverged = _check_workdir(out, grid, run_dirs, configs, resume)
+                diverged, changed = _check_workdir(out, grid, run_dirs, configs, resume)
             return _train_sweep(
                 configs, names, varying, out, run_dirs, grid, diverged, placement, image_shape,
                 resume=resume, progress=progress, save_every=save_every, keep=keep, figures=figures,
-                callbacks=callbacks, splits=splits,
+                callbacks=callbacks, splits=splits, changed=changed,
             )  # fmt: skip
     except BaseException:
         for folders in reversed(created):
@@ -591,6 +592,7 @@ def _train_sweep(
     figures: bool,
     callbacks: Sequence[Callable[[list[dict[str, Any]]], None]],
     splits: tuple[Any, Any] | None = None,
+    changed: dict[int, dict] | None = None,
 ) -> SweepResult:
     base = configs[0]
     trainer0, state0 = build(base, image_shape)
@@ -622,6 +624,8 @@ def _train_sweep(
     hyper_host = {n: np.asarray([getattr(c, n) for c in configs], np.float32) for n in hyper_names}
     if start_epoch >= base.epochs:
         summary = _summary(names, configs, varying, histories, placement, diverged)
+        if out is not None:
+            _write_summary(out, summary)  # one a sweep stopped while drawing its figures lacks
         return SweepResult(configs, run_dirs, states, histories, summary, placement.kind, 0.0, start_epoch)
 
     members = [
@@ -631,8 +635,9 @@ def _train_sweep(
             d,
             h,
             functools.partial(learning_rate, c, steps_per_epoch),
+            (changed or {}).get(i, {}),
         )
-        for c, d, h in zip(configs, run_dirs, histories, strict=True)
+        for i, (c, d, h) in enumerate(zip(configs, run_dirs, histories, strict=True))
     ]
     loop = EpochLoop(
         placement, (program, placement.put_models(hyper_host)), placement.put_models(stack(states)), members,
@@ -650,7 +655,6 @@ def _train_sweep(
         progress=progress,
         desc=f"sweep of {len(configs)} {base.variant} models",
         callbacks=callbacks,
-        figures=figures,
         diverged=diverged,
         on_diverged=(lambda d: _write_grid(out, grid, names, d)) if out is not None else (lambda d: None),
         saved_in=out,
@@ -658,10 +662,16 @@ def _train_sweep(
 
     summary = _summary(names, configs, varying, histories, placement, diverged)
     if out is not None:
-        tmp = out / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, out / SUMMARY)
+        _write_summary(out, summary)  # before the figures: an interrupted drawing leaves the summary
+        if figures:
+            loop.write_figures(host_states, diverged)
     return SweepResult(configs, run_dirs, host_states, histories, summary, placement.kind, compile_seconds, start_epoch)
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    tmp = out / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, out / SUMMARY)
 
 
 def _write_grid(out: Path, grid: dict, names: list[str], diverged: dict[int, int]) -> None:
@@ -672,10 +682,13 @@ def _write_grid(out: Path, grid: dict, names: list[str], diverged: dict[int, int
     os.replace(tmp, out / GRID_FILE)
 
 
-def _check_workdir(out: Path, grid: dict, run_dirs: list, configs: list[TrainConfig], resume: bool) -> dict[int, int]:
+def _check_workdir(
+    out: Path, grid: dict, run_dirs: list, configs: list[TrainConfig], resume: bool
+) -> tuple[dict[int, int], dict[int, dict]]:
     """Before loading anything: a taken folder, or a resume of another grid, fails fast.
 
-    Returns the models a resumed sweep recorded as diverged (index -> epoch).
+    Returns the models a resumed sweep recorded as diverged (index -> epoch), and the settings
+    a resumed model changes (index -> ``{setting: {"from", "to"}}``, as a resumed run records).
     """
     saved_grid = out / GRID_FILE
     names = [r["workdir"] for r in grid["runs"]]
@@ -693,17 +706,19 @@ def _check_workdir(out: Path, grid: dict, run_dirs: list, configs: list[TrainCon
                 f"--resume: {out} holds a sweep of other runs ({', '.join(map(str, saved_names))}); pass the same "
                 "lists as when it started, or use a new --workdir"
             )
+        changed = {}
         for i, (d, c) in enumerate(zip(run_dirs, configs, strict=True)):
-            if i not in diverged and checkpoint.complete_steps(d):
-                rundir.check_resumable(d, c)  # a model with none yet starts over
-        return diverged
+            if i not in diverged and checkpoint.complete_steps(d):  # a model with none yet starts over
+                _, meta = rundir.check_resumable(d, c)
+                changed[i] = rundir.resume_changes(type(c).from_dict(meta["config"]), c)
+        return diverged, changed
     if saved_grid.exists():
         raise JaxaeError(
             f"{out} already holds a sweep ({saved_grid}); pass --resume to continue it, or use another --workdir"
         )
     for d in run_dirs:
         rundir.check_fresh(d)
-    return {}
+    return {}, {}
 
 
 def _restore(run_dirs: list[Path], fresh: list[TrainState], diverged: dict[int, int]) -> list[TrainState]:

@@ -58,6 +58,19 @@ def test_a_setting_declared_once_is_a_flag_of_train_and_sweep_validated_and_reco
     assert [r["epoch"] for r in _records(workdir)] == [1, 2]
 
 
+@dataclasses.dataclass(frozen=True)
+class _WithADevicesSetting(TrainConfig):
+    devices: int = setting(1, "a setting that shares its name with a fit_sweep argument", bound=NON_NEGATIVE)
+
+
+def test_a_setting_named_like_an_argument_of_fit_goes_to_the_config_only():
+    from jaxae.sweep import fit_sweep
+
+    args = cli.build_parser(_WithADevicesSetting).parse_args(["sweep", "--devices", "2", "--seeds", "0,1"])
+    assert "devices" not in cli._given_to(fit_sweep, args)  # it would restrict the sweep to devices=2
+    assert {c.devices for c in cli._sweep_configs_from_args(args)} == {2}
+
+
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(TrainConfig)])
 def test_every_setting_is_a_flag_of_train_and_sweep(field):
     parser = cli.build_parser()

@@ -403,6 +403,12 @@ def test_a_run_on_arrays_says_so_where_its_dataset_is_needed(tmp_path, sample_tr
         assert "trained on arrays in memory" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_strategy_that_is_not_one_is_one_line(sample_train, sample_test):
+    train, test = _arrays(sample_train, sample_test)
+    with pytest.raises(JaxaeError, match=r"^strategy= object lacks put_state, check_batch_size, is_primary, put_data"):
+        fit(TrainConfig(batch_size=128, epochs=1), train=train, test=test, strategy=object(), progress=False)
+
+
 def test_fit_needs_both_splits_in_memory(sample_train):
     with pytest.raises(JaxaeError, match="got train= but no test="):
         fit(TrainConfig(), train=(sample_train.images[:10], None))

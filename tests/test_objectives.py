@@ -316,3 +316,13 @@ def test_probe_class_count_comes_from_train_labels():
         _probe_features(y_train, 0), y_train, _probe_features(y_test, 1), y_test, steps=100
     )
     assert accuracy > 0.9
+
+
+def test_probe_takes_any_class_ids_with_one_logit_per_class():
+    from jaxae.probe import logistic_regression_accuracy
+
+    y = np.arange(200) % 10
+    ids = np.asarray([7, 10**9, 3, 2**31 - 1, 0, 12, 5, 99, 1000, 42])  # sparse ids: no 2**31-wide classifier
+    x_train, x_test = _probe_features(y, 0), _probe_features(y[:50], 1)
+    dense = logistic_regression_accuracy(x_train, y, x_test, y[:50], steps=100)
+    assert logistic_regression_accuracy(x_train, ids[y], x_test, ids[y[:50]], steps=100) == dense > 0.9

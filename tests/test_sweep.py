@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -445,3 +446,16 @@ def test_a_sweep_takes_arrays_in_memory_as_fit_does(sample_train, sample_test):
         np.testing.assert_allclose(history[0]["train_loss"], alone[0]["train_loss"], rtol=1e-5)
     with pytest.raises(JaxaeError, match="got test= but no train="):
         fit_sweep([base], test=test, progress=False)
+
+
+def test_a_resumed_sweep_records_what_it_changes_as_a_resumed_run_does(tmp_path, idx_folder):
+    base = TrainConfig(dataset=str(idx_folder), batch_size=128, epochs=1, lr_schedule="cosine")
+    fit_sweep(sweep_configs(base, seed=[0, 1]), tmp_path / "s", progress=False, figures=False)
+    longer = dataclasses.replace(base, epochs=2, clip_grad_norm=1.0)
+    fit_sweep(sweep_configs(longer, seed=[0, 1]), tmp_path / "s", resume=True, progress=False, figures=False)
+    for name in ("seed0", "seed1"):
+        records = [json.loads(line) for line in (tmp_path / "s" / name / "metrics.jsonl").read_text().splitlines()]
+        assert "changed" not in records[0]
+        # the cosine now runs over 2 epochs: its rest is stretched, and recorded as a resumed run records it
+        assert records[1]["changed"] == {"clip_grad_norm": {"from": 0.0, "to": 1.0}, "epochs": {"from": 1, "to": 2}}
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["models"] == 2
