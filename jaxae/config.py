@@ -200,6 +200,7 @@ class TrainConfig:
         "input scaling: unit = [0,1]; seed = the document's Normalize((0.5,),(0.5,)) to [-1,1]",
         choices=tuple(NORMALIZATIONS),
         group="data",
+        model=True,  # the scaling the weights were trained on: --init-from keeps it
     )
     init: str = setting(
         "torch", "parameter init: torch.nn.Linear's defaults or Flax's", choices=("torch", "flax"), group="model"
@@ -278,6 +279,14 @@ class TrainConfig:
         may_change_on_resume=True,
         group="optimizer",
     )
+    schedule_steps: int = setting(
+        0,
+        "the optimizer steps a cosine schedule runs over, after which the lr stays 0 (a run converted from "
+        "torch's CosineAnnealingLR keeps its T_max); 0: the run's, --epochs x steps per epoch",
+        bound=NON_NEGATIVE,
+        may_change_on_resume=True,
+        group="optimizer",
+    )
     clip_grad_norm: float = setting(
         0.0,
         "clip the gradient to this global norm before the optimizer (as torch.nn.utils.clip_grad_norm_); 0: off",
@@ -303,6 +312,11 @@ class TrainConfig:
             raise JaxaeError(
                 f"--warmup-steps {self.warmup_steps} is for --lr-schedule warmup_cosine; this run's schedule is "
                 f"{self.lr_schedule}"
+            )
+        if self.schedule_steps and self.lr_schedule == "constant":
+            raise JaxaeError(
+                f"--schedule-steps {self.schedule_steps} is the length of a --lr-schedule (cosine, warmup_cosine); "
+                "this run's learning rate is constant"
             )
 
     def to_dict(self) -> dict[str, Any]:

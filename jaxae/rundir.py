@@ -87,8 +87,11 @@ def run_config(
             "or train a new run in another --workdir"
         )
     given = dict(given)
+    # A schedule's warm-up and length were the checkpoint's schedule's: a schedule without them has none.
     if given.get("lr_schedule", "warmup_cosine") != "warmup_cosine" and "warmup_steps" not in given:
-        given["warmup_steps"] = 0  # the checkpoint's warm-up was its schedule's: another schedule has none
+        given["warmup_steps"] = 0
+    if given.get("lr_schedule") == "constant" and "schedule_steps" not in given:
+        given["schedule_steps"] = 0
     return dataclasses.replace(saved, **given)
 
 
@@ -102,10 +105,12 @@ def resume_changes(saved: TrainConfig, config: TrainConfig) -> dict[str, dict[st
     """``{setting: {"from": old, "to": new}}`` for what a resumed run changed (the settings of
     :data:`RESUME_MAY_CHANGE` only: any other difference is refused before). ``epochs`` is not
     among them: a longer run is what every resume asks for, and its records stay those of the
-    uninterrupted run. It is recorded where a schedule runs over the run's length (``cosine``,
-    ``warmup_cosine``): there a resume that adds epochs stretches the rest of the schedule."""
+    uninterrupted run. It is recorded where the run's schedule ran and runs over the run's length
+    (``cosine``, ``warmup_cosine`` without ``schedule_steps``): there a resume that adds epochs
+    stretches the rest of the schedule."""
     out = {}
-    recorded = RESUME_MAY_CHANGE if config.lr_schedule != "constant" else RESUME_MAY_CHANGE - {"epochs"}
+    stretched = all(c.lr_schedule != "constant" and not c.schedule_steps for c in (saved, config))
+    recorded = RESUME_MAY_CHANGE if stretched else RESUME_MAY_CHANGE - {"epochs"}
     for name in sorted(recorded):
         old, new = getattr(saved, name), getattr(config, name)
         if old != new:

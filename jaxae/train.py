@@ -354,11 +354,11 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int | None = None) -> o
         config: the run's settings.
         steps_per_epoch: the optimizer steps of one epoch: a schedule runs over
             ``config.epochs * steps_per_epoch`` steps (needed only by ``cosine`` and
-            ``warmup_cosine``).
+            ``warmup_cosine`` without ``config.schedule_steps``).
     """
     if config.lr_schedule == "constant" and not config.clip_grad_norm:
         return _adam(config, config.lr)
-    if steps_per_epoch is None and config.lr_schedule != "constant":
+    if steps_per_epoch is None and config.lr_schedule != "constant" and not config.schedule_steps:
         # A state can still be made and restored (evaluate, export); a step says what is missing.
         def factor(count):
             lr_factor(config, None)
@@ -387,19 +387,35 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int | None) -> Callable[[Any
     """
     if config.lr_schedule == "constant":
         return lambda count: 1.0
+    total = schedule_length(config, steps_per_epoch)
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(1.0, total)
+    if config.warmup_steps >= total:
+        length = (
+            f"--schedule-steps {total}"
+            if config.schedule_steps
+            else f"the run ({total} steps: {config.epochs} epochs of {steps_per_epoch})"
+        )
+        raise JaxaeError(
+            f"--warmup-steps {config.warmup_steps} is not shorter than {length}; give fewer warm-up steps or more "
+            "--epochs"
+        )
+    return optax.warmup_cosine_decay_schedule(0.0, 1.0, config.warmup_steps, total, end_value=0.0)
+
+
+def schedule_length(config: TrainConfig, steps_per_epoch: int | None) -> int:
+    """The optimizer steps ``config``'s schedule runs over: ``schedule_steps``, or the run's steps.
+
+    Raises:
+        JaxaeError: the run's steps are needed and ``steps_per_epoch`` is not given.
+    """
+    if config.schedule_steps:
+        return config.schedule_steps
     if steps_per_epoch is None:
         raise JaxaeError(
             f"--lr-schedule {config.lr_schedule} runs over the run's steps: build the optimizer with steps_per_epoch"
         )
-    total = config.epochs * steps_per_epoch
-    if config.lr_schedule == "cosine":
-        return optax.cosine_decay_schedule(1.0, total)
-    if config.warmup_steps >= total:
-        raise JaxaeError(
-            f"--warmup-steps {config.warmup_steps} is not shorter than the run ({total} steps: {config.epochs} "
-            f"epochs of {steps_per_epoch}); give fewer warm-up steps or more --epochs"
-        )
-    return optax.warmup_cosine_decay_schedule(0.0, 1.0, config.warmup_steps, total, end_value=0.0)
+    return config.epochs * steps_per_epoch
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int | None, step: int) -> float:

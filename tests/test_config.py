@@ -174,6 +174,26 @@ def test_a_resume_may_leave_a_warmup_schedule_without_naming_the_warmup(tmp_path
     assert _records(workdir)[2]["changed"]["warmup_steps"] == {"from": 2, "to": 0}
 
 
+def test_a_schedule_of_fixed_length_is_not_stretched_by_a_resume_and_a_constant_lr_drops_it(tmp_path, idx_folder):
+    workdir = tmp_path / "run"
+    assert _train(workdir, idx_folder, "--epochs", "1", "--lr-schedule", "cosine", "--schedule-steps", "8") == 0
+    assert _train(workdir, idx_folder, "--epochs", "2", "--resume") == 0
+    assert "changed" not in _records(workdir)[1]  # 8 steps whatever the epochs: nothing stretched
+    fixed = TrainConfig(lr_schedule="cosine", schedule_steps=8)  # its lr is that of the epoch's last step, 7 of 8
+    assert _records(workdir)[1]["lr"] == pytest.approx(learning_rate(fixed, None, 7))
+    assert learning_rate(fixed, None, 8) == 0.0 < learning_rate(fixed, None, 7)
+    assert _train(workdir, idx_folder, "--epochs", "3", "--lr-schedule", "constant", "--resume") == 0
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["lr_schedule"], saved["schedule_steps"]) == ("constant", 0)
+    assert _records(workdir)[2]["lr"] == 1e-3
+
+
+def test_init_from_keeps_the_input_scaling_its_weights_were_trained_on(tmp_path, idx_folder):
+    assert _train(tmp_path / "seed", idx_folder, "--epochs", "1", "--normalize", "seed") == 0
+    assert _train(tmp_path / "tuned", idx_folder, "--epochs", "1", "--init-from", str(tmp_path / "seed")) == 0
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["normalize"] == "seed"
+
+
 def test_the_same_npz_through_another_path_resumes(tmp_path, sample_train, sample_test, monkeypatch):
     np.savez(
         tmp_path / "digits.npz",

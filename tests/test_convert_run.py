@@ -424,6 +424,61 @@ def _two_groups():
     return general_checkpoint(model, opt)
 
 
+def _cosine_run(batches, steps, t_max, *, per_epoch=False, eta_min=0.0):
+    """Adam with CosineAnnealingLR(T_max) stepped after every optimizer step (or every 4th, as once an epoch)."""
+    model = torch_model()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=eta_min)
+    x = torch.from_numpy(batches[1])
+    for i in range(steps):
+        torch_step(model, opt, x[i])
+        if not per_epoch or (i + 1) % 4 == 0:
+            sched.step()
+    return model, opt, sched, x
+
+
+def test_a_torch_cosine_annealing_run_converts_to_a_cosine_schedule_and_continues_exactly(tmp_path, capsys, batches):
+    model, opt, sched, x = _cosine_run(batches, steps=5, t_max=20)
+    torch.save({**general_checkpoint(model, opt), "scheduler_state_dict": sched.state_dict()}, tmp_path / "run.pt")
+    summary = convert_cli(capsys, tmp_path / "run.pt", tmp_path / "jax")
+    assert "CosineAnnealingLR(T_max=20) carried" in " ".join(summary["notes"])
+    trainer, state, config = checkpoint.restore(tmp_path / "jax")
+    assert (config.lr_schedule, config.schedule_steps, config.lr) == ("cosine", 20, 2e-3)
+    step = jax.jit(trainer.train_step)
+    u8 = batches[0]
+    jax_losses, torch_losses, torch_lrs = [], [], []
+    for i in range(5, 20):  # to T_max (past it torch's cosine rises again, jaxae's stays at 0)
+        state, metrics = step(state, jnp.asarray(u8[i]))
+        jax_losses.append(float(metrics["loss"]))
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        torch_losses.append(torch_step(model, opt, x[i]))
+        sched.step()
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
+    from jaxae.train import learning_rate
+
+    np.testing.assert_allclose([learning_rate(config, None, s) for s in range(5, 20)], torch_lrs, rtol=1e-5, atol=1e-11)
+    got = convert.to_numpy_state_dict(state.params)
+    for key, value in model.state_dict().items():
+        np.testing.assert_allclose(got[key], value.numpy(), rtol=0, atol=2e-5, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"per_epoch": True}, "stepped once per epoch, not after every optimizer step (Adam's step is 8)"),
+        ({"eta_min": 1e-5}, "that decays to eta_min 1e-05; jaxae's cosine decays to 0"),
+        ({"t_max": 4}, "past T_max, where torch's cosine rises again"),
+    ],
+    ids=["per-epoch", "eta-min", "past-t-max"],
+)
+def test_a_cosine_annealing_jaxae_cannot_continue_is_one_line(tmp_path, capsys, batches, kwargs, pattern):
+    model, opt, sched, _ = _cosine_run(batches, steps=8, **{"t_max": 20, **kwargs})
+    torch.save({**general_checkpoint(model, opt), "scheduler_state_dict": sched.state_dict()}, tmp_path / "run.pt")
+    code = cli.main(["convert", str(tmp_path / "run.pt"), "--out", str(tmp_path / "jax")])
+    one_line_error(capsys, code, pattern)
+    assert not (tmp_path / "jax").exists()
+
+
 def _scheduled(key="scheduler_state_dict", steps=1):
     """Adam after ``steps`` steps of StepLR(step_size=1, gamma=0.5), its state saved under ``key`` (None: not saved)."""
     model = torch_model()

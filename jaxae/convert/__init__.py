@@ -66,6 +66,7 @@ from jaxae.convert.optimizer import (
     opt_state_from_torch,
     optimizer_parameter_groups,
     optimizer_settings,
+    schedule_from_torch,
     torch_optimizer_state_dict,
 )
 from jaxae.convert.parity import DEFAULT_TOLERANCE, flax_outputs, parity_report, torch_outputs
@@ -104,6 +105,7 @@ __all__ = [
     "infer_model",
     "links_for",
     "lr_schedule_evidence",
+    "schedule_from_torch",
     "match",
     "model_description",
     "model_from_match",

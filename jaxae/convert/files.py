@@ -53,6 +53,7 @@ class TorchFile:
         step: the optimizer steps taken (Lightning's ``global_step``), if the file records them.
         scheduler: the key holding a learning-rate scheduler's state, if any (one of the usual names,
             or any key whose value is a scheduler's ``state_dict()``).
+        scheduler_state: that scheduler's ``state_dict()`` (None: none, or Lightning's several).
         notes: how epoch and step were read, for the summary.
     """
 
@@ -63,6 +64,7 @@ class TorchFile:
     epoch: int | None = None
     step: int | None = None
     scheduler: str | None = None
+    scheduler_state: Mapping | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -196,6 +198,8 @@ def _container(obj: Mapping, where: str) -> TorchFile:
         scheduler=next((k for k in _SCHEDULER_KEYS if obj.get(k)), None)
         or next((k for k, v in obj.items() if _is_scheduler_state(v)), None),
     )
+    if found.scheduler is not None:
+        found.scheduler_state = _one_scheduler_state(obj[found.scheduler])
     if found.epoch is not None:
         found.notes.append(f"epoch {found.epoch} read as completed epochs")
     return found
@@ -206,6 +210,13 @@ def _is_scheduler_state(value: Any) -> bool:
     return (
         isinstance(value, Mapping) and "last_epoch" in value and bool({"base_lrs", "_last_lr", "min_lrs"} & set(value))
     )
+
+
+def _one_scheduler_state(value: Any) -> Mapping | None:
+    """A scheduler's state_dict, or the one of a list of them (Lightning's ``lr_schedulers``)."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    return value if _is_scheduler_state(value) else None
 
 
 def _lightning(obj: Mapping, where: str) -> TorchFile:
@@ -223,6 +234,7 @@ def _lightning(obj: Mapping, where: str) -> TorchFile:
         optimizer=optimizers[0] if optimizers else None,
         step=_count(obj.get("global_step"), "step", where),
         scheduler="lr_schedulers" if obj.get("lr_schedulers") else None,
+        scheduler_state=_one_scheduler_state(obj.get("lr_schedulers")),
     )
     completed = _lightning_completed_epochs(obj, where)
     epoch = _count(obj.get("epoch"), "epoch", where)

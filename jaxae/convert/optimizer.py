@@ -136,6 +136,50 @@ def lr_schedule_evidence(file: Any) -> str | None:
     return None
 
 
+def schedule_from_torch(file: Any, source: str) -> dict[str, Any] | None:
+    """The ``TrainConfig`` settings of a torch scheduler jaxae continues exactly, or None.
+
+    ``torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max)`` stepped after every
+    optimizer step, to ``eta_min=0``, is ``--lr-schedule cosine --schedule-steps T_max`` at the
+    peak ``--lr``; the run continues at Adam's step count, which is the scheduler's position.
+
+    Returns:
+        ``{"lr", "lr_schedule", "schedule_steps"}``, or None for a file whose scheduler is
+        another one (or whose state was not saved).
+
+    Raises:
+        JaxaeError: a ``CosineAnnealingLR`` that jaxae's cosine does not match, in one line
+            saying why (stepped once per epoch, ``eta_min`` not 0, past ``T_max``).
+    """
+    state = file.scheduler_state
+    if not isinstance(state, Mapping) or not {"T_max", "eta_min", "base_lrs", "last_epoch"} <= set(state):
+        return None
+    if "T_0" in state or "_schedulers" in state:  # warm restarts, or a chain of schedulers
+        return None
+    t_max, eta_min, position = int(_number(state["T_max"])), float(_number(state["eta_min"])), state["last_epoch"]
+    base = {float(_number(v)) for v in state["base_lrs"]}
+    what = f"{source} holds a CosineAnnealingLR (T_max {t_max}, at step {position})"
+    if eta_min != 0.0:
+        raise JaxaeError(f"{what} that decays to eta_min {eta_min:g}; jaxae's cosine decays to 0: pass --constant-lr")
+    if len(base) != 1:
+        raise JaxaeError(f"{what} over parameter groups of different learning rates; jaxae has one")
+    steps = {
+        float(_number(entry["step"]))
+        for entry in (file.optimizer or {}).get("state", {}).values()
+        if isinstance(entry, Mapping) and "step" in entry
+    }
+    if steps and steps != {float(position)}:
+        raise JaxaeError(
+            f"{what} stepped once per epoch, not after every optimizer step (Adam's step is {int(max(steps))}): "
+            "jaxae's cosine changes the lr every step; pass --constant-lr to continue at the lr it reached"
+        )
+    if position > t_max:
+        raise JaxaeError(
+            f"{what}, past T_max, where torch's cosine rises again and jaxae's stays at 0: pass --constant-lr"
+        )
+    return {"lr": base.pop(), "lr_schedule": "cosine", "schedule_steps": t_max}
+
+
 def optimizer_parameter_groups(
     optimizer_state: Mapping[str, Any],
     state_dict: Mapping[str, np.ndarray],

@@ -128,10 +128,15 @@ def convert_checkpoint(
     file = found.file
     optimizer = None if no_optimizer else file.optimizer
     config = found.config
-    schedule = None
+    schedule = carried = None
     if optimizer is not None:
         settings = convert.optimizer_settings(optimizer, source, optimizer_kind)
         schedule = convert.lr_schedule_evidence(file)
+        if schedule and not constant_lr:
+            carried = convert.schedule_from_torch(file, source)
+            if carried is not None:  # the run's schedule, continued exactly
+                settings = {**settings, **carried}
+                schedule = None
         if schedule and not constant_lr:
             raise JaxaeError(
                 f"{source} holds {schedule}: its learning rate followed a schedule, which jaxae cannot continue "
@@ -225,6 +230,11 @@ def convert_checkpoint(
         notes.append(order_note)
     if schedule:
         notes.append(f"{schedule} not carried (--constant-lr): training continues at lr {config.lr:g}, constant")
+    if carried:
+        notes.append(
+            f"CosineAnnealingLR(T_max={carried['schedule_steps']}) carried: --lr-schedule cosine --schedule-steps "
+            f"{carried['schedule_steps']} at --lr {carried['lr']:g}, continuing at Adam's step"
+        )
     if test is None and config.dataset is None:
         notes.append(
             f"image shape {given_text} from --image-shape; no dataset recorded: give --dataset to evaluate, "
@@ -405,17 +415,17 @@ def torch_scheduler_state(
         JaxaeError: a run in its warm-up, or one that has not trained an epoch (its steps per
             epoch, which the schedule's length needs, are unknown).
     """
-    from jaxae.train import _adam_count, learning_rate
+    from jaxae.train import _adam_count, learning_rate, schedule_length
 
     step, epoch = int(state.step), int(state.epoch)
-    if epoch == 0 or step % epoch:
+    steps_per_epoch = step // epoch if epoch and step % epoch == 0 else None
+    if steps_per_epoch is None and not config.schedule_steps:
         raise JaxaeError(
             f"{workdir} has not trained whole epochs (step {step}, epoch {epoch}), so its --lr-schedule "
             f"{config.lr_schedule}'s length is unknown: export the weights without --with-optimizer"
         )
-    steps_per_epoch = step // epoch
     count = int(_adam_count(state.opt_state))  # the schedule's position: the updates done
-    total = config.epochs * steps_per_epoch
+    total = schedule_length(config, steps_per_epoch)
     start = config.warmup_steps if config.lr_schedule == "warmup_cosine" else 0
     if count < start:
         raise JaxaeError(
