@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/vanilla-mnist-sample
 
-.PHONY: setup train test lint bench docs clean
+.PHONY: setup train test test-all lint bench docs clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ train:
 	rm -rf $(WORKDIR)
 	$(PY) -m jaxae train --variant vanilla --dataset mnist-sample --epochs 20 --workdir $(WORKDIR)
 
-# pytest-xdist: one worker per core; on this project's 2-core CPU the suite takes about 12 min instead of over 14.
+# pytest-xdist: one worker per core. `test` leaves out the tests marked slow (the guides' examples,
+# conv runs on the TFDS files); `test-all` runs every test.
 test:
+	$(PY) -m pytest -q -n auto -m "not slow" tests
+
+test-all:
 	$(PY) -m pytest -q -n auto tests
 
 # jaxae vs the document's PyTorch loop on this machine, one run; figures to stdout and bench.json.

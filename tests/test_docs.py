@@ -99,7 +99,15 @@ def run_page(page: Path, cwd: Path) -> None:
         os.chdir(old)
 
 
-@pytest.mark.parametrize("page", _runnable_pages(), ids=lambda p: p.name)
+def _page_params() -> list:
+    """README's examples in every run of the suite; the guides' (about 4 minutes of CPU) are
+    ``slow``: ``make test-all`` runs them."""
+    return [
+        pytest.param(p, id=p.name, marks=() if p.name == "README.md" else pytest.mark.slow) for p in _runnable_pages()
+    ]
+
+
+@pytest.mark.parametrize("page", _page_params())
 def test_every_block_of_the_page_runs(page, tmp_path):
     run_page(page, _reader_folder(tmp_path))
 
