@@ -459,3 +459,20 @@ def test_a_resumed_sweep_records_what_it_changes_as_a_resumed_run_does(tmp_path,
         # the cosine now runs over 2 epochs: its rest is stretched, and recorded as a resumed run records it
         assert records[1]["changed"] == {"clip_grad_norm": {"from": 0.0, "to": 1.0}, "epochs": {"from": 1, "to": 2}}
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["models"] == 2
+
+
+def test_a_sweep_writes_its_summary_before_its_figures_and_one_epoch_time_for_every_model(
+    tmp_path, idx_folder, monkeypatch
+):
+    from jaxae import plots
+
+    def broken(*args, **kwargs):
+        raise OSError("the figure could not be drawn")
+
+    monkeypatch.setattr(plots, "write_run_figures", broken)
+    base = TrainConfig(dataset=str(idx_folder), batch_size=128, epochs=1)
+    with pytest.raises(OSError, match="could not be drawn"):
+        fit_sweep(sweep_configs(base, seed=[0, 1, 2]), tmp_path / "s", progress=False)
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["models"] == 3
+    seconds = {json.loads((tmp_path / "s" / f"seed{i}" / "metrics.jsonl").read_text())["seconds"] for i in range(3)}
+    assert len(seconds) == 1  # the epoch's training and evaluation, one figure for all the models
