@@ -1,9 +1,10 @@
-"""The training loop: data, the compiled core, a parallel strategy, checkpoints, signals, figures.
+"""One run: :func:`fit`, what ``jaxae train`` runs, and :func:`evaluate_run`, what ``jaxae evaluate`` runs.
 
-:func:`fit` is what ``jaxae train`` runs. It ties together the layers below it: the dataset
-(:mod:`jaxae.data`), the pure steps and epoch scan (:mod:`jaxae.train`), a data-parallel
-strategy (:mod:`jaxae.parallel`), Orbax checkpoints (:mod:`jaxae.checkpoint`) and the figures
-(:mod:`jaxae.plots`). Nothing below it imports it.
+:func:`fit` builds what a run needs from the layers below it: the dataset (:mod:`jaxae.data`),
+the model and optimizer (:mod:`jaxae.train`, or your own), a data-parallel strategy
+(:mod:`jaxae.parallel`), the run folder's claim and resume rules (:mod:`jaxae.rundir`), and a
+resumed state (:mod:`jaxae.checkpoint`); the epochs are the one loop's (:mod:`jaxae.epochs`).
+Nothing below it imports it.
 """
 
 from __future__ import annotations
