@@ -219,6 +219,7 @@ class EpochLoop:
                 test_metrics = runner.host_values(self.evaluate(state, self.test_images))
                 seconds = time.perf_counter() - t_start  # the epoch's training and evaluation, every model's
                 step = start_step + (epoch + 1 - start_epoch) * self.steps_per_epoch
+                saving = bool(ckpts) and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs)
                 records = []
                 for i, m in enumerate(members):
                     train_i = summarize_epoch(step_metrics[i])
@@ -238,18 +239,12 @@ class EpochLoop:
                     records.append(record)
                     if i in diverged:
                         continue  # its last record is the epoch it diverged at; it is saved no more
-                    if not all(math.isfinite(v) for v in [*train_i.values(), *test_i.values()]):
-                        if not sweep:
-                            _raise_diverged(epoch + 1, train_i, test_i, ckpts[i] if ckpts else None)
+                    finite = all(math.isfinite(v) for v in [*train_i.values(), *test_i.values()])
+                    if not finite and not sweep:
+                        _raise_diverged(epoch + 1, train_i, test_i, ckpts[i] if ckpts else None)
+                    if not finite:
                         diverged[i] = epoch + 1  # its later checkpoints are not saved; the others go on
-                        m.history.append(record)
-                        if metrics_files and metrics_files[i] is not None:
-                            metrics_files[i].write(json_line(record))
-                            metrics_files[i].flush()
-                        on_diverged(diverged)  # a resume keeps it diverged
-                        continue
-                    saving = ckpts and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs)
-                    if saving:
+                    elif saving:
                         # The previous save must be complete before this one starts anyway; waiting
                         # here stops a run whose save failed (CheckpointSaveError) before it records more.
                         ckpts[i].wait()
@@ -257,7 +252,9 @@ class EpochLoop:
                     if metrics_files and metrics_files[i] is not None:
                         metrics_files[i].write(json_line(record))
                         metrics_files[i].flush()
-                if ckpts and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
+                    if not finite:
+                        on_diverged(diverged)  # a resume keeps it diverged
+                if saving:
                     self._save(ckpts, runner.checkpoint_states(state), records, diverged)
                 for callback in callbacks:
                     callback(records)

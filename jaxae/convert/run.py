@@ -440,9 +440,13 @@ def torch_scheduler_state(
         torch.optim.SGD([param], lr=config.lr), T_max=total - start, eta_min=0.0
     )
     scheduler_state = scheduler.state_dict()
-    scheduler_state.update(last_epoch=count - start, _step_count=count - start + 1, _last_lr=[lr_now])
-    scheduler_state["base_lrs"] = [config.lr] * len(optimizer["param_groups"])
-    scheduler_state["_last_lr"] = [lr_now] * len(optimizer["param_groups"])
+    groups = len(optimizer["param_groups"])
+    scheduler_state.update(
+        last_epoch=count - start,
+        _step_count=count - start + 1,
+        base_lrs=[config.lr] * groups,
+        _last_lr=[lr_now] * groups,
+    )
     note = (
         f"scheduler_state_dict: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max={total - start}), "
         f"stepped after every optimizer step; create it, then load_state_dict(checkpoint['scheduler_state_dict']) "
