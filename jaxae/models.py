@@ -246,16 +246,35 @@ class VAE(nnx.Module):
 
 # -- convolutional option -------------------------------------------------------------------
 #
-# The conv layers compute their 3x3 convolutions as patches (nine strided slices) times a
-# matrix. Inside the epoch's ``lax.scan`` XLA's CPU backend lowers the weight gradient of
-# ``lax.conv_general_dilated`` to a naive loop (15x slower than the same step outside a loop,
-# measured here), while slices and dots keep their fast paths everywhere. The parameters keep
-# the layouts of ``nnx.Conv`` / ``nnx.ConvTranspose``, so weight conversion is unaffected.
+# Each conv layer has two lowerings with the same parameters and the same numbers (within float
+# rounding), chosen by ``lowering``:
+#
+# - ``"native"``: ``lax.conv_general_dilated`` / ``lax.conv_transpose``, which cuDNN and the TPU's
+#   convolution units run far faster than anything written around them;
+# - ``"patches"``: slices and matrix products. Inside the epoch's ``lax.scan`` XLA's CPU backend
+#   runs the gradients of a native convolution with more than one channel 3-5x slower than this
+#   form (measured here with jax 0.10.2), while slices and dots keep their fast paths.
+#
+# ``"auto"`` (the default) is ``"patches"`` on CPU and ``"native"`` elsewhere, decided when the
+# step is traced. The parameters keep the layouts of ``nnx.Conv`` / ``nnx.ConvTranspose``, so
+# weight conversion does not depend on the lowering.
+
+LOWERINGS = ("auto", "native", "patches")
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_lowering(lowering: str) -> str:
+    """``"native"`` or ``"patches"``: what ``lowering`` means on the default backend."""
+    if lowering not in LOWERINGS:
+        raise JaxaeError(f"unknown conv lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+    if lowering == "auto":
+        return "patches" if jax.default_backend() == "cpu" else "native"
+    return lowering
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """A 3x3 convolution with padding 1 of NHWC ``x`` by an HWIO ``kernel`` (cross-correlation,
-    as ``torch.nn.Conv2d`` and ``lax.conv_general_dilated``)."""
+    as ``torch.nn.Conv2d`` and ``lax.conv_general_dilated``), as patches times a matrix."""
     n, h, w, c = x.shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -282,28 +301,83 @@ class Conv2x(nnx.Module):
     """``torch.nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)``: halves H and W.
 
     ``kernel`` is ``[3, 3, in, out]`` (``nnx.Conv``'s layout; torch's weight ``[out, in, 3, 3]``
-    transposed by ``(2, 3, 1, 0)``), ``bias`` is ``[out]``.
+    transposed by ``(2, 3, 1, 0)``), ``bias`` is ``[out]``. ``lowering``: see :data:`LOWERINGS`.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs):
+    def __init__(self, in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs, lowering: str = "auto"):
+        resolve_lowering(lowering)
         kernel_init, bias_init = _conv_inits(init, in_ch * 9)
+        self.lowering = lowering
         self.kernel = nnx.Param(kernel_init(rngs.params(), (3, 3, in_ch, out_ch), jnp.float32))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_ch,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return conv3x3(x, self.kernel[...], 2) + self.bias[...]
+        if resolve_lowering(self.lowering) == "native":
+            y = jax.lax.conv_general_dilated(x, self.kernel[...], (2, 2), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+        else:
+            y = conv3x3(x, self.kernel[...], 2)
+        return y + self.bias[...]
 
 
-def conv(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs) -> Conv2x:
+def conv(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs, lowering: str = "auto") -> Conv2x:
     """``torch.nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)`` (see :class:`Conv2x`)."""
-    return Conv2x(in_ch, out_ch, init=init, rngs=rngs)
+    return Conv2x(in_ch, out_ch, init=init, rngs=rngs, lowering=lowering)
 
 
-# Tap tables of a 4x4, stride-2, padding-1 transposed convolution written as a stride-1 3x3
-# convolution per output phase: output row 2m + a takes input rows m - 1, m, m + 1 (taps 0, 1,
-# 2) through kernel rows _PHASE_TAPS[a] (-1: no contribution). From o = 2i - 1 + k:
-# even rows use k = 3 (row m - 1) and k = 1 (row m); odd rows k = 2 (row m) and k = 0 (row m + 1).
-_PHASE_TAPS = ((3, 1, -1), (-1, 2, 0))
+# A 4x4, stride-2, padding-1 transposed convolution writes output row o = 2i - 1 + k from input
+# row i through kernel row k. So output row 2m + a (phase a) takes, as (kernel row, input row
+# m + shift): even rows (3, -1) and (1, 0); odd rows (2, 0) and (0, +1). Columns alike.
+_PHASE_TAPS = (((3, -1), (1, 0)), ((2, 0), (0, 1)))
+
+
+def _interleave_phases(phases: list[list[jax.Array]]) -> jax.Array:
+    """``phases[a][b]``, each ``[..., H, W, C]``, -> ``[..., 2H, 2W, C]`` with row 2m + a, column 2n + b."""
+    rows = [jnp.stack(cols, axis=-2) for cols in phases]  # [..., H, W, 2 (b), C]
+    y = jnp.stack(rows, axis=-4)  # [..., H, 2 (a), W, 2 (b), C]
+    *lead, h, _, w, _, c = y.shape
+    return y.reshape(*lead, 2 * h, 2 * w, c)
+
+
+def conv_transpose_phases(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``torch.nn.ConvTranspose2d(in, out, 4, stride=2, padding=1)`` of NHWC ``x`` by a
+    ``[4, 4, out, in]`` kernel, gathering: each of the four output phases is a 2x2 convolution of
+    the input (its four taps as patches, times a ``[4 * in, out]`` matrix). No multiply by zero."""
+    n, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    phases = []
+    for a in range(2):
+        cols = []
+        for b in range(2):
+            taps = [(ky, di, kx, dj) for ky, di in _PHASE_TAPS[a] for kx, dj in _PHASE_TAPS[b]]
+            patches = jnp.concatenate([xp[:, 1 + di : 1 + di + h, 1 + dj : 1 + dj + w, :] for _, di, _, dj in taps], -1)
+            cols.append(patches @ jnp.concatenate([kernel[ky, kx].T for ky, _, kx, _ in taps], axis=0))
+        phases.append(cols)
+    return _interleave_phases(phases)
+
+
+def conv_transpose_scatter(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The same transposed convolution, scattering: every input pixel times the kernel gives its
+    4x4 patch of output (one ``[in, 16 * out]`` matrix product), and each output phase adds the
+    four patches that overlap it. Its intermediate holds ``16 * out`` values per input pixel
+    against the gathering form's ``16 * in``: the faster form for a layer that writes few channels."""
+    n, h, w, c_in = x.shape
+    c_out = kernel.shape[2]
+    z = (x.reshape(n * h * w, c_in) @ kernel.transpose(3, 0, 1, 2).reshape(c_in, 16 * c_out)).reshape(
+        n, h, w, 4, 4, c_out
+    )
+    zp = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+    phases = [
+        [
+            sum(
+                zp[:, 1 + di : 1 + di + h, 1 + dj : 1 + dj + w, ky, kx, :]
+                for ky, di in _PHASE_TAPS[a]
+                for kx, dj in _PHASE_TAPS[b]
+            )
+            for b in range(2)
+        ]
+        for a in range(2)
+    ]
+    return _interleave_phases(phases)
 
 
 class ConvTranspose2x(nnx.Module):
@@ -311,36 +385,38 @@ class ConvTranspose2x(nnx.Module):
 
     The parameters have ``nnx.ConvTranspose``'s layout (``transpose_kernel=True``): ``kernel``
     ``[4, 4, out, in]`` is torch's weight ``[in, out, 4, 4]`` transposed by ``(2, 3, 1, 0)``.
-    The forward pass runs no dilated convolution (XLA's CPU backend has no fast path for one):
-    it runs the same arithmetic as a stride-1 3x3 convolution producing the four output phases
-    as channels, then interleaves them (depth-to-space).
+    ``lowering`` (see :data:`LOWERINGS`): ``"native"`` is ``lax.conv_transpose``; ``"patches"``
+    runs no dilated convolution (XLA's CPU backend has no fast path for one) but
+    :func:`conv_transpose_phases`, or :func:`conv_transpose_scatter` for a layer with at most a
+    quarter as many output channels as input ones (an image's last layer), whichever measured
+    faster here.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs):
+    def __init__(self, in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs, lowering: str = "auto"):
+        resolve_lowering(lowering)
         # torch takes a transposed convolution's fan-in from weight axis 1, the *output*
         # channels: axis -2 of this kernel, variance_scaling's default in_axis.
         kernel_init, bias_init = _conv_inits(init, out_ch * 16)
-        self.in_ch, self.out_ch = in_ch, out_ch
+        self.in_ch, self.out_ch, self.lowering = in_ch, out_ch, lowering
         self.kernel = nnx.Param(kernel_init(rngs.params(), (4, 4, out_ch, in_ch), jnp.float32))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_ch,), jnp.float32))
 
-    def phase_kernel(self) -> jax.Array:
-        """The equivalent 3x3 kernel ``[3, 3, in, 4 * out]``, output channels ordered (a, b, out)."""
-        w = jnp.pad(self.kernel[...], ((0, 1), (0, 1), (0, 0), (0, 0)))  # index -1 -> the zero row
-        rows = jnp.array(_PHASE_TAPS)
-        k = w[rows[:, :, None, None], rows[None, None, :, :]]  # [a, ty, b, tx, out, in]
-        return k.transpose(1, 3, 5, 0, 2, 4).reshape(3, 3, self.in_ch, 4 * self.out_ch)
-
     def __call__(self, x: jax.Array) -> jax.Array:
-        n, h, w, _ = x.shape
-        y = conv3x3(x, self.phase_kernel(), 1)
-        y = y.reshape(n, h, w, 2, 2, self.out_ch).transpose(0, 1, 3, 2, 4, 5)
-        return y.reshape(n, 2 * h, 2 * w, self.out_ch) + self.bias[...]
+        kernel = self.kernel[...]
+        if resolve_lowering(self.lowering) == "native":
+            y = jax.lax.conv_transpose(
+                x, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=_NHWC, transpose_kernel=True
+            )
+        elif 4 * self.out_ch <= self.in_ch:
+            y = conv_transpose_scatter(x, kernel)
+        else:
+            y = conv_transpose_phases(x, kernel)
+        return y + self.bias[...]
 
 
-def conv_transpose(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs) -> ConvTranspose2x:
+def conv_transpose(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs, lowering: str = "auto") -> ConvTranspose2x:
     """``torch.nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1)`` (see :class:`ConvTranspose2x`)."""
-    return ConvTranspose2x(in_ch, out_ch, init=init, rngs=rngs)
+    return ConvTranspose2x(in_ch, out_ch, init=init, rngs=rngs, lowering=lowering)
 
 
 #: The conv models' channels after each stride-2 convolution (what ``--arch conv`` builds).
@@ -350,7 +426,7 @@ CONV_CHANNELS = (16, 32)
 class _ConvBase(nnx.Module):
     """Shared conv trunk: ``[N, H, W, C]`` -> two stride-2 convs -> ``[N, (H / 4) * (W / 4) * c2]``."""
 
-    def _build(self, image_shape, channels, init, rngs):
+    def _build(self, image_shape, channels, init, rngs, lowering="auto"):
         if len(image_shape) != 3:
             raise JaxaeError(f"the conv architecture needs an image shape (H, W, C), got {tuple(image_shape)}")
         h, w, c = image_shape
@@ -363,14 +439,11 @@ class _ConvBase(nnx.Module):
         self.image_shape = tuple(image_shape)
         self.input_dim = h * w * c
         self.feature_shape = (h // 4, w // 4, c2)
-        self.encoder = nnx.Sequential(
-            conv(c, c1, init=init, rngs=rngs), jax.nn.relu, conv(c1, c2, init=init, rngs=rngs), jax.nn.relu
-        )
+        layer = {"init": init, "rngs": rngs, "lowering": lowering}
+        self.encoder = nnx.Sequential(conv(c, c1, **layer), jax.nn.relu, conv(c1, c2, **layer), jax.nn.relu)
         feature_dim = math.prod(self.feature_shape)
         self.project = linear(self.latent_dim, feature_dim, init=init, rngs=rngs)
-        self.decoder = nnx.Sequential(
-            conv_transpose(c2, c1, init=init, rngs=rngs), jax.nn.relu, conv_transpose(c1, c, init=init, rngs=rngs)
-        )
+        self.decoder = nnx.Sequential(conv_transpose(c2, c1, **layer), jax.nn.relu, conv_transpose(c1, c, **layer))
         return feature_dim
 
     def _features(self, x):
@@ -394,9 +467,18 @@ class ConvAutoencoder(_ConvBase):
     every objective works unchanged.
     """
 
-    def __init__(self, image_shape=(28, 28, 1), channels=CONV_CHANNELS, latent_dim=32, *, init="torch", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        image_shape=(28, 28, 1),
+        channels=CONV_CHANNELS,
+        latent_dim=32,
+        *,
+        init="torch",
+        lowering="auto",
+        rngs: nnx.Rngs,
+    ):
         self.latent_dim = latent_dim
-        feature_dim = self._build(image_shape, channels, init, rngs)
+        feature_dim = self._build(image_shape, channels, init, rngs, lowering)
         self.code = linear(feature_dim, latent_dim, init=init, rngs=rngs)
 
     def encode(self, x):
@@ -409,9 +491,18 @@ class ConvAutoencoder(_ConvBase):
 class ConvVAE(_ConvBase):
     """The conv trunk with Gaussian ``mean``/``logvar`` heads: a convolutional :class:`VAE`."""
 
-    def __init__(self, image_shape=(28, 28, 1), channels=CONV_CHANNELS, latent_dim=32, *, init="torch", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        image_shape=(28, 28, 1),
+        channels=CONV_CHANNELS,
+        latent_dim=32,
+        *,
+        init="torch",
+        lowering="auto",
+        rngs: nnx.Rngs,
+    ):
         self.latent_dim = latent_dim
-        feature_dim = self._build(image_shape, channels, init, rngs)
+        feature_dim = self._build(image_shape, channels, init, rngs, lowering)
         self.mean = linear(feature_dim, latent_dim, init=init, rngs=rngs)
         self.logvar = linear(feature_dim, latent_dim, init=init, rngs=rngs)
 

@@ -106,3 +106,67 @@ def test_conv_models_take_any_sides_divisible_by_4_and_any_channels():
         model(jnp.zeros((2, 8, 16, 3)))
     with pytest.raises(JaxaeError, match=r"divisible by 4, got 18x8"):
         ConvAutoencoder((18, 8, 3), rngs=nnx.Rngs(0))
+
+
+# -- the conv layers' lowerings ------------------------------------------------------------------
+
+
+def _layer_grads(layer, x):
+    """The layer's output and the gradients of a fixed scalar of it by kernel, bias and input."""
+    graphdef, params = nnx.split(layer)
+    probe = jax.random.normal(jax.random.key(7), jax.eval_shape(lambda: layer(x)).shape)
+
+    def scalar(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x) * probe)
+
+    return layer(x), jax.grad(scalar, argnums=(0, 1))(params, x)
+
+
+@pytest.mark.parametrize(
+    ("cls", "in_ch", "out_ch", "shape"),
+    [
+        (jaxae.models.Conv2x, 1, 16, (3, 28, 28)),
+        (jaxae.models.Conv2x, 16, 32, (2, 14, 10)),
+        (jaxae.models.Conv2x, 3, 5, (2, 7, 9)),  # odd sides: ceil(side / 2) outputs
+        (jaxae.models.ConvTranspose2x, 32, 16, (2, 7, 7)),  # the gathering form (phases)
+        (jaxae.models.ConvTranspose2x, 16, 1, (3, 14, 14)),  # the scattering form (4 * out <= in)
+        (jaxae.models.ConvTranspose2x, 16, 3, (2, 6, 10)),
+        (jaxae.models.ConvTranspose2x, 3, 5, (2, 5, 3)),
+    ],
+)
+def test_patches_and_native_lowerings_give_the_same_outputs_and_gradients(cls, in_ch, out_ch, shape):
+    n, h, w = shape
+    x = jax.random.normal(jax.random.key(1), (n, h, w, in_ch))
+    native = cls(in_ch, out_ch, init="torch", rngs=nnx.Rngs(0), lowering="native")
+    patches = cls(in_ch, out_ch, init="torch", rngs=nnx.Rngs(0), lowering="patches")
+    (y_native, g_native), (y_patches, g_patches) = _layer_grads(native, x), _layer_grads(patches, x)
+    assert y_native.shape == y_patches.shape
+    np.testing.assert_allclose(y_patches, y_native, atol=2e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(g_patches), jax.tree.leaves(g_native), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4 * max(1.0, float(jnp.max(jnp.abs(b)))), rtol=0)
+
+
+def test_transposed_conv_matches_torch_conv_transpose2d():
+    torch = pytest.importorskip("torch")
+    for in_ch, out_ch in ((32, 16), (16, 1), (4, 3)):
+        layer = jaxae.models.ConvTranspose2x(in_ch, out_ch, init="torch", rngs=nnx.Rngs(0), lowering="patches")
+        x = np.asarray(jax.random.normal(jax.random.key(2), (2, 6, 5, in_ch)))
+        twin = torch.nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1)
+        with torch.no_grad():
+            twin.weight.copy_(torch.from_numpy(np.asarray(layer.kernel[...]).transpose(3, 2, 0, 1).copy()))
+            twin.bias.copy_(torch.from_numpy(np.array(layer.bias[...])))
+            expected = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), expected, atol=1e-5, rtol=0)
+
+
+def test_auto_lowering_is_patches_on_cpu_and_a_bad_lowering_is_a_clear_error():
+    assert jaxae.models.resolve_lowering("auto") == ("patches" if jax.default_backend() == "cpu" else "native")
+    with pytest.raises(JaxaeError, match=r"unknown conv lowering 'cudnn'; choose one of auto, native, patches"):
+        ConvAutoencoder(lowering="cudnn", rngs=nnx.Rngs(0))
+
+
+def test_a_conv_model_gives_the_same_numbers_under_either_lowering():
+    x = jax.random.uniform(jax.random.key(3), (4, 12, 8, 3))
+    for cls in (ConvAutoencoder, ConvVAE):
+        ys = [cls((12, 8, 3), latent_dim=6, lowering=lo, rngs=nnx.Rngs(0))(x) for lo in ("native", "patches")]
+        np.testing.assert_allclose(ys[1], ys[0], atol=1e-5, rtol=0)
