@@ -150,7 +150,7 @@ def test_transposed_conv_matches_torch_conv_transpose2d():
     torch = pytest.importorskip("torch")
     for in_ch, out_ch in ((32, 16), (16, 1), (4, 3)):
         layer = jaxae.models.ConvTranspose2x(in_ch, out_ch, init="torch", rngs=nnx.Rngs(0), lowering="patches")
-        x = np.asarray(jax.random.normal(jax.random.key(2), (2, 6, 5, in_ch)))
+        x = np.array(jax.random.normal(jax.random.key(2), (2, 6, 5, in_ch)))
         twin = torch.nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1)
         with torch.no_grad():
             twin.weight.copy_(torch.from_numpy(np.asarray(layer.kernel[...]).transpose(3, 2, 0, 1).copy()))
