@@ -424,9 +424,26 @@ CONV_CHANNELS = (16, 32)
 
 
 class _ConvBase(nnx.Module):
-    """Shared conv trunk: ``[N, H, W, C]`` -> two stride-2 convs -> ``[N, (H / 4) * (W / 4) * c2]``."""
+    """Shared conv trunk: ``[N, H, W, C]`` -> two stride-2 convs -> ``[N, (H / 4) * (W / 4) * c2]``,
+    and the decoder back. A subclass adds its code heads in ``_heads(feature_dim, init, rngs)``.
+    ``lowering``: how the conv layers are computed (see :data:`LOWERINGS`); it changes no numbers.
+    """
 
-    def _build(self, image_shape, channels, init, rngs, lowering="auto"):
+    def __init__(
+        self,
+        image_shape=(28, 28, 1),
+        channels=CONV_CHANNELS,
+        latent_dim=32,
+        *,
+        init="torch",
+        lowering="auto",
+        rngs: nnx.Rngs,
+    ):
+        self.latent_dim = latent_dim
+        feature_dim = self._build(image_shape, channels, init, rngs, lowering)
+        self._heads(feature_dim, init, rngs)
+
+    def _build(self, image_shape, channels, init, rngs, lowering):
         if len(image_shape) != 3:
             raise JaxaeError(f"the conv architecture needs an image shape (H, W, C), got {tuple(image_shape)}")
         h, w, c = image_shape
@@ -457,6 +474,9 @@ class _ConvBase(nnx.Module):
     def decode(self, z):
         return jax.nn.sigmoid(self.decode_logits(z))
 
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
 
 class ConvAutoencoder(_ConvBase):
     """A small convolutional autoencoder for ``H x W x C`` images, H and W divisible by 4 (``--arch conv``).
@@ -467,44 +487,19 @@ class ConvAutoencoder(_ConvBase):
     every objective works unchanged.
     """
 
-    def __init__(
-        self,
-        image_shape=(28, 28, 1),
-        channels=CONV_CHANNELS,
-        latent_dim=32,
-        *,
-        init="torch",
-        lowering="auto",
-        rngs: nnx.Rngs,
-    ):
-        self.latent_dim = latent_dim
-        feature_dim = self._build(image_shape, channels, init, rngs, lowering)
-        self.code = linear(feature_dim, latent_dim, init=init, rngs=rngs)
+    def _heads(self, feature_dim, init, rngs):
+        self.code = linear(feature_dim, self.latent_dim, init=init, rngs=rngs)
 
     def encode(self, x):
         return self.code(self._features(x))
-
-    def __call__(self, x):
-        return self.decode(self.encode(x))
 
 
 class ConvVAE(_ConvBase):
     """The conv trunk with Gaussian ``mean``/``logvar`` heads: a convolutional :class:`VAE`."""
 
-    def __init__(
-        self,
-        image_shape=(28, 28, 1),
-        channels=CONV_CHANNELS,
-        latent_dim=32,
-        *,
-        init="torch",
-        lowering="auto",
-        rngs: nnx.Rngs,
-    ):
-        self.latent_dim = latent_dim
-        feature_dim = self._build(image_shape, channels, init, rngs, lowering)
-        self.mean = linear(feature_dim, latent_dim, init=init, rngs=rngs)
-        self.logvar = linear(feature_dim, latent_dim, init=init, rngs=rngs)
+    def _heads(self, feature_dim, init, rngs):
+        self.mean = linear(feature_dim, self.latent_dim, init=init, rngs=rngs)
+        self.logvar = linear(feature_dim, self.latent_dim, init=init, rngs=rngs)
 
     def encode_distribution(self, x):
         h = self._features(x)
@@ -512,9 +507,6 @@ class ConvVAE(_ConvBase):
 
     def encode(self, x):
         return self.encode_distribution(x)[0]
-
-    def __call__(self, x):
-        return self.decode(self.encode(x))
 
     def sample(self, key, n):
         return self.decode(jax.random.normal(key, (n, self.latent_dim)))
