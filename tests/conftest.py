@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import tempfile
 
 import numpy as np
@@ -22,6 +23,15 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 from jaxae.data import load_dataset, write_idx  # noqa: E402 (after the cache settings: it imports JAX)
+
+
+@pytest.fixture
+def handled_sigint():
+    """SIGINT handled as in an interactive Python while the test runs: a runner started in the
+    background of a shell (``make test &``, nohup) ignores it, and a run then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

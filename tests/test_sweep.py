@@ -118,7 +118,7 @@ def test_evaluate_and_train_resume_work_on_one_swept_model(swept, references, tm
     assert records[-1]["test_loss"] == pytest.approx(references[i].history[EPOCHS]["test_loss"], abs=1e-5)
 
 
-def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(swept, tmp_path):
+def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(swept, tmp_path, handled_sigint):
     _, uninterrupted, _ = swept
     configs = sweep_configs(BASE, **GRID)
 
