@@ -19,8 +19,8 @@ train:
 	rm -rf $(WORKDIR)
 	$(PY) -m jaxae train --variant vanilla --dataset mnist-sample --epochs 20 --workdir $(WORKDIR)
 
-# pytest-xdist: one worker per core. `test` leaves out the tests marked slow (the guides' examples,
-# conv runs on the TFDS files); `test-all` runs every test.
+# pytest-xdist: one worker per core. `test` leaves out the tests marked slow (the docs pages'
+# examples, conv runs end to end, some real-process fault tests); `test-all` runs every test.
 test:
 	$(PY) -m pytest -q -n auto -m "not slow" tests
 

@@ -252,6 +252,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # real processes; test_restore_across_device_counts_and_layouts covers the restore
 def test_resume_under_another_strategy_and_device_count(tmp_path, idx_folder):
     """2 epochs under pmap/shard on 4 devices + 2 resumed on 1 device (and the reverse) = 4 on 1."""
     script = tmp_path / "strategies.py"
@@ -749,6 +750,7 @@ def _overwrite_middle(path, length=40):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # real processes; the damaged-metadata tests in process cover the message
 def test_damaged_orbax_metadata_is_one_line_from_the_command_line(tmp_path, idx_folder):
     pristine = tmp_path / "pristine"
     fit(_config(idx_folder, epochs=1, hidden_dims=(8,), latent_dim=2), pristine, progress=False)
@@ -902,6 +904,7 @@ def test_init_from_a_model_for_other_images_is_refused(tmp_path):
         init_params_from(tmp_path, trainer, other)
 
 
+@pytest.mark.slow  # a race against a live run, many reads
 def test_reading_the_latest_checkpoint_of_a_run_that_rotates_them_never_reports_damage(tmp_path, idx_folder, caplog):
     # A live `train --keep 1` deletes its latest checkpoint each time it completes a newer one.
     workdir = tmp_path / "live"

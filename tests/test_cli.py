@@ -176,6 +176,7 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     assert "tfds build mnist" in proc.stderr
 
 
+@pytest.mark.slow  # samples.png, the IW bound and the probe are each tested faster (test_train, test_objectives, test_colour)
 def test_vae_run_writes_samples_and_evaluate_adds_iw_and_probe(tmp_path, idx_folder, capsys):
     workdir = tmp_path / "vae"
     code = cli.main(

@@ -52,7 +52,12 @@ def _is_colour_picture(path: Path) -> bool:
     return bool(np.mean(np.ptp(pixels, axis=-1) > 1.5 / 255) > 0.02)
 
 
-@pytest.mark.parametrize(("variant", "arch"), RUNS)
+# The conv runs are the slow ones (about a minute of CPU); the MLP runs and the colour conv
+# model's round trip through PyTorch stay in make test.
+_COLOUR_RUNS = [pytest.param(v, a, marks=pytest.mark.slow) if a == "conv" else (v, a) for v, a in RUNS]
+
+
+@pytest.mark.parametrize(("variant", "arch"), _COLOUR_RUNS)
 def test_every_variant_trains_evaluates_probes_and_draws_in_colour(colour_folder, tmp_path, capsys, variant, arch):
     workdir = tmp_path / "run"
     records = _train(
@@ -131,6 +136,7 @@ def test_evaluate_refuses_a_dataset_whose_images_changed_shape(tmp_path, capsys)
         assert len(lines) == 1 and "holds a model for 16x12x3 images, not 12x16x3" in lines[0], lines
 
 
+@pytest.mark.slow  # a conv run, evaluate and resume; test_checkpoints_of_format_1_still_restore covers old formats
 def test_a_checkpoint_from_before_image_shapes_were_saved_takes_its_dataset_s(tmp_path, capsys, monkeypatch):
     # Format 2 recorded a shape read off the parameters, assuming square images: a conv model for
     # 16x64 images (64 feature positions) was recorded as one for 32x32 images.

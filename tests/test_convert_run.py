@@ -726,7 +726,8 @@ def test_colour_adam_state_converts_exactly_and_takes_torch_s_next_step(arch, im
         np.testing.assert_allclose(got[key], value.numpy(), rtol=0, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize("arch", ["conv", "mlp"])
+# conv is slow (a conv run, conversion both ways); test_colour's colour conv round trip stays fast
+@pytest.mark.parametrize("arch", [pytest.param("conv", marks=pytest.mark.slow), "mlp"])
 def test_cli_converts_a_colour_run_and_exports_it_back_exactly(arch, tmp_path, capsys):
     image_shape = (16, 16, 3)
     model, opt, _ = colour_run(arch, image_shape, steps=2)

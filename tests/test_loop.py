@@ -182,6 +182,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # two real runs; the sweep's in-use folder and a killed run's lock are tested faster
 def test_a_second_run_on_a_busy_workdir_exits_2_at_once_and_the_first_completes(tmp_path, idx_folder):
     workdir = tmp_path / "run"
     first = subprocess.Popen(

@@ -384,6 +384,7 @@ def _train_two(dataset, workdir, *flags, env=None) -> list[subprocess.Popen]:
     ]
 
 
+@pytest.mark.slow  # two real processes for a minute; test_config tests the agreement of a signal from another process in process
 def test_a_signal_to_one_process_stops_both_at_one_step_and_resume_is_exact(tmp_path, dataset, four_devices):
     """A preempted host: SIGTERM to process 1 only. Both stop at the same epoch boundary with one
     complete checkpoint (before: process 0 waited in a collective forever); resumed, the run ends

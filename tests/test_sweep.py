@@ -355,6 +355,7 @@ def test_a_sweep_refuses_a_model_folder_a_train_run_holds_and_leaves_no_folders(
     assert code == 2 and not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.slow  # a real process killed; the interrupted sweep's resume is tested in process
 def test_a_sweep_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, idx_folder):
     sweep_dir = tmp_path / "S"
     flags = ("--seeds", "0,1", "--epochs", "2")
