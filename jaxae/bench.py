@@ -27,6 +27,7 @@ one method that disagree by more than :data:`SPREAD_LIMIT`; it then warns, and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -58,16 +59,17 @@ def mlp_flops_per_sample(dims: tuple[int, ...] = (784, 128, 64, 32, 64, 128, 784
     return 2 * macs + 2 * macs + 2 * (macs - layers[0][0] * layers[0][1])
 
 
-def peak_matmul_flops(n: int | None = None, reps: int = 10) -> float:
+def peak_matmul_flops(n: int | None = None, reps: int = 10, precision: str = "highest") -> float:
     """The best fp32 FLOP/s of an ``n x n @ n x n`` matmul on the default device.
 
-    It runs at JAX's default precision, the one the training step uses (on NVIDIA GPUs that
-    lets XLA use TF32 tensor cores for fp32), so the roofline compares like with like.
+    It runs at ``precision`` (``jax.default_matmul_precision``), the one the timed training
+    steps use, so the roofline compares like with like: :func:`peak_name` says what it is.
     """
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(lambda a, b: a @ b)
+    with jax.default_matmul_precision(precision):
+        matmul = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
     jax.block_until_ready(matmul(a, b))
     best = float("inf")
     for _ in range(reps):
@@ -75,6 +77,28 @@ def peak_matmul_flops(n: int | None = None, reps: int = 10) -> float:
         jax.block_until_ready(matmul(a, b))
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def peak_name(precision: str, backend: str | None = None) -> str:
+    """What a float32 matmul at ``precision`` runs as on ``backend`` (default: JAX's): the name
+    of the peak a roofline divides by."""
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+        return "fp32" if precision == "highest" else "TF32"
+    if backend == "tpu":
+        return {"highest": "fp32 (6 bf16 passes)", "high": "bf16x3"}.get(precision, "bf16 (1 pass)")
+    return "fp32"
+
+
+def set_torch_precision(precision: str) -> None:
+    """PyTorch at the float32 precision JAX runs at: full fp32 for ``highest`` (PyTorch's own
+    default for matmuls, though not for cuDNN's convolutions, which allow TF32), TF32 on an
+    NVIDIA GPU otherwise. A CPU computes full fp32 either way."""
+    import torch
+
+    tf32 = precision != "highest"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def device_name() -> str:
@@ -109,12 +133,14 @@ def torch_device() -> str:
 
 
 class JaxMethod:
-    """jaxae's real training path: the compiled epoch ``fit()`` runs."""
+    """jaxae's real training path: the compiled epoch ``fit()`` runs, of the document's model or
+    of ``config``'s."""
 
     name = "jaxae"
 
-    def __init__(self, images: np.ndarray, batch_size: int):
-        self.trainer, self.state = build(TrainConfig(batch_size=batch_size), images.shape[1:])
+    def __init__(self, images: np.ndarray, batch_size: int, config: TrainConfig | None = None):
+        config = dataclasses.replace(config or TrainConfig(), batch_size=batch_size)
+        self.trainer, self.state = build(config, images.shape[1:])
         self.images = jax.device_put(images.reshape(len(images), -1))
         t0 = time.perf_counter()
         self.epoch = self.trainer.jit_train_epoch.lower(self.state, self.images, batch_size=batch_size).compile()
@@ -164,6 +190,42 @@ class TorchMethod:
         for i in range(0, len(self.data), self.batch_size):
             loss = self.step(self.data[perm[i : i + self.batch_size]])
         return loss.item()  # waits for the device
+
+
+class TwinMethod:
+    """A model's PyTorch twin (``TWINS[(variant, arch)].torch_module``) trained by the same loss
+    (:func:`jaxae.torch_reference.variant_loss`) with ``torch.optim.Adam(lr=1e-3)``, on data
+    preloaded as one float tensor, as :class:`TorchMethod` trains the document's model."""
+
+    name = "torch"
+
+    def __init__(self, images: np.ndarray, batch_size: int, config: TrainConfig):
+        import torch
+
+        from jaxae import torch_reference
+        from jaxae.convert.layouts import TWINS
+        from jaxae.data import get_normalization
+
+        self.torch, self.config, self.batch_size = torch, config, batch_size
+        self.device = torch_device()
+        self.variant_loss = torch_reference.variant_loss
+        torch.manual_seed(0)
+        self.model = TWINS[(config.variant, config.arch)].torch_module(config, tuple(images.shape[1:])).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        norm = get_normalization(config.normalize)
+        x = torch.tensor(images).permute(0, 3, 1, 2).reshape(len(images), -1).float().div(255)  # (c, h, w) order
+        self.data = (norm.low + (norm.high - norm.low) * x).to(self.device)
+        self.compile_seconds = 0.0
+
+    def run_epoch(self) -> float:
+        perm = self.torch.randperm(len(self.data), device=self.device)
+        loss = None
+        for i in range(0, len(self.data), self.batch_size):
+            loss = self.variant_loss(self.model, self.data[perm[i : i + self.batch_size]], self.config)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        return loss.item()
 
 
 class TorchDataLoaderMethod:
@@ -229,11 +291,13 @@ def contention(
     load_after: float | None,
     cores: int,
     spread_limit: float = SPREAD_LIMIT,
+    label: str = "batch",
 ) -> dict[str, Any]:
     """Whether other work competed with the benchmark, and the evidence.
 
     Args:
-        rounds: ``{batch_size: {method: [samples/s of each round]}}``.
+        rounds: ``{batch_size: {method: [samples/s of each round]}}`` (or keyed by model, with
+            ``label="model"``: how the reasons name a key).
         load_before: the 1-minute load average before the measurements (other work alone).
         load_after: the same after them (it includes the benchmark's own threads, at most
             ``cores``, so anything above ``cores`` is other work too).
@@ -259,7 +323,7 @@ def contention(
             spread[str(batch_size)][method] = ratio
             if ratio > spread_limit:
                 reasons.append(
-                    f"{method} at batch {batch_size} varied {ratio:.2f}x between rounds (above {spread_limit:g}x)"
+                    f"{method} at {label} {batch_size} varied {ratio:.2f}x between rounds (above {spread_limit:g}x)"
                 )
     return {
         "contended": bool(reasons),
@@ -298,6 +362,7 @@ def run_benchmark(
     rounds: int = 3,
     torch_compile: bool = True,
     dataloader: bool = True,
+    matmul_precision: str = "highest",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Runs every method at every batch size; returns the figures ``jaxae bench`` prints.
@@ -309,6 +374,8 @@ def run_benchmark(
         rounds: interleaved rounds; each figure is the median over rounds.
         torch_compile: also time ``torch.compile`` of the preloaded loop (first batch size only).
         dataloader: also time the DataLoader pipeline (first batch size only).
+        matmul_precision: of jaxae's steps, PyTorch's and the peak (see :func:`set_torch_precision`):
+            ``highest`` compares full fp32 with full fp32 on every backend.
     """
     import torch
 
@@ -321,6 +388,8 @@ def run_benchmark(
         )
     threads = cpu_threads()
     torch.set_num_threads(threads)
+    set_torch_precision(matmul_precision)
+    config = TrainConfig(matmul_precision=matmul_precision)
     train = load_dataset(dataset, "train")
     images = train.images
     n = len(train)
@@ -331,7 +400,7 @@ def run_benchmark(
     )
     load_before = load_average()
     # The roofline needs the final peak (the higher of two readings): the table prints it, not the progress.
-    peak_before = peak_matmul_flops()
+    peak_before = peak_matmul_flops(precision=matmul_precision)
     log(f"model: {flops_per_sample / 1e6:.3f} MFLOP per sample")
 
     results: dict[str, Any] = {
@@ -345,10 +414,12 @@ def run_benchmark(
         "torch_version": torch.__version__,
         "torch_device": torch_device(),
         "model_flops_per_sample": flops_per_sample,
+        "matmul_precision": matmul_precision,
+        "peak_name": peak_name(matmul_precision),
         "by_batch_size": {},
     }
     for bi, batch_size in enumerate(batch_sizes):
-        methods: list[Any] = [JaxMethod(images, batch_size), TorchMethod(images, batch_size)]
+        methods: list[Any] = [JaxMethod(images, batch_size, config), TorchMethod(images, batch_size)]
         if torch_compile and bi == 0:
             try:
                 methods.append(TorchMethod(images, batch_size, compile=True))
@@ -383,7 +454,7 @@ def run_benchmark(
 
     # Load on a shared machine only ever lowers a measured peak: measure again at the end and
     # keep the higher, so the roofline fractions are not flattered by a slow first reading.
-    peak_after = peak_matmul_flops()
+    peak_after = peak_matmul_flops(precision=matmul_precision)
     load_after = load_average()
     peak = max(peak_before, peak_after)
     results["peak_matmul_flops"] = peak
@@ -415,13 +486,141 @@ def run_benchmark(
     return results
 
 
+#: The targets of ``jaxae bench --models`` on a CPU at batch 256: jaxae / PyTorch of each model.
+TARGETS = {"mlp": 1.3, "conv": 1.0}
+
+
+def model_names(spec: str) -> list[str]:
+    """``--models`` (``all``, or ``vanilla-mlp,vae-conv,...``) -> the models' names, checked."""
+    from jaxae.objectives import VARIANTS
+
+    every = [f"{name}-{arch}" for name, variant in VARIANTS.items() for arch in variant.archs]
+    if spec.strip() == "all":
+        return every
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in every]
+    if unknown or not names:
+        raise JaxaeError(
+            f"--models: unknown model {', '.join(unknown) or spec!r}; choose all or from {', '.join(every)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def run_models(
+    dataset: str = "mnist-sample",
+    models: str = "all",
+    *,
+    batch_size: int = 256,
+    epochs: int = 2,
+    rounds: int = 3,
+    train_images: int = 0,
+    matmul_precision: str = "highest",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every model of ``models`` against its PyTorch twin (:class:`TwinMethod`), in one run.
+
+    Each model's jaxae epoch and its twin's run on the same images (the first ``train_images``
+    of the train split; all with 0), batch, Adam 1e-3 and threads, one warm-up epoch each, then
+    ``rounds`` interleaved rounds of ``epochs`` epochs; figures are medians over rounds, with
+    the contention check of :func:`contention` over every model's rounds.
+
+    Returns:
+        ``{"device", "dataset", "train_samples", "batch_size", "matmul_precision", ...,
+        "models": {name: {"jaxae", "torch", "speedup_vs_torch", "target", "rounds_samples_per_s",
+        "jax_compile_seconds"}}, "contended", "contention"}``.
+    """
+    import torch
+
+    names = model_names(models)
+    threads = cpu_threads()
+    torch.set_num_threads(threads)
+    set_torch_precision(matmul_precision)
+    train = load_dataset(dataset, "train")
+    images = train.images[: train_images or None]
+    n = len(images)
+    if batch_size > n:
+        raise JaxaeError(f"--batch-sizes {batch_size} is larger than the {n} images timed")
+    log(
+        f"device: {device_name()}; torch {torch.__version__} on {torch_device()} with {threads} threads; "
+        f"jax {jax.__version__}; {n} images of {shape_text(images.shape[1:])}, batch {batch_size}"
+    )
+    load_before = load_average()
+    results: dict[str, Any] = {
+        "device": device_name(),
+        "dataset": dataset,
+        "train_samples": n,
+        "batch_size": batch_size,
+        "epochs_per_round": epochs,
+        "rounds": rounds,
+        "threads": threads,
+        "jax_version": jax.__version__,
+        "torch_version": torch.__version__,
+        "torch_device": torch_device(),
+        "matmul_precision": matmul_precision,
+        "models": {},
+    }
+    for name in names:
+        variant, arch = name.rsplit("-", 1)
+        config = TrainConfig(variant=variant, arch=arch, matmul_precision=matmul_precision)
+        methods = [JaxMethod(images, batch_size, config), TwinMethod(images, batch_size, config)]
+        for method in methods:
+            method.run_epoch()  # warm-up
+        rates: dict[str, list[float]] = {m.name: [] for m in methods}
+        for _ in range(rounds):
+            for method in methods:
+                rates[method.name].append(_time_epochs(method, epochs, n))
+        row: dict[str, Any] = {m: statistics.median(r) for m, r in rates.items()}
+        row.update(
+            speedup_vs_torch=row["jaxae"] / row["torch"],
+            target=TARGETS[arch],
+            rounds_samples_per_s=rates,
+            jax_compile_seconds=methods[0].compile_seconds,
+        )
+        results["models"][name] = row
+        log(
+            f"{name}: jaxae {row['jaxae']:,.0f}/s, torch {row['torch']:,.0f}/s; jaxae/torch {row['speedup_vs_torch']:.2f}x"
+        )
+    evidence = contention(
+        {name: row["rounds_samples_per_s"] for name, row in results["models"].items()},
+        load_before,
+        load_average(),
+        threads,
+        label="model",
+    )
+    results["contended"] = evidence["contended"]
+    results["contention"] = evidence
+    return results
+
+
+def format_models_table(results: dict[str, Any]) -> str:
+    """:func:`run_models`' results as a Markdown table."""
+    warning = contention_warning(results)
+    lines = ([warning, ""] if warning else []) + [
+        f"device: {results['device']}; dataset {results['dataset']} ({results['train_samples']} train images), "
+        f"batch {results['batch_size']}, matmul precision {results['matmul_precision']}",
+        "",
+        "| model | jaxae samples/s | torch samples/s | jaxae / torch | target (CPU) | jaxae compile |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in results["models"].items():
+        mark = "met" if row["speedup_vs_torch"] >= row["target"] else "**not met**"
+        lines.append(
+            f"| {name} | {row['jaxae']:,.0f} | {row['torch']:,.0f} | {row['speedup_vs_torch']:.2f}x | "
+            f"{row['target']:.1f}x {mark} | {row['jax_compile_seconds']:.2f} s |"
+        )
+    if warning:
+        lines += ["", warning]
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table (samples/s, median over rounds)."""
     names = ["jaxae", "torch", "torch_compile", "torch_dataloader"]
     warning = contention_warning(results)
     lines = ([warning, ""] if warning else []) + [
         f"device: {results['device']}; dataset {results['dataset']} ({results['train_samples']} train images); "
-        f"peak fp32 matmul {results['peak_matmul_flops'] / 1e9:.1f} GFLOP/s",
+        f"matmul precision {results['matmul_precision']}; peak {results['peak_name']} matmul "
+        f"{results['peak_matmul_flops'] / 1e9:.1f} GFLOP/s",
         "",
         "| batch | " + " | ".join(f"{n} samples/s" for n in names) + " | jaxae / torch | roofline | jaxae compile |",
         "|---" * (len(names) + 4) + "|",
@@ -461,6 +660,27 @@ def add_arguments(p: Any) -> None:
         "--quick", action="store_true", help="fewer rounds, no torch.compile: under a minute on a 2-core CPU"
     )
     p.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument(
+        "--models",
+        default=None,
+        metavar="LIST",
+        help="time these models (all, or e.g. vanilla-mlp,vae-conv) against their PyTorch twins, at the first "
+        "of --batch-sizes, instead of the document's model against the document's loop",
+    )
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --models: time on the first N train images (default: all)",
+    )
+    p.add_argument(
+        "--matmul-precision",
+        choices=("default", "high", "highest"),
+        default="highest",
+        help="float32 matmul precision of both frameworks and the peak: highest = full fp32 (PyTorch's default); "
+        "default or high = TF32 on an NVIDIA GPU (default: %(default)s)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
 
 
@@ -469,13 +689,32 @@ def main(args: Any) -> int:
     if any(b <= 0 for b in args.batch_sizes):
         raise JaxaeError(f"--batch-sizes must be positive, got {args.batch_sizes}")
     quick = args.quick
+    epochs = args.epochs or (3 if quick else 2)
+    rounds = args.rounds or (3 if quick else 5)
+    if args.train_images < 0:
+        raise JaxaeError(f"--train-images must be >= 0, got {args.train_images}")
+    if args.models is not None:
+        results = run_models(
+            args.dataset,
+            args.models,
+            batch_size=args.batch_sizes[0],
+            epochs=epochs,
+            rounds=rounds,
+            train_images=args.train_images,
+            matmul_precision=args.matmul_precision,
+        )
+        print(format_models_table(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     results = run_benchmark(
         args.dataset,
         batch_sizes=tuple(args.batch_sizes),
-        epochs=args.epochs or (3 if quick else 2),
-        rounds=args.rounds or (3 if quick else 5),
+        epochs=epochs,
+        rounds=rounds,
         torch_compile=not args.no_torch_compile and not quick,
         dataloader=True,
+        matmul_precision=args.matmul_precision,
     )
     print(format_table(results))
     if args.json:

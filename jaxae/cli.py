@@ -35,6 +35,20 @@ def _add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
         "--no-figures", dest="figures", action="store_false", help="no figures (reconstructions, loss curves)"
     )
     p.add_argument(
+        "--no-events",
+        dest="events",
+        action="store_false",
+        help="no TensorBoard event files (every record's numbers as scalars, in "
+        + ("each model's folder's events/)" if sweep else "WORKDIR/events/)"),
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="trace the first epoch (after compiling) with jax.profiler into DIR: a *.xplane.pb that "
+        "TensorBoard's profile plugin or XProf opens",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the sweep in --workdir, every model from its latest complete checkpoint; --epochs is the "
@@ -177,7 +191,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     last = result.history[-1] if result.history else {"epoch": result.start_epoch}
     summary = {k: last[k] for k in last if k.startswith("test_")}
-    print(json.dumps({"workdir": args.workdir, "epochs": last["epoch"], "devices": strategy.device_count, **summary}))
+    watched = {k: last[k] for k in ("peak_device_bytes", "peak_host_bytes") if k in last}
+    if result.history[result.start_epoch :]:
+        watched["compile_seconds"] = round(result.compile_seconds, 3)
+    print(
+        json.dumps(
+            {"workdir": args.workdir, "epochs": last["epoch"], "devices": strategy.device_count, **summary, **watched}
+        )
+    )
     return 0
 
 
@@ -345,6 +366,7 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
         help="train a linear classifier on the frozen train-split codes; report probe_accuracy on the test "
         "split next to probe_accuracy_pixels (the same classifier on raw pixels)",
     )
+    add_setting_flags(p, only={"dtype": "the run's", "matmul_precision": "the run's"})
     p.set_defaults(func=cmd_evaluate)
 
     from jaxae.convert import DEFAULT_TOLERANCE

@@ -40,6 +40,11 @@ from jaxae.objectives import VARIANTS, get_variant
 MAX_SEED = 2**32 - 1
 
 OPTIMIZERS = ("adam", "adamw")
+#: ``--dtype``: the models' compute dtype (parameters, optimizer state and losses stay float32).
+DTYPES = ("float32", "bfloat16")
+#: ``--matmul-precision``: ``jax.default_matmul_precision`` for the run's matrix products and
+#: convolutions on float32 values.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 
@@ -293,6 +298,24 @@ class TrainConfig:
         bound=NON_NEGATIVE,
         may_change_on_resume=True,
         group="optimizer",
+    )
+
+    dtype: str = setting(
+        "float32",
+        "the models' compute dtype: float32, or bfloat16 (mixed precision: parameters, optimizer state and the "
+        "loss stay float32)",
+        choices=DTYPES,
+        group="precision",
+        may_change_on_resume=True,
+    )
+    matmul_precision: str = setting(
+        "default",
+        "float32 matrix products and convolutions: default = the backend's (full float32 on CPU, TF32 on recent "
+        "NVIDIA GPUs, one bfloat16 pass on TPU); high = 3 bfloat16 passes on TPU, TF32 on GPU; highest = full "
+        "float32 everywhere",
+        choices=MATMUL_PRECISIONS,
+        group="precision",
+        may_change_on_resume=True,
     )
 
     def __post_init__(self) -> None:

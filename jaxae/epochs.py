@@ -10,9 +10,12 @@ model) and a sweep's placement (:class:`jaxae.sweep.Placement`, a stack of model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -164,6 +167,8 @@ class EpochLoop:
         diverged: dict[int, int] | None = None,
         on_diverged: Callable[[dict[int, int]], None] | None = None,
         saved_in: Path | None = None,
+        events: bool = True,
+        profile: str | Path | None = None,
     ) -> list[TrainState]:
         """Trains from ``start_epoch`` (at optimizer step ``start_step``) to ``epochs``.
 
@@ -180,6 +185,13 @@ class EpochLoop:
 
         ``saved_in``: the folder an interruption's message names (a sweep's); by default the
         checkpoint's own.
+
+        Watching the run: with ``events`` each model's records also go to TensorBoard event files
+        in ``<workdir>/events`` (every number of a record, at its step); with ``profile`` the first
+        epoch (compiled beforehand, so only running it) is traced with ``jax.profiler`` into that
+        folder (``plugins/profile/<time>/*.xplane.pb``, which TensorBoard's profile plugin and
+        XProf read). The first record of each call holds ``compile_seconds``; every record holds
+        the process's peak host memory and, where the backend reports it, the peak device memory.
 
         Returns:
             Each model's final state, on the host.
@@ -198,6 +210,12 @@ class EpochLoop:
                 metrics_files.append(metrics_file)
                 ckpts.append(ck)
             stop = rundir.StopOnSignal().__enter__()
+        writers = [
+            rundir.EventWriter(m.workdir, resumed_at_step=start_step)
+            if events and m.workdir is not None and runner.is_primary
+            else None
+            for m in members
+        ]
         bar = tqdm(
             range(start_epoch, epochs),
             initial=start_epoch,
@@ -212,12 +230,15 @@ class EpochLoop:
             for epoch in bar:
                 if stop is not None and stop.agreed() is not None:
                     break
-                t_start = time.perf_counter()
-                state, step_metrics = self.train_epoch(state, self.train_images)
-                step_metrics = runner.host_values(step_metrics)
-                t_train = time.perf_counter() - t_start
-                test_metrics = runner.host_values(self.evaluate(state, self.test_images))
-                seconds = time.perf_counter() - t_start  # the epoch's training and evaluation, every model's
+                tracing = profile is not None and epoch == start_epoch
+                with _trace(profile) if tracing else contextlib.nullcontext():
+                    t_start = time.perf_counter()
+                    state, step_metrics = self.train_epoch(state, self.train_images)
+                    step_metrics = runner.host_values(step_metrics)
+                    t_train = time.perf_counter() - t_start
+                    test_metrics = runner.host_values(self.evaluate(state, self.test_images))
+                    seconds = time.perf_counter() - t_start  # the epoch's training and evaluation, every model's
+                memory = memory_record()
                 step = start_step + (epoch + 1 - start_epoch) * self.steps_per_epoch
                 saving = bool(ckpts) and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs)
                 records = []
@@ -233,6 +254,8 @@ class EpochLoop:
                         "samples_per_s": len(self.train) / t_train,
                         **({"sweep_samples_per_s": len(members) * len(self.train) / t_train} if sweep else {}),
                         "seconds": seconds,
+                        **({"compile_seconds": self.compile_seconds} if epoch == start_epoch else {}),
+                        **memory,
                     }
                     if m.changed and epoch == start_epoch:
                         record["changed"] = m.changed  # the settings this resumed run changed, from -> to
@@ -252,6 +275,8 @@ class EpochLoop:
                     if metrics_files and metrics_files[i] is not None:
                         metrics_files[i].write(json_line(record))
                         metrics_files[i].flush()
+                    if writers[i] is not None:
+                        writers[i].write(record)
                     if not finite:
                         on_diverged(diverged)  # a resume keeps it diverged
                 if saving:
@@ -276,6 +301,9 @@ class EpochLoop:
         finally:
             if stop is not None:
                 stop.__exit__()
+            for w in writers:
+                if w is not None:
+                    w.close()
             for f in metrics_files:
                 if f is not None:
                     f.close()
@@ -298,6 +326,39 @@ class EpochLoop:
             if i in diverged or int(s.step) in ck.steps():
                 continue  # a diverged model keeps its last good checkpoint; a resumed one may hold this step
             ck.save(s, m.config, metrics={"test_loss": r["test_loss"]})
+
+
+def memory_record() -> dict[str, int]:
+    """``{"peak_host_bytes": this process's peak resident memory, "peak_device_bytes": the largest
+    peak over this process's devices}``, each where the platform reports it (XLA's CPU backend
+    reports no device memory: its arrays are in the host's)."""
+    out = {}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if peak:
+        out["peak_host_bytes"] = int(peak) * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    device_peaks = []
+    for device in jax.local_devices():
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # some backends do not implement it
+            stats = {}
+        if "peak_bytes_in_use" in stats:
+            device_peaks.append(int(stats["peak_bytes_in_use"]))
+    if device_peaks:
+        out["peak_device_bytes"] = max(device_peaks)
+    return out
+
+
+@contextlib.contextmanager
+def _trace(folder: str | Path):
+    """``jax.profiler.trace`` into ``folder``, announced on stderr (where a trace goes is not obvious)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(folder)):
+        yield
+    print(
+        f"jaxae: profiled the first epoch into {folder} (open it with TensorBoard's profile plugin or XProf)",
+        file=sys.stderr,
+    )
 
 
 def _postfix(records: list[dict], seconds: float) -> dict[str, str]:

@@ -113,6 +113,8 @@ def fit(
     save_every: int = 1,
     keep: int = 3,
     figures: bool = True,
+    events: bool = True,
+    profile: str | Path | None = None,
 ) -> FitResult:
     """Trains ``config``'s model on its dataset and evaluates on the test split every epoch.
 
@@ -160,6 +162,8 @@ def fit(
         init_from: a folder holding a checkpoint (e.g. from ``jaxae convert``): start from its
             parameters with a fresh optimizer (see :func:`init_params_from`); ignored on resume.
         figures: write the figures (reconstructions, loss curves) at the end.
+        events: also write each epoch's record as TensorBoard scalars in ``<workdir>/events``.
+        profile: trace the first epoch with ``jax.profiler`` into this folder (``*.xplane.pb``).
 
     Raises:
         JaxaeError: bad settings or data (e.g. a batch larger than the split), an empty or
@@ -176,6 +180,11 @@ def fit(
         config = dataclasses.replace(config, dataset=splits[0].name)
     if model is not None:
         check_model_contract(model, config.variant)
+        if config.dtype != "float32":
+            raise JaxaeError(
+                f"--dtype {config.dtype} sets the dtype of the models jaxae builds; a model of your own computes in "
+                "the dtype it was built with (e.g. nnx.Linear(..., dtype=jnp.bfloat16)): leave dtype at float32"
+            )
     out = rundir.workdir_path(workdir)
     with contextlib.ExitStack() as held:
         changed = {}
@@ -199,6 +208,8 @@ def fit(
             model=model,
             tx=tx,
             splits=splits,
+            events=events,
+            profile=profile,
         )
 
 
@@ -242,6 +253,8 @@ def _fit(
     model: Any,
     tx: Any,
     splits: tuple[Dataset, Dataset] | None,
+    events: bool,
+    profile: str | Path | None,
 ) -> FitResult:
     if splits is not None:
         train, test = splits
@@ -260,7 +273,13 @@ def _fit(
         normalization = get_normalization(config.normalize)
         objective = get_variant(config.variant).build_objective(config, normalization)
         trainer, state = create_train_state(
-            model, tx or make_optimizer(config), objective, normalization, config.seed, image_shape=image_shape
+            model,
+            tx or make_optimizer(config),
+            objective,
+            normalization,
+            config.seed,
+            image_shape=image_shape,
+            matmul_precision=config.matmul_precision,
         )
     if splits is None:
         train = load_dataset(config.dataset, "train", config.tfds_data_dir)
@@ -308,6 +327,8 @@ def _fit(
         progress=progress,
         desc=f"{config.variant} on {config.dataset}",
         callbacks=[functools.partial(_one_record, c) for c in callbacks],
+        events=events,
+        profile=profile,
     )
     if figures:
         loop.write_figures([final])
@@ -326,6 +347,8 @@ def evaluate_run(
     tfds_data_dir: str | None = None,
     iw_samples: int = 0,
     probe: bool = False,
+    dtype: str | None = None,
+    matmul_precision: str | None = None,
 ) -> dict[str, Any]:
     """``jaxae evaluate``: a run's test metrics, as the JSON object the command prints.
 
@@ -337,10 +360,12 @@ def evaluate_run(
         iw_samples: a VAE's importance-weighted NLL bound with this many samples (``test_nll_iw``);
             the samples are decoded in chunks that fit the memory, announced on stderr.
         probe: add the linear probe's accuracies (:func:`~jaxae.probe.linear_probe`).
+        dtype: compute in this dtype (default: the run's ``--dtype``).
+        matmul_precision: at this ``--matmul-precision`` (default: the run's).
 
     Returns:
-        ``{"step", "epoch", "dataset", "test_<metric>": value, ...}``; a metric is NaN where the
-        model has non-finite parameters or outputs.
+        ``{"step", "epoch", "dataset", "dtype", "matmul_precision", "test_<metric>": value, ...}``;
+        a metric is NaN where the model has non-finite parameters or outputs.
     """
     import sys
 
@@ -355,10 +380,22 @@ def evaluate_run(
             raise JaxaeError(f"--iw-samples needs a vae run; {workdir} holds a {config.variant} model")
         if iw_samples < 1:
             raise JaxaeError(f"--iw-samples must be at least 1, got {iw_samples}")
+    precision = {k: v for k, v in (("dtype", dtype), ("matmul_precision", matmul_precision)) if v is not None}
+    if precision:
+        config = dataclasses.replace(config, **precision)  # validated here, as a flag of train would be
+        # The same parameters in a model of the new compute dtype, traced at the new precision.
+        graphdef = build(config, state.image_shape)[0].graphdef
+        trainer = dataclasses.replace(trainer, graphdef=graphdef, matmul_precision=config.matmul_precision)
     test = load_dataset(config.dataset, "test", config.tfds_data_dir)
     images = jax.device_put(test.images.reshape(len(test), -1))
     metrics = trainer.jit_evaluate(state, images, batch_size=min(config.eval_batch_size, len(test)))
-    out: dict[str, Any] = {"step": int(state.step), "epoch": int(state.epoch), "dataset": config.dataset}
+    out: dict[str, Any] = {
+        "step": int(state.step),
+        "epoch": int(state.epoch),
+        "dataset": config.dataset,
+        "dtype": config.dtype,
+        "matmul_precision": config.matmul_precision,
+    }
     out.update({f"test_{k}": float(v) for k, v in jax.device_get(metrics).items()})
     if iw_samples:
         batch = min(100, len(test))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +74,20 @@ def torch_bias_init(fan_in: int):
     return init
 
 
-def linear(in_features: int, out_features: int, *, init: str, rngs: nnx.Rngs) -> nnx.Linear:
-    """An ``nnx.Linear`` initialised like ``torch.nn.Linear`` (``init="torch"``) or like Flax."""
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    init: str,
+    rngs: nnx.Rngs,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> nnx.Linear:
+    """An ``nnx.Linear`` initialised like ``torch.nn.Linear`` (``init="torch"``) or like Flax.
+
+    ``dtype``: the compute dtype (``None``: that of the inputs and parameters); ``param_dtype``:
+    the parameters' dtype, as ``nnx.Linear`` takes them."""
+    precision = {"dtype": dtype, "param_dtype": param_dtype}
     if init == "torch":
         return nnx.Linear(
             in_features,
@@ -83,20 +95,42 @@ def linear(in_features: int, out_features: int, *, init: str, rngs: nnx.Rngs) ->
             kernel_init=torch_kernel_init,
             bias_init=torch_bias_init(in_features),
             rngs=rngs,
+            **precision,
         )
     if init == "flax":
-        return nnx.Linear(in_features, out_features, rngs=rngs)
+        return nnx.Linear(in_features, out_features, rngs=rngs, **precision)
     raise JaxaeError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
 
 
-def mlp_layers(dims: Sequence[int], *, init: str, rngs: nnx.Rngs) -> list:
+def mlp_layers(
+    dims: Sequence[int], *, init: str, rngs: nnx.Rngs, dtype: Any = None, param_dtype: Any = jnp.float32
+) -> list:
     """Linear, ReLU, Linear, ..., Linear: the layer list of one of the document's Sequentials."""
     layers: list = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         if i:
             layers.append(jax.nn.relu)
-        layers.append(linear(d_in, d_out, init=init, rngs=rngs))
+        layers.append(linear(d_in, d_out, init=init, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
     return layers
+
+
+def check_dtypes(dtype: Any, param_dtype: Any) -> None:
+    """Refuses, in one line, a compute or parameter dtype that is not floating point."""
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is None and name == "dtype":
+            continue
+        try:
+            ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise JaxaeError(f"{name} must be a floating-point dtype such as float32 or bfloat16, got {value!r}")
+
+
+def output(y: jax.Array, dtype: Any) -> jax.Array:
+    """A model's output for its objective: float32 when the model computes in a lower ``dtype``,
+    so every loss is computed in float32 (mixed precision); unchanged otherwise."""
+    return y if dtype is None else y.astype(jnp.float32)
 
 
 def image_shape_of(input_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -149,6 +183,9 @@ class Autoencoder(nnx.Module):
         code_activation: ``"linear"`` (the document's), or ``"relu"`` / ``"sigmoid"`` appended
             to the encoder (the sparse variant: a code that can be exactly zero, or a rate in
             (0, 1)); it holds no parameters, so weight conversion is unchanged.
+        dtype: the compute dtype, e.g. ``jnp.bfloat16`` (``None``: float32, as the parameters);
+            codes and reconstructions come out in float32 either way, so losses are float32.
+        param_dtype: the parameters' dtype (float32; the optimizer state follows it).
         rngs: parameter rngs.
     """
 
@@ -160,8 +197,11 @@ class Autoencoder(nnx.Module):
         *,
         init: str = "torch",
         code_activation: str = "linear",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_dtypes(dtype, param_dtype)
         if code_activation not in CODE_ACTIVATIONS:
             raise JaxaeError(
                 f"unknown code activation {code_activation!r}; choose one of {', '.join(CODE_ACTIVATIONS)}"
@@ -169,20 +209,22 @@ class Autoencoder(nnx.Module):
         self.image_shape = image_shape_of(input_dim)
         input_dim = self.input_dim = math.prod(self.image_shape)
         self.latent_dim = latent_dim
+        self.dtype = dtype
         dims = (input_dim, *hidden_dims, latent_dim)
-        encoder = mlp_layers(dims, init=init, rngs=rngs)
+        layer = {"init": init, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
+        encoder = mlp_layers(dims, **layer)
         if CODE_ACTIVATIONS[code_activation] is not None:
             encoder.append(CODE_ACTIVATIONS[code_activation])
         self.encoder = nnx.Sequential(*encoder)
-        self.decoder = nnx.Sequential(*mlp_layers(dims[::-1], init=init, rngs=rngs), jax.nn.sigmoid)
+        self.decoder = nnx.Sequential(*mlp_layers(dims[::-1], **layer), jax.nn.sigmoid)
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Images ``[N, H, W, C]`` (or flat ``[N, H * W * C]``) -> codes ``[N, latent_dim]``."""
-        return self.encoder(flatten_images(x, self.input_dim, self.image_shape))
+        return output(self.encoder(flatten_images(x, self.input_dim, self.image_shape)), self.dtype)
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Codes ``[N, latent_dim]`` -> flat reconstructions ``[N, H * W * C]`` in (0, 1)."""
-        return self.decoder(z)
+        return output(self.decoder(z), self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.decode(self.encode(x))
@@ -199,7 +241,8 @@ class VAE(nnx.Module):
     ``encoder`` (``784-128-64`` with ReLU) feeds two heads, ``mean`` and ``logvar``
     (``64 -> 32`` each) of a diagonal Gaussian q(z|x); ``decoder`` (``32-64-128-784``, ReLU
     between layers) outputs logits of the pixel likelihood, so losses can use a numerically
-    stable sigmoid cross-entropy. ``decode`` applies the Sigmoid.
+    stable sigmoid cross-entropy. ``decode`` applies the Sigmoid. ``dtype`` and ``param_dtype``
+    as :class:`Autoencoder`'s: the posterior and the logits come out in float32.
     """
 
     def __init__(
@@ -209,28 +252,33 @@ class VAE(nnx.Module):
         latent_dim: int = 32,
         *,
         init: str = "torch",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_dtypes(dtype, param_dtype)
         self.image_shape = image_shape_of(input_dim)  # as Autoencoder's input_dim
         input_dim = self.input_dim = math.prod(self.image_shape)
         self.latent_dim = latent_dim
+        self.dtype = dtype
+        layer = {"init": init, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
         trunk = (input_dim, *hidden_dims)
-        self.encoder = nnx.Sequential(*mlp_layers(trunk, init=init, rngs=rngs), jax.nn.relu)
-        self.mean = linear(trunk[-1], latent_dim, init=init, rngs=rngs)
-        self.logvar = linear(trunk[-1], latent_dim, init=init, rngs=rngs)
-        self.decoder = nnx.Sequential(*mlp_layers((latent_dim, *hidden_dims[::-1], input_dim), init=init, rngs=rngs))
+        self.encoder = nnx.Sequential(*mlp_layers(trunk, **layer), jax.nn.relu)
+        self.mean = linear(trunk[-1], latent_dim, **layer)
+        self.logvar = linear(trunk[-1], latent_dim, **layer)
+        self.decoder = nnx.Sequential(*mlp_layers((latent_dim, *hidden_dims[::-1], input_dim), **layer))
 
     def encode_distribution(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """q(z|x) as ``(mean, logvar)``, each ``[N, latent_dim]``."""
         h = self.encoder(flatten_images(x, self.input_dim, self.image_shape))
-        return self.mean(h), self.logvar(h)
+        return output(self.mean(h), self.dtype), output(self.logvar(h), self.dtype)
 
     def encode(self, x: jax.Array) -> jax.Array:
         """The posterior mean: the deterministic code used for features and figures."""
         return self.encode_distribution(x)[0]
 
     def decode_logits(self, z: jax.Array) -> jax.Array:
-        return self.decoder(z)
+        return output(self.decoder(z), self.dtype)
 
     def decode(self, z: jax.Array) -> jax.Array:
         return jax.nn.sigmoid(self.decode_logits(z))
@@ -302,26 +350,38 @@ class Conv2x(nnx.Module):
 
     ``kernel`` is ``[3, 3, in, out]`` (``nnx.Conv``'s layout; torch's weight ``[out, in, 3, 3]``
     transposed by ``(2, 3, 1, 0)``), ``bias`` is ``[out]``. ``lowering``: see :data:`LOWERINGS`.
+    ``dtype``/``param_dtype``: the compute and parameter dtypes, as ``nnx.Conv`` takes them.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs, lowering: str = "auto"):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        init: str,
+        rngs: nnx.Rngs,
+        lowering: str = "auto",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
         resolve_lowering(lowering)
         kernel_init, bias_init = _conv_inits(init, in_ch * 9)
-        self.lowering = lowering
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (3, 3, in_ch, out_ch), jnp.float32))
-        self.bias = nnx.Param(bias_init(rngs.params(), (out_ch,), jnp.float32))
+        self.lowering, self.dtype = lowering, dtype
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (3, 3, in_ch, out_ch), param_dtype))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_ch,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
         if resolve_lowering(self.lowering) == "native":
-            y = jax.lax.conv_general_dilated(x, self.kernel[...], (2, 2), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+            y = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
         else:
-            y = conv3x3(x, self.kernel[...], 2)
-        return y + self.bias[...]
+            y = conv3x3(x, kernel, 2)
+        return y + bias
 
 
-def conv(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs, lowering: str = "auto") -> Conv2x:
-    """``torch.nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)`` (see :class:`Conv2x`)."""
-    return Conv2x(in_ch, out_ch, init=init, rngs=rngs, lowering=lowering)
+def conv(in_ch: int, out_ch: int, **layer: Any) -> Conv2x:
+    """``torch.nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)`` (see :class:`Conv2x` for ``layer``)."""
+    return Conv2x(in_ch, out_ch, **layer)
 
 
 # A 4x4, stride-2, padding-1 transposed convolution writes output row o = 2i - 1 + k from input
@@ -392,17 +452,27 @@ class ConvTranspose2x(nnx.Module):
     faster here.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs, lowering: str = "auto"):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        init: str,
+        rngs: nnx.Rngs,
+        lowering: str = "auto",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
         resolve_lowering(lowering)
         # torch takes a transposed convolution's fan-in from weight axis 1, the *output*
         # channels: axis -2 of this kernel, variance_scaling's default in_axis.
         kernel_init, bias_init = _conv_inits(init, out_ch * 16)
-        self.in_ch, self.out_ch, self.lowering = in_ch, out_ch, lowering
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (4, 4, out_ch, in_ch), jnp.float32))
-        self.bias = nnx.Param(bias_init(rngs.params(), (out_ch,), jnp.float32))
+        self.in_ch, self.out_ch, self.lowering, self.dtype = in_ch, out_ch, lowering, dtype
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (4, 4, out_ch, in_ch), param_dtype))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_ch,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...]
+        x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
         if resolve_lowering(self.lowering) == "native":
             y = jax.lax.conv_transpose(
                 x, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=_NHWC, transpose_kernel=True
@@ -411,12 +481,12 @@ class ConvTranspose2x(nnx.Module):
             y = conv_transpose_scatter(x, kernel)
         else:
             y = conv_transpose_phases(x, kernel)
-        return y + self.bias[...]
+        return y + bias
 
 
-def conv_transpose(in_ch: int, out_ch: int, *, init: str, rngs: nnx.Rngs, lowering: str = "auto") -> ConvTranspose2x:
+def conv_transpose(in_ch: int, out_ch: int, **layer: Any) -> ConvTranspose2x:
     """``torch.nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1)`` (see :class:`ConvTranspose2x`)."""
-    return ConvTranspose2x(in_ch, out_ch, init=init, rngs=rngs, lowering=lowering)
+    return ConvTranspose2x(in_ch, out_ch, **layer)
 
 
 #: The conv models' channels after each stride-2 convolution (what ``--arch conv`` builds).
@@ -425,8 +495,10 @@ CONV_CHANNELS = (16, 32)
 
 class _ConvBase(nnx.Module):
     """Shared conv trunk: ``[N, H, W, C]`` -> two stride-2 convs -> ``[N, (H / 4) * (W / 4) * c2]``,
-    and the decoder back. A subclass adds its code heads in ``_heads(feature_dim, init, rngs)``.
-    ``lowering``: how the conv layers are computed (see :data:`LOWERINGS`); it changes no numbers.
+    and the decoder back. A subclass adds its code heads in ``_heads(feature_dim, layer)``, ``layer``
+    being the keyword arguments of :func:`linear`. ``lowering``: how the conv layers are computed
+    (see :data:`LOWERINGS`); it changes no numbers. ``dtype`` and ``param_dtype`` as
+    :class:`Autoencoder`'s: codes, posteriors and logits come out in float32.
     """
 
     def __init__(
@@ -437,13 +509,18 @@ class _ConvBase(nnx.Module):
         *,
         init="torch",
         lowering="auto",
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_dtypes(dtype, param_dtype)
         self.latent_dim = latent_dim
-        feature_dim = self._build(image_shape, channels, init, rngs, lowering)
-        self._heads(feature_dim, init, rngs)
+        self.dtype = dtype
+        dense = {"init": init, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
+        feature_dim = self._build(image_shape, channels, dense, lowering)
+        self._heads(feature_dim, dense)
 
-    def _build(self, image_shape, channels, init, rngs, lowering):
+    def _build(self, image_shape, channels, dense, lowering):
         if len(image_shape) != 3:
             raise JaxaeError(f"the conv architecture needs an image shape (H, W, C), got {tuple(image_shape)}")
         h, w, c = image_shape
@@ -456,10 +533,10 @@ class _ConvBase(nnx.Module):
         self.image_shape = tuple(image_shape)
         self.input_dim = h * w * c
         self.feature_shape = (h // 4, w // 4, c2)
-        layer = {"init": init, "rngs": rngs, "lowering": lowering}
+        layer = {**dense, "lowering": lowering}
         self.encoder = nnx.Sequential(conv(c, c1, **layer), jax.nn.relu, conv(c1, c2, **layer), jax.nn.relu)
         feature_dim = math.prod(self.feature_shape)
-        self.project = linear(self.latent_dim, feature_dim, init=init, rngs=rngs)
+        self.project = linear(self.latent_dim, feature_dim, **dense)
         self.decoder = nnx.Sequential(conv_transpose(c2, c1, **layer), jax.nn.relu, conv_transpose(c1, c, **layer))
         return feature_dim
 
@@ -469,7 +546,7 @@ class _ConvBase(nnx.Module):
 
     def decode_logits(self, z):
         h = jax.nn.relu(self.project(z)).reshape(-1, *self.feature_shape)
-        return self.decoder(h).reshape(z.shape[0], -1)
+        return output(self.decoder(h).reshape(z.shape[0], -1), self.dtype)
 
     def decode(self, z):
         return jax.nn.sigmoid(self.decode_logits(z))
@@ -487,23 +564,23 @@ class ConvAutoencoder(_ConvBase):
     every objective works unchanged.
     """
 
-    def _heads(self, feature_dim, init, rngs):
-        self.code = linear(feature_dim, self.latent_dim, init=init, rngs=rngs)
+    def _heads(self, feature_dim, dense):
+        self.code = linear(feature_dim, self.latent_dim, **dense)
 
     def encode(self, x):
-        return self.code(self._features(x))
+        return output(self.code(self._features(x)), self.dtype)
 
 
 class ConvVAE(_ConvBase):
     """The conv trunk with Gaussian ``mean``/``logvar`` heads: a convolutional :class:`VAE`."""
 
-    def _heads(self, feature_dim, init, rngs):
-        self.mean = linear(feature_dim, self.latent_dim, init=init, rngs=rngs)
-        self.logvar = linear(feature_dim, self.latent_dim, init=init, rngs=rngs)
+    def _heads(self, feature_dim, dense):
+        self.mean = linear(feature_dim, self.latent_dim, **dense)
+        self.logvar = linear(feature_dim, self.latent_dim, **dense)
 
     def encode_distribution(self, x):
         h = self._features(x)
-        return self.mean(h), self.logvar(h)
+        return output(self.mean(h), self.dtype), output(self.logvar(h), self.dtype)
 
     def encode(self, x):
         return self.encode_distribution(x)[0]

@@ -346,18 +346,21 @@ class Variant:
     model_methods: tuple[str, ...] = ("__call__",)
 
 
+def compute_dtype(config: Any) -> Any:
+    """The models' ``dtype`` for a config's ``--dtype``: ``None`` for float32 (the float32 graph,
+    untouched), else the dtype."""
+    name = getattr(config, "dtype", "float32")
+    return None if name == "float32" else jnp.dtype(name)
+
+
 def _autoencoder(code_activation: str = "linear"):
     def build(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
         image_shape = models.image_shape_of(image_shape)
+        common = {"init": config.init, "dtype": compute_dtype(config), "rngs": rngs}
         if config.arch == "conv":
-            return models.ConvAutoencoder(image_shape, latent_dim=config.latent_dim, init=config.init, rngs=rngs)
+            return models.ConvAutoencoder(image_shape, latent_dim=config.latent_dim, **common)
         return models.Autoencoder(
-            image_shape,
-            tuple(config.hidden_dims),
-            config.latent_dim,
-            init=config.init,
-            code_activation=code_activation,
-            rngs=rngs,
+            image_shape, tuple(config.hidden_dims), config.latent_dim, code_activation=code_activation, **common
         )
 
     return build
@@ -370,9 +373,10 @@ def _build_sparse(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rng
 
 def _build_vae(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
     image_shape = models.image_shape_of(image_shape)
+    common = {"init": config.init, "dtype": compute_dtype(config), "rngs": rngs}
     if config.arch == "conv":
-        return models.ConvVAE(image_shape, latent_dim=config.latent_dim, init=config.init, rngs=rngs)
-    return models.VAE(image_shape, tuple(config.hidden_dims), config.latent_dim, init=config.init, rngs=rngs)
+        return models.ConvVAE(image_shape, latent_dim=config.latent_dim, **common)
+    return models.VAE(image_shape, tuple(config.hidden_dims), config.latent_dim, **common)
 
 
 VARIANTS: dict[str, Variant] = {

@@ -497,6 +497,38 @@ def open_run_outputs(
     return metrics_file, checkpoint.Checkpoints(out, keep=keep, own_model=own_model)
 
 
+#: The folder of a run's TensorBoard event files, inside its workdir.
+EVENTS_DIR = "events"
+
+
+class EventWriter:
+    """A run's records as TensorBoard scalars in ``<workdir>/events`` (``tensorboard --logdir``).
+
+    Every number of a record is written at the record's step, under its own name (``test_loss``,
+    ``train_loss``, ``lr``, ``samples_per_s``, ...). It uses ``tensorboardX``: it writes the
+    standard event files with nothing but protobuf, while ``torch.utils.tensorboard`` needs
+    PyTorch and ``tf.summary`` TensorFlow. A resumed run hides what an earlier process wrote
+    past the checkpoint it resumes from (``purge_step``), as it rewrites ``metrics.jsonl``.
+    """
+
+    def __init__(self, workdir: Path, *, resumed_at_step: int = 0):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(
+            logdir=str(Path(workdir) / EVENTS_DIR), purge_step=resumed_at_step + 1 if resumed_at_step else None
+        )
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        for name, value in record.items():
+            if name not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def previous_records(out: Path, epochs_done: int) -> list[dict[str, Any]]:
     """The metrics of the epochs a resumed checkpoint holds (later lines are re-run).
 

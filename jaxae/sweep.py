@@ -282,7 +282,13 @@ class SweepProgram:
         objective = get_variant(config.variant).build_objective(config, normalization)
         # The run's own optimizer (Adam or AdamW, its betas, eps and decay): optax scales the
         # update by -lr, and with a traced lr that is the same multiply.
-        return Trainer(self.graphdef, make_optimizer(config, self.steps_per_epoch), objective, normalization)
+        return Trainer(
+            self.graphdef,
+            make_optimizer(config, self.steps_per_epoch),
+            objective,
+            normalization,
+            config.matmul_precision,
+        )
 
     def train_epoch(self, state: TrainState, hyper: dict[str, jax.Array], images: jax.Array, batch_size: int):
         """Every model's epoch: ``state`` and ``hyper`` carry the model axis, ``images`` not."""
@@ -476,6 +482,8 @@ def fit_sweep(
     callbacks: Sequence[Callable[[list[dict[str, Any]]], None]] = (),
     train: Any = None,
     test: Any = None,
+    events: bool = True,
+    profile: str | Path | None = None,
 ) -> SweepResult:
     """Trains every config of a grid (:func:`sweep_configs`) as one compiled program.
 
@@ -497,6 +505,8 @@ def fit_sweep(
         save_every: checkpoint every this many epochs (and after the last).
         keep: checkpoints kept per model (the best is kept besides).
         figures: write each model's ``reconstructions.png`` and ``loss.png`` at the end.
+        events: also write each model's records as TensorBoard scalars in its ``events`` folder.
+        profile: trace the first epoch with ``jax.profiler`` into this folder (``*.xplane.pb``).
         callbacks: each gets every epoch's list of per-model metrics records.
         train: the train split in memory (a :class:`~jaxae.data.Dataset` or ``(images, labels)``),
             with ``test``, as for :func:`jaxae.fit`; every model records the split's name as its dataset.
@@ -540,7 +550,7 @@ def fit_sweep(
             return _train_sweep(
                 configs, names, varying, out, run_dirs, grid, diverged, placement, image_shape,
                 resume=resume, progress=progress, save_every=save_every, keep=keep, figures=figures,
-                callbacks=callbacks, splits=splits, changed=changed,
+                callbacks=callbacks, splits=splits, changed=changed, events=events, profile=profile,
             )  # fmt: skip
     except BaseException:
         for folders in reversed(created):
@@ -593,6 +603,8 @@ def _train_sweep(
     callbacks: Sequence[Callable[[list[dict[str, Any]]], None]],
     splits: tuple[Any, Any] | None = None,
     changed: dict[int, dict] | None = None,
+    events: bool = True,
+    profile: str | Path | None = None,
 ) -> SweepResult:
     base = configs[0]
     trainer0, state0 = build(base, image_shape)
@@ -658,6 +670,8 @@ def _train_sweep(
         diverged=diverged,
         on_diverged=(lambda d: _write_grid(out, grid, names, d)) if out is not None else (lambda d: None),
         saved_in=out,
+        events=events,
+        profile=profile,
     )
 
     summary = _summary(names, configs, varying, histories, placement, diverged)

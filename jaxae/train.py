@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jaxae.config import MAX_SEED, TrainConfig, check_seed  # noqa: F401  (MAX_SEED: re-exported)
+from jaxae.config import MATMUL_PRECISIONS, MAX_SEED, TrainConfig, check_seed  # noqa: F401  (MAX_SEED: re-exported)
 from jaxae.data import Normalization, get_normalization
 from jaxae.errors import JaxaeError
 from jaxae.models import image_shape_of
@@ -73,13 +73,20 @@ class Trainer:
     """The static half of training: model structure, optimizer, objective, normalisation.
 
     Its methods are pure functions of their array arguments; ``jit_*`` are their compiled
-    forms. Build one with :func:`create_train_state`.
+    forms. Build one with :func:`create_train_state`. ``matmul_precision`` is the
+    ``jax.default_matmul_precision`` every step, evaluation and encoding is traced under
+    (``"default"``, ``"high"``, ``"highest"``), whoever compiles it.
     """
 
     graphdef: Any
     tx: optax.GradientTransformation
     objective: Objective
     normalization: Normalization
+    matmul_precision: str = "default"
+
+    def precision(self):
+        """The context the model's computations are traced in: the run's matmul precision."""
+        return jax.default_matmul_precision(self.matmul_precision)
 
     def model(self, params: Any) -> nnx.Module:
         """The NNX module holding ``params`` (``state.params``)."""
@@ -125,7 +132,8 @@ class Trainer:
             loss = jnp.sum(per_example * mask) / count
             return loss, {k: jnp.sum(v * mask) / count for k, v in metrics.items()}
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        with self.precision():
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         if axis_name is not None:
             loss, metrics, grads = jax.lax.psum((loss, metrics, grads), axis_name)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -213,7 +221,8 @@ class Trainer:
         def body(_, xs):
             ids_b, mask_b = xs
             x = self.normalization(images[ids_b].reshape(batch_size, -1))
-            per_example = fn(model, x, self.eval_keys(state, ids_b))
+            with self.precision():
+                per_example = fn(model, x, self.eval_keys(state, ids_b))
             return None, {k: jnp.sum(v * mask_b) for k, v in per_example.items()}
 
         _, sums = jax.lax.scan(body, None, (ids, mask))
@@ -243,7 +252,8 @@ class Trainer:
 
     def encode_batch(self, params: Any, batch: jax.Array) -> jax.Array:
         """Codes of a uint8 batch, normalised as in training."""
-        return self.model(params).encode(self.normalization(batch.reshape(batch.shape[0], -1)))
+        with self.precision():
+            return self.model(params).encode(self.normalization(batch.reshape(batch.shape[0], -1)))
 
     @functools.cached_property
     def jit_encode(self) -> Callable:
@@ -268,6 +278,7 @@ def create_train_state(
     seed: int = 0,
     *,
     image_shape: tuple[int, ...] | None = None,
+    matmul_precision: str = "default",
 ) -> tuple[Trainer, TrainState]:
     """Splits ``model`` into a :class:`Trainer` (static) and a :class:`TrainState` (arrays).
 
@@ -284,7 +295,11 @@ def create_train_state(
         seed: seeds the data order and the per-step randomness.
         image_shape: the ``(H, W, C)`` of the images the model takes (default: the model's
             ``image_shape`` attribute, if it has one); saved with checkpoints.
+        matmul_precision: ``jax.default_matmul_precision`` of the steps (``"default"``,
+            ``"high"``, ``"highest"``). A compute dtype is the model's own (``dtype=``).
     """
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise JaxaeError(f"unknown matmul precision {matmul_precision!r}; choose {' or '.join(MATMUL_PRECISIONS)}")
     if isinstance(normalization, str):
         normalization = get_normalization(normalization)
     if isinstance(objective, str):
@@ -305,7 +320,7 @@ def create_train_state(
         data_rng=jax.random.key_data(jax.random.fold_in(root, _DATA_STREAM)),
         image_shape=image_shape,
     )
-    return Trainer(graphdef, tx, objective, normalization), state
+    return Trainer(graphdef, tx, objective, normalization, matmul_precision), state
 
 
 def _model_image_shape(model: nnx.Module) -> tuple[int, ...] | None:
@@ -332,7 +347,14 @@ def build(
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(check_seed(config.seed)), _PARAMS_STREAM))
     model = variant.build_model(config, image_shape, rngs)
     objective = variant.build_objective(config, normalization)
-    return create_train_state(model, make_optimizer(config, steps_per_epoch), objective, normalization, config.seed)
+    return create_train_state(
+        model,
+        make_optimizer(config, steps_per_epoch),
+        objective,
+        normalization,
+        config.seed,
+        matmul_precision=config.matmul_precision,
+    )
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int | None = None) -> optax.GradientTransformation:

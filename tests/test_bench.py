@@ -64,6 +64,8 @@ def _results(contended):
         "device": "cpu: test (2 cores)",
         "dataset": "mnist-sample",
         "train_samples": 4000,
+        "matmul_precision": "highest",
+        "peak_name": "fp32",
         "peak_matmul_flops": 5e10,
         "by_batch_size": {"256": row},
     }
@@ -102,11 +104,12 @@ class _FakeMethod:
 def test_the_peak_is_printed_once_final_and_contention_is_recorded(monkeypatch):
     peaks = iter([1e9, 4e9])  # a loaded first reading, a quiet second one
     loads = iter([0.1, 9.0])
-    monkeypatch.setattr(bench, "peak_matmul_flops", lambda: next(peaks))
+    precisions = []
+    monkeypatch.setattr(bench, "peak_matmul_flops", lambda precision: precisions.append(precision) or next(peaks))
     monkeypatch.setattr(bench, "load_average", lambda: next(loads))
     monkeypatch.setattr(bench, "cpu_threads", lambda: 2)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    monkeypatch.setattr(bench, "JaxMethod", lambda images, batch_size: _FakeMethod("jaxae"))
+    monkeypatch.setattr(bench, "JaxMethod", lambda images, batch_size, config: _FakeMethod("jaxae"))
     monkeypatch.setattr(bench, "TorchMethod", lambda images, batch_size, compile=False: _FakeMethod("torch"))
     monkeypatch.setattr(bench, "TorchDataLoaderMethod", lambda *a: _FakeMethod("torch_dataloader"))
     progress = []
@@ -118,7 +121,8 @@ def test_the_peak_is_printed_once_final_and_contention_is_recorded(monkeypatch):
     head = results["by_batch_size"]["256"]
     assert head["roofline_fraction"] == pytest.approx(head["jaxae"] * results["model_flops_per_sample"] / 4e9)
     table = bench.format_table(results)
-    assert table.count("GFLOP/s") == 1 and "peak fp32 matmul 4.0 GFLOP/s" in table
+    assert table.count("GFLOP/s") == 1 and "matmul precision highest; peak fp32 matmul 4.0 GFLOP/s" in table
+    assert precisions == ["highest", "highest"]  # the peak at the precision the steps run at
     # the load after the run (9.0 on 2 cores) is contention
     assert results["contended"] is True
     assert results["contention"]["load_average_1min"] == {"before": 0.1, "after": 9.0}
@@ -134,3 +138,46 @@ def test_bench_on_images_the_document_s_model_cannot_take_is_one_line(tmp_path, 
     code = cli.main(["bench", "--dataset", str(tmp_path), "--batch-sizes", "8", "--epochs", "1", "--rounds", "1"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "takes 28x28x1 images; the" in lines[0] and "are 16x16x3" in lines[0]
+
+
+def test_the_peak_is_named_for_the_precision_and_the_backend():
+    assert [bench.peak_name(p, "gpu") for p in ("default", "high", "highest")] == ["TF32", "TF32", "fp32"]
+    assert [bench.peak_name(p, "cpu") for p in ("default", "high", "highest")] == ["fp32"] * 3
+    assert bench.peak_name("default", "tpu") == "bf16 (1 pass)" and bench.peak_name("highest", "tpu").startswith("fp32")
+    bench.set_torch_precision("highest")
+    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+    bench.set_torch_precision("default")
+    assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+    bench.set_torch_precision("highest")
+
+
+def test_models_are_all_or_a_checked_list():
+    every = bench.model_names("all")
+    assert "vanilla-mlp" in every and "vae-conv" in every and len(every) == len(set(every))
+    assert bench.model_names("vae-conv, vanilla-mlp,vae-conv") == ["vae-conv", "vanilla-mlp"]
+    with pytest.raises(bench.JaxaeError, match=r"^--models: unknown model sparse-conv, vq-mlp; choose all or from "):
+        bench.model_names("sparse-conv,vq-mlp,vanilla-mlp")
+
+
+def test_bench_models_times_each_model_against_its_pytorch_twin(tmp_path, capsys):
+    from jaxae import cli
+
+    out = tmp_path / "bench.json"
+    code = cli.main(
+        ["bench", "--models", "vanilla-mlp,vae-conv", "--train-images", "512", "--batch-sizes", "256"]
+        + ["--epochs", "1", "--rounds", "2", "--json", str(out)]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert list(results["models"]) == ["vanilla-mlp", "vae-conv"] and results["train_samples"] == 512
+    for name, row in results["models"].items():
+        assert (
+            row["jaxae"] > 0
+            and row["torch"] > 0
+            and row["speedup_vs_torch"] == pytest.approx(row["jaxae"] / row["torch"])
+        )
+        assert row["target"] == (1.3 if name.endswith("mlp") else 1.0)
+        assert len(row["rounds_samples_per_s"]["jaxae"]) == 2
+        assert f"| {name} | " in printed
+    assert "contended" in results and "round_spread" in results["contention"]
