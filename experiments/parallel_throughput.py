@@ -37,6 +37,8 @@ def main() -> None:
 
     dataset = args.dataset if os.path.isdir(args.dataset) else "mnist-sample"
     devices = jax.devices()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch is a warm-up, left out of samples/s")
     rows = []
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         for name in args.strategies.split(","):

@@ -500,9 +500,8 @@ def model_names(spec: str) -> list[str]:
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in every]
     if unknown or not names:
-        raise JaxaeError(
-            f"--models: unknown model {', '.join(unknown) or spec!r}; choose all or from {', '.join(every)}"
-        )
+        what = ", ".join(unknown) if unknown else repr(spec)
+        raise JaxaeError(f"--models: unknown model {what}; choose all or from {', '.join(every)}")
     return list(dict.fromkeys(names))
 
 
