@@ -514,8 +514,11 @@ class EventWriter:
     def __init__(self, workdir: Path, *, resumed_at_step: int = 0):
         from tensorboardX import SummaryWriter
 
+        # One file per start (two writers in one second would share a name otherwise).
         self._writer = SummaryWriter(
-            logdir=str(Path(workdir) / EVENTS_DIR), purge_step=resumed_at_step + 1 if resumed_at_step else None
+            logdir=str(Path(workdir) / EVENTS_DIR),
+            purge_step=resumed_at_step + 1 if resumed_at_step else None,
+            filename_suffix=f".{os.getpid()}.step{resumed_at_step}",
         )
 
     def write(self, record: dict[str, Any]) -> None:

@@ -31,7 +31,8 @@ from jaxae.parallel import Strategy
 from jaxae.train import TrainConfig, build
 
 STEPS_PER_EPOCH = 8  # 512 train images, batch 64
-TIMING = ("samples_per_s", "seconds")
+# what a run measures of itself, which differs between two runs of the same numbers
+TIMING = ("samples_per_s", "seconds", "compile_seconds", "peak_host_bytes", "peak_device_bytes")
 REPO = Path(__file__).resolve().parents[1]
 
 
