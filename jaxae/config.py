@@ -224,7 +224,7 @@ class TrainConfig:
     arch: str = setting(
         "mlp",
         "mlp = the document's MLP (784-128-64-32 on 28x28 images; inputs H*W*C for others); conv = a small "
-        "conv net for sides divisible by 4 (vanilla, denoising, vae)",
+        "conv net for sides divisible by 4 (vanilla, denoising, vae, iwae)",
         group="model",
         choices=("mlp", "conv"),
         shape=True,
@@ -259,6 +259,12 @@ class TrainConfig:
         "pixel likelihood: bernoulli (sigmoid cross-entropy) or gaussian (squared error)",
         choices=("bernoulli", "gaussian"),
         group="vae",
+    )
+    iwae_samples: int = setting(
+        5,
+        "importance samples per image of the iwae variant's training bound (K; 1 is the VAE's ELBO)",
+        bound=POSITIVE,
+        group="iwae",
     )
     # torch.optim.Adam's defaults; "adamw" is torch.optim.AdamW (decoupled weight decay)
     optimizer: str = setting("adam", "adam or adamw (torch.optim.AdamW)", choices=OPTIMIZERS, group="optimizer")

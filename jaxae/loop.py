@@ -376,8 +376,8 @@ def evaluate_run(
         workdir, step, need_dataset=True, dataset=dataset, data_dir=tfds_data_dir, optimizer=False
     )
     if iw_samples:
-        if config.variant != "vae":
-            raise JaxaeError(f"--iw-samples needs a vae run; {workdir} holds a {config.variant} model")
+        if not get_variant(config.variant).variational:
+            raise JaxaeError(f"--iw-samples needs a vae or iwae run; {workdir} holds a {config.variant} model")
         if iw_samples < 1:
             raise JaxaeError(f"--iw-samples must be at least 1, got {iw_samples}")
     precision = {k: v for k, v in (("dtype", dtype), ("matmul_precision", matmul_precision)) if v is not None}

@@ -245,6 +245,31 @@ def vae_objective(config: Any, normalization: Normalization) -> Objective:
     return Objective("vae", loss, evaluate)
 
 
+def iwae_objective(config: Any, normalization: Normalization) -> Objective:
+    """The importance-weighted bound with ``config.iwae_samples`` draws per image, in nats
+    (Burda et al., 2016): ``-log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)``, on the VAE's model.
+
+    K = 1 is the VAE's negative ELBO (beta 1) and its gradient. The test split reports both
+    bounds: ``loss`` (the K-sample bound) and ``neg_elbo`` (one sample, as the VAE's).
+    """
+    samples = config.iwae_samples
+    elbo = vae_objective(dataclasses.replace(config, beta=1.0), normalization)
+
+    def bound(model, x, keys):
+        return vae_iw_nll(model, x, keys, normalization, config.likelihood, samples)
+
+    def loss(model, x, keys):
+        return bound(model, x, keys), {}
+
+    def evaluate(model, x, keys):
+        # The one-sample ELBO draws from another stream than the K samples: fold_in(key, 1).
+        elbo_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1)
+        iw = bound(model, x, keys)
+        return {**elbo.evaluate(model, x, elbo_keys), "loss": iw, "iw_bound": iw}
+
+    return Objective("iwae", loss, evaluate)
+
+
 def vae_iw_nll(
     model: nnx.Module,
     x: jax.Array,
@@ -345,6 +370,11 @@ class Variant:
     #: :class:`~jaxae.models.VariationalModel`); a user's model must have them
     model_methods: tuple[str, ...] = ("__call__",)
 
+    @property
+    def variational(self) -> bool:
+        """Its model is a :class:`~jaxae.models.VariationalModel` (Gaussian posterior heads)."""
+        return "encode_distribution" in self.model_methods
+
 
 def compute_dtype(config: Any) -> Any:
     """The models' ``dtype`` for a config's ``--dtype``: ``None`` for float32 (the float32 graph,
@@ -403,6 +433,14 @@ VARIANTS: dict[str, Variant] = {
         vae_objective,
         "variational autoencoder, negative ELBO in nats",
         settings=("beta", "likelihood"),
+        model_methods=("__call__", "encode_distribution", "decode_logits"),
+    ),
+    "iwae": Variant(
+        "iwae",
+        _build_vae,
+        iwae_objective,
+        "importance-weighted autoencoder: the VAE's model trained on the K-sample bound, in nats",
+        settings=("iwae_samples", "likelihood"),
         model_methods=("__call__", "encode_distribution", "decode_logits"),
     ),
 }

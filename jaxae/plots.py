@@ -98,6 +98,8 @@ def write_run_figures(out: Path, trainer: Any, state: Any, test: Any, history: S
     import jax
     import jax.numpy as jnp
 
+    from jaxae.objectives import VARIANTS
+
     idx = pick_examples(test.labels, 10) if test.labels is not None else np.arange(min(10, len(test.images)))
     images = jnp.asarray(test.images[idx].reshape(len(idx), -1))
     norm = trainer.normalization
@@ -114,7 +116,7 @@ def write_run_figures(out: Path, trainer: Any, state: Any, test: Any, history: S
         x = objective.corrupt(x, trainer.eval_keys(state, jnp.asarray(idx, jnp.int32)))
         rows.append(("noisy", pixels(x)))
     output = model(x)
-    if objective.name == "vae" and getattr(model, "decode", None) is not None:
+    if objective.name in VARIANTS and VARIANTS[objective.name].variational and getattr(model, "decode", None):
         output = np.asarray(output).reshape(-1, *shape)  # the VAE decodes to [0, 1] pixel means
         rows.append(("output", output))
     else:

@@ -248,7 +248,8 @@ def variant_loss(module: Any, x: Any, config: Any, *, noisy: Any = None, eps: An
         config: a :class:`jaxae.TrainConfig`: the variant and its settings.
         noisy: the denoiser's corrupted input (default: drawn here with ``torch`` as
             :func:`jaxae.objectives.corrupt` draws it); give jaxae's to compare exactly.
-        eps: the VAE's standard normal draw ``[B, latent]`` (default: ``torch.randn``).
+        eps: the VAE's standard normal draw ``[B, latent]``, the IWAE's ``[B, K, latent]``
+            (default: ``torch.randn``).
 
     Returns:
         A scalar tensor.
@@ -276,18 +277,32 @@ def variant_loss(module: Any, x: Any, config: Any, *, noisy: Any = None, eps: An
             t, rate = config.sparsity_target, torch.clamp(code, 1e-6, 1 - 1e-6)
             penalty = torch.sum(t * torch.log(t / rate) + (1 - t) * torch.log((1 - t) / (1 - rate)), dim=-1)
         return torch.mean(mse + config.sparsity_weight * penalty)
+
+    def nll(logits, x):  # -log p(x | z) per example, over the last axis
+        if config.likelihood == "bernoulli":
+            pixels = (x - low) / (high - low)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits
+            return bce(logits, pixels.expand_as(logits), reduction="none").sum(-1)
+        recon_mean = low + (high - low) * torch.sigmoid(logits)
+        return torch.sum(torch.square(x - recon_mean), dim=-1) + 0.5 * x.shape[-1] * math.log(math.pi)
+
     if config.variant == "vae":
         mean, logvar = module.encode_distribution(x)
         eps = torch.randn_like(mean) if eps is None else torch.as_tensor(eps)
         logits = module.decode_logits(mean + torch.exp(0.5 * logvar) * eps)
-        if config.likelihood == "bernoulli":
-            pixels = (x - low) / (high - low)
-            nll = torch.nn.functional.binary_cross_entropy_with_logits(logits, pixels, reduction="none").sum(-1)
-        else:
-            recon_mean = low + (high - low) * torch.sigmoid(logits)
-            nll = torch.sum(torch.square(x - recon_mean), dim=-1) + 0.5 * x.shape[-1] * math.log(math.pi)
         kl = 0.5 * torch.sum(torch.exp(logvar) + torch.square(mean) - 1.0 - logvar, dim=-1)
-        return torch.mean(nll + config.beta * kl)
+        return torch.mean(nll(logits, x) + config.beta * kl)
+    if config.variant == "iwae":
+        mean, logvar = module.encode_distribution(x)
+        k = config.iwae_samples
+        eps = torch.randn(mean.shape[0], k, mean.shape[1]) if eps is None else torch.as_tensor(eps)  # [B, K, L]
+        z = mean[:, None] + torch.exp(0.5 * logvar)[:, None] * eps
+        logits = module.decode_logits(z.reshape(-1, z.shape[-1])).reshape(z.shape[0], k, -1)
+        log_2pi = math.log(2 * math.pi)
+        log_pz = -0.5 * torch.sum(torch.square(z) + log_2pi, dim=-1)
+        log_qz = -0.5 * torch.sum(torch.square(eps) + log_2pi + logvar[:, None], dim=-1)
+        log_w = -nll(logits, x[:, None]) + log_pz - log_qz
+        return torch.mean(-(torch.logsumexp(log_w, dim=-1) - math.log(k)))
     raise JaxaeError(f"no PyTorch loss for the {config.variant!r} variant")
 
 

@@ -226,7 +226,7 @@ def test_iw_samples_needs_a_vae(tmp_path, idx_folder, capsys):
     )
     capsys.readouterr()
     code = cli.main(["evaluate", "--workdir", str(workdir), "--iw-samples", "8"])
-    _assert_one_line_error(capsys, code, "--iw-samples needs a vae run")
+    _assert_one_line_error(capsys, code, "--iw-samples needs a vae or iwae run")
 
 
 def test_variant_flags_reach_the_config(tmp_path, idx_folder):

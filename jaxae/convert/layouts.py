@@ -224,9 +224,11 @@ TWINS: dict[tuple[str, str], TorchTwin] = {
         TorchTwin("denoising", _mlp_key_map(), _mlp_torch_module),
         TorchTwin("sparse", _mlp_key_map(), _mlp_torch_module),
         TorchTwin("vae", _mlp_key_map("mean", "logvar"), _mlp_vae_torch_module),
+        TorchTwin("iwae", _mlp_key_map("mean", "logvar"), _mlp_vae_torch_module),
         TorchTwin("vanilla", _conv_key_map("code"), _conv_torch_module("ConvAutoencoder"), arch="conv"),
         TorchTwin("denoising", _conv_key_map("code"), _conv_torch_module("ConvAutoencoder"), arch="conv"),
         TorchTwin("vae", _conv_key_map("mean", "logvar"), _conv_torch_module("ConvVAE"), arch="conv"),
+        TorchTwin("iwae", _conv_key_map("mean", "logvar"), _conv_torch_module("ConvVAE"), arch="conv"),
     )
 }
 """The PyTorch twin of every ``(variant, arch)``: the twin's module and the key map to jaxae's."""

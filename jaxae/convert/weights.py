@@ -180,7 +180,7 @@ def match(
                 "variant vanilla (a linear code) assumed: a state_dict does not tell vanilla, denoising and "
                 "sparse apart; give --variant sparse --sparsity l1|kl for a ReLU or Sigmoid code"
             )
-    elif (variant == "vae") != (inferred.family == "vae"):
+    elif get_variant(variant).variational != (inferred.family == "vae"):
         what, flags = _layout(state_dict, inferred.arch == "conv")
         raise JaxaeError(f"{file.source} does not fit a {variant} model: the file holds {what}'s weights: give {flags}")
     config_ = dataclasses.replace(base, variant=variant, **found)
