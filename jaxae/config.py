@@ -136,6 +136,12 @@ def _check_hidden_dims(value: Any) -> None:
         raise JaxaeError(f"--hidden-dims must be positive integers like 128,64, got {value}")
 
 
+def _check_conv_channels(value: Any) -> None:
+    ok = isinstance(value, (tuple, list)) and value and all(_is_int(h) and h > 0 for h in value)
+    if not ok:
+        raise JaxaeError(f"--conv-channels must be positive integers like 16,32,64, got {value}")
+
+
 def _check_betas(value: Any) -> None:
     ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_number(b) and 0 <= b < 1 for b in value)
     if not ok:
@@ -227,6 +233,16 @@ class TrainConfig:
         "conv net for sides divisible by 4 (vanilla, denoising, vae, iwae)",
         group="model",
         choices=("mlp", "conv"),
+        shape=True,
+        model=True,
+    )
+    conv_channels: tuple[int, ...] = setting(
+        (16, 32),
+        "--arch conv: the channels after each stride-2 convolution, comma-separated, one stage each (image sides "
+        "divisible by 2^stages); the decoder mirrors them",
+        parse=positive_ints,
+        check=_check_conv_channels,
+        group="model",
         shape=True,
         model=True,
     )
@@ -542,7 +558,7 @@ def sweep_lists(given: dict[str, Any], config_class: type = TrainConfig) -> tupl
             lists[name] = _value_list(_kind(fields[name]), flag)(value)
             single[name] = lists[name][0]
         elif s.shape:
-            separators = ";/" if name == "hidden_dims" else ",;/"
+            separators = ";/" if isinstance(fields[name].default, tuple) else ",;/"  # a tuple's value has commas
             if len(value) > 1 or any(sep in value[0] for sep in separators):
                 raise JaxaeError(shape_message(name))
             try:

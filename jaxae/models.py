@@ -489,13 +489,30 @@ def conv_transpose(in_ch: int, out_ch: int, **layer: Any) -> ConvTranspose2x:
     return ConvTranspose2x(in_ch, out_ch, **layer)
 
 
-#: The conv models' channels after each stride-2 convolution (what ``--arch conv`` builds).
+#: The conv models' default channels after each stride-2 convolution (``--conv-channels``).
 CONV_CHANNELS = (16, 32)
 
 
+def check_conv_stages(image_shape: tuple[int, ...], channels: tuple[int, ...]) -> None:
+    """Raises :class:`JaxaeError` (one line) unless ``channels`` (one stride-2 stage each) fit ``image_shape``."""
+    if len(image_shape) != 3:
+        raise JaxaeError(f"the conv architecture needs an image shape (H, W, C), got {tuple(image_shape)}")
+    if not channels or any(not isinstance(c, int) or c <= 0 for c in channels):
+        raise JaxaeError(f"--conv-channels must be positive integers, one per stride-2 stage, got {channels}")
+    h, w, _ = image_shape
+    factor = 2 ** len(channels)
+    if h % factor or w % factor:
+        given = ",".join(map(str, channels))
+        raise JaxaeError(
+            f"--conv-channels {given} halves each side {len(channels)} times, so it needs image sides divisible by "
+            f"{factor}, got {h}x{w}; give fewer stages, or use --arch mlp, or crop or pad the images"
+        )
+
+
 class _ConvBase(nnx.Module):
-    """Shared conv trunk: ``[N, H, W, C]`` -> two stride-2 convs -> ``[N, (H / 4) * (W / 4) * c2]``,
-    and the decoder back. A subclass adds its code heads in ``_heads(feature_dim, layer)``, ``layer``
+    """Shared conv trunk: ``[N, H, W, C]`` -> one stride-2 conv per entry of ``channels`` (ReLU
+    after each) -> ``[N, (H / 2^S) * (W / 2^S) * channels[-1]]`` for S stages, and the decoder back
+    (transposed convs through the channels in reverse, ReLU between them). A subclass adds its code heads in ``_heads(feature_dim, layer)``, ``layer``
     being the keyword arguments of :func:`linear`. ``lowering``: how the conv layers are computed
     (see :data:`LOWERINGS`); it changes no numbers. ``dtype`` and ``param_dtype`` as
     :class:`Autoencoder`'s: codes, posteriors and logits come out in float32.
@@ -521,23 +538,27 @@ class _ConvBase(nnx.Module):
         self._heads(feature_dim, dense)
 
     def _build(self, image_shape, channels, dense, lowering):
-        if len(image_shape) != 3:
-            raise JaxaeError(f"the conv architecture needs an image shape (H, W, C), got {tuple(image_shape)}")
+        channels = tuple(channels)
+        check_conv_stages(image_shape, channels)
         h, w, c = image_shape
-        if h % 4 or w % 4:
-            raise JaxaeError(
-                f"the conv architecture halves each side twice, so it needs image sides divisible by 4, got {h}x{w}; "
-                "use --arch mlp, or crop or pad the images"
-            )
-        c1, c2 = channels
+        factor = 2 ** len(channels)
         self.image_shape = tuple(image_shape)
+        self.channels = channels
         self.input_dim = h * w * c
-        self.feature_shape = (h // 4, w // 4, c2)
+        self.feature_shape = (h // factor, w // factor, channels[-1])
         layer = {**dense, "lowering": lowering}
-        self.encoder = nnx.Sequential(conv(c, c1, **layer), jax.nn.relu, conv(c1, c2, **layer), jax.nn.relu)
+        down = (c, *channels)
+        encoder: list = []
+        for c_in, c_out in zip(down[:-1], down[1:], strict=True):
+            encoder += [conv(c_in, c_out, **layer), jax.nn.relu]
+        self.encoder = nnx.Sequential(*encoder)
         feature_dim = math.prod(self.feature_shape)
         self.project = linear(self.latent_dim, feature_dim, **dense)
-        self.decoder = nnx.Sequential(conv_transpose(c2, c1, **layer), jax.nn.relu, conv_transpose(c1, c, **layer))
+        up = down[::-1]
+        decoder: list = []
+        for i, (c_in, c_out) in enumerate(zip(up[:-1], up[1:], strict=True)):
+            decoder += ([jax.nn.relu] if i else []) + [conv_transpose(c_in, c_out, **layer)]
+        self.decoder = nnx.Sequential(*decoder)
         return feature_dim
 
     def _features(self, x):
@@ -556,10 +577,12 @@ class _ConvBase(nnx.Module):
 
 
 class ConvAutoencoder(_ConvBase):
-    """A small convolutional autoencoder for ``H x W x C`` images, H and W divisible by 4 (``--arch conv``).
+    """A convolutional autoencoder for ``H x W x C`` images (``--arch conv``), H and W divisible by
+    2 to the number of stages (4 for the default ``channels=(16, 32)``, ``--conv-channels``).
 
-    Encoder: conv 3x3/2 (16) -> ReLU -> conv 3x3/2 (32) -> ReLU -> linear code; decoder:
+    Encoder, by default: conv 3x3/2 (16) -> ReLU -> conv 3x3/2 (32) -> ReLU -> linear code; decoder:
     linear -> ReLU -> transposed conv 4x4/2 (16) -> ReLU -> transposed conv 4x4/2 (C) -> Sigmoid.
+    Each further entry of ``channels`` adds a stride-2 stage on each side.
     Inputs are ``[N, H, W, C]`` or flat; outputs are flat ``[N, H * W * C]`` like the MLP's, so
     every objective works unchanged.
     """

@@ -388,7 +388,8 @@ def _autoencoder(code_activation: str = "linear"):
         image_shape = models.image_shape_of(image_shape)
         common = {"init": config.init, "dtype": compute_dtype(config), "rngs": rngs}
         if config.arch == "conv":
-            return models.ConvAutoencoder(image_shape, latent_dim=config.latent_dim, **common)
+            channels = tuple(config.conv_channels)
+            return models.ConvAutoencoder(image_shape, channels, latent_dim=config.latent_dim, **common)
         return models.Autoencoder(
             image_shape, tuple(config.hidden_dims), config.latent_dim, code_activation=code_activation, **common
         )
@@ -405,7 +406,7 @@ def _build_vae(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) 
     image_shape = models.image_shape_of(image_shape)
     common = {"init": config.init, "dtype": compute_dtype(config), "rngs": rngs}
     if config.arch == "conv":
-        return models.ConvVAE(image_shape, latent_dim=config.latent_dim, **common)
+        return models.ConvVAE(image_shape, tuple(config.conv_channels), latent_dim=config.latent_dim, **common)
     return models.VAE(image_shape, tuple(config.hidden_dims), config.latent_dim, **common)
 
 

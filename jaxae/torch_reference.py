@@ -155,30 +155,28 @@ def _classes() -> dict[str, type]:
             return self.decode(self.encode(x))
 
     class _ConvBase(nn.Module):
-        """Two stride-2 convs down, a Linear to the code; a Linear up, two transposed convs back."""
+        """Stride-2 convs down (one per entry of ``channels``), a Linear to the code; a Linear up,
+        transposed convs back."""
 
         def _build(self, image_shape, channels):
             h, w, c = image_shape
-            c1, c2 = channels
+            factor = 2 ** len(channels)
             self.image_shape = (c, h, w)
-            self.feature_shape = (c2, h // 4, w // 4)  # PyTorch's NCHW layout
-            self.encoder = nn.Sequential(
-                nn.Conv2d(c, c1, 3, stride=2, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(c1, c2, 3, stride=2, padding=1),
-                nn.ReLU(),
-            )
-            return c2 * (h // 4) * (w // 4)
+            self.feature_shape = (channels[-1], h // factor, w // factor)  # PyTorch's NCHW layout
+            down = (c, *channels)
+            layers: list = []
+            for c_in, c_out in zip(down[:-1], down[1:], strict=True):
+                layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU()]
+            self.encoder = nn.Sequential(*layers)
+            return math.prod(self.feature_shape)
 
         def _build_decoder(self, image_shape, channels, latent_dim, feature_dim):
-            c = image_shape[2]
-            c1, c2 = channels
+            up = (*channels[::-1], image_shape[2])
             self.project = nn.Linear(latent_dim, feature_dim)
-            self.decoder = nn.Sequential(
-                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),
-                nn.ReLU(),
-                nn.ConvTranspose2d(c1, c, 4, stride=2, padding=1),
-            )
+            layers: list = []
+            for i, (c_in, c_out) in enumerate(zip(up[:-1], up[1:], strict=True)):
+                layers += ([nn.ReLU()] if i else []) + [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+            self.decoder = nn.Sequential(*layers)
 
         def features(self, x):
             return self.encoder(x.reshape(x.shape[0], *self.image_shape)).flatten(1)

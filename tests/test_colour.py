@@ -156,3 +156,63 @@ def test_a_checkpoint_from_before_image_shapes_were_saved_takes_its_dataset_s(tm
         + ["--epochs", "2", "--resume", "--no-progress"]
     )
     assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "vae"])
+def test_conv_channels_build_a_deeper_conv_net_for_64x64x3_images_that_goes_through_pytorch_and_back(
+    tmp_path, capsys, variant
+):
+    pytest.importorskip("torch")
+    data = _folder(tmp_path / "data", (64, 64, 3))
+    flags = ("--dataset", data, "--arch", "conv", "--variant", variant, "--conv-channels", "8,16,32")
+    records = _train(capsys, tmp_path / "run", *flags, "--batch-size", "32")
+    assert np.isfinite(records[-1]["test_loss"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["conv_channels"] == [8, 16, 32]
+    _, state, _ = checkpoint.restore(tmp_path / "run")
+    encoder = state.params["encoder"]["layers"]
+    assert [encoder[i]["kernel"].shape for i in sorted(encoder)] == [(3, 3, 3, 8), (3, 3, 8, 16), (3, 3, 16, 32)]
+    assert state.params["project"]["kernel"].shape[-1] == 8 * 8 * 32  # 64 / 2^3 = 8 per side
+    # the converter reads the stages off the file: no --conv-channels needed on the way back
+    exported = tmp_path / "model.pt"
+    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    code = cli.main(["convert", str(exported), "--out", str(tmp_path / "back"), "--dataset", data, "--check"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["passed"] and report["image_shape"] == [64, 64, 3]
+    assert report["max_abs_diff_parameters"] == 0.0 and report["max_abs_diff_outputs"] <= 1e-5
+    converted = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (converted["conv_channels"], converted["variant"]) == ([8, 16, 32], variant)
+
+
+@pytest.mark.parametrize(
+    "shape, channels, message",
+    [
+        (
+            (28, 28, 1),
+            "16,32,64",
+            "--conv-channels 16,32,64 halves each side 3 times, so it needs image sides divisible by 8, got 28x28",
+        ),
+        ((64, 64, 3), "16,0", "argument --conv-channels: expected comma-separated positive integers"),
+    ],
+)
+def test_conv_channels_that_do_not_fit_the_images_are_one_line(tmp_path, capsys, shape, channels, message):
+    data = _folder(tmp_path / "data", shape)
+    argv = [
+        "train",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--dataset",
+        data,
+        "--arch",
+        "conv",
+        "--conv-channels",
+        channels,
+    ]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse refuses a flag it cannot read by exiting
+        code = e.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

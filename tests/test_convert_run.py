@@ -575,21 +575,41 @@ class _ConvChannels(torch.nn.Module):
         self.encoder = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
         self.code, self.project = nn.Linear(16 * 49, 32), nn.Linear(32, 16 * 49)
         self.decoder = nn.Sequential(
-            nn.ConvTranspose2d(16, 8, 3, 2, 1, 1), nn.ReLU(), nn.ConvTranspose2d(8, 1, 3, 2, 1, 1), nn.Sigmoid()
+            nn.ConvTranspose2d(16, 8, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(8, 1, 4, 2, 1), nn.Sigmoid()
         )
+
+    def forward(self, x):
+        h = self.encoder(x.reshape(-1, 1, 28, 28)).flatten(1)
+        h = torch.relu(self.project(self.code(h))).reshape(-1, 16, 7, 7)
+        return self.decoder(h).flatten(1)
 
 
 @pytest.mark.parametrize(
     "module, pattern",
     [
         (_NoHidden, "is an MLP with no hidden layer (784-16, the decoder mirrored); jaxae's MLPs have at least one"),
-        (_ConvChannels, "is a conv model with 8, 16 channels; jaxae's conv models have 16, 32 channels"),
     ],
 )
 def test_a_twin_layout_of_sizes_no_jaxae_model_has_is_named_so(tmp_path, capsys, module, pattern):
     torch.save(module().state_dict(), tmp_path / "m.pt")
     code = cli.main(["convert", str(tmp_path / "m.pt"), "--out", str(tmp_path / "out")])
     assert "--hidden-dims" not in one_line_error(capsys, code, pattern) and not (tmp_path / "out").exists()
+
+
+def test_a_conv_model_of_other_channels_converts_with_them_read_off_its_tensors(tmp_path, capsys):
+    # 8 and 16 channels (jaxae's default is 16, 32): refused before --conv-channels existed
+    torch.manual_seed(0)
+    module = _ConvChannels()
+    torch.save(module.state_dict(), tmp_path / "m.pt")
+    convert_cli(capsys, tmp_path / "m.pt", tmp_path / "out")
+    _, state, config = checkpoint.restore(tmp_path / "out")
+    assert (config.arch, config.conv_channels) == ("conv", (8, 16))
+    x = torch.rand(4, 784)
+    with torch.no_grad():
+        want = module(x).numpy()
+    trainer = build(config, (28, 28, 1))[0]
+    got = np.asarray(trainer.model(state.params)(jnp.asarray(x.numpy())))
+    assert np.abs(got - want).max() <= 1e-5
 
 
 @pytest.mark.parametrize("key", ["sched", None])

@@ -158,6 +158,7 @@ def test_a_diverged_model_is_marked_and_left_out_of_its_group():
     [
         (["--latent-dim", "16,32"], "--latent-dim"),
         (["--hidden-dims", "128,64", "256,128"], "--hidden-dims"),
+        (["--arch", "conv", "--conv-channels", "8,16", "16,32"], "--conv-channels"),
         (["--arch", "mlp,conv"], "--arch"),
         (["--variant", "vanilla", "vae"], "--variant"),
     ],
@@ -477,3 +478,10 @@ def test_a_sweep_writes_its_summary_before_its_figures_and_one_epoch_time_for_ev
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["models"] == 3
     seconds = {json.loads((tmp_path / "s" / f"seed{i}" / "metrics.jsonl").read_text())["seconds"] for i in range(3)}
     assert len(seconds) == 1  # the epoch's training and evaluation, one figure for all the models
+
+
+def test_one_conv_channels_value_in_a_sweep_keeps_its_commas():
+    from jaxae.config import sweep_lists
+
+    single, lists = sweep_lists({"conv_channels": ["8,16,32"], "seed": "0,1"})
+    assert single["conv_channels"] == (8, 16, 32) and lists == {"seed": [0, 1]}

@@ -44,7 +44,8 @@ def input_shape_of(state: TrainState) -> list[int]:
     ``state.image_shape`` when the state carries it (every state :func:`~jaxae.train.build`
     makes does); otherwise read off the parameters, which assumes square images: an MLP's first
     kernel is ``[H * W * C, hidden]`` (one channel assumed), a conv model's is ``[3, 3, C, c1]``
-    and its ``project`` layer makes ``(H / 4) * (W / 4) * c2`` features for the decoder.
+    and its ``project`` layer makes ``(H / 2^S) * (W / 2^S) * c_S`` features for the decoder (S
+    stages, ``c_S`` the last convolution's channels).
     """
     if state.image_shape is not None:
         return [int(v) for v in state.image_shape]
@@ -52,8 +53,9 @@ def input_shape_of(state: TrainState) -> list[int]:
     kernel = params["encoder"]["layers"][0]["kernel"]
     if kernel.ndim == 2:
         return list(image_shape_of(int(kernel.shape[0])))
-    c2 = int(params["encoder"]["layers"][2]["kernel"].shape[-1])
-    side = 4 * math.isqrt(int(params["project"]["kernel"].shape[-1]) // c2)
+    layers = params["encoder"]["layers"]
+    last = int(layers[max(layers)]["kernel"].shape[-1])
+    side = 2 ** len(layers) * math.isqrt(int(params["project"]["kernel"].shape[-1]) // last)
     return [side, side, int(kernel.shape[2])]
 
 

@@ -180,7 +180,9 @@ _CONV_TO_FLAX = (2, 3, 1, 0)
 def _conv_key_map(*heads: str) -> Callable[[Any, tuple[int, int, int]], tuple[ParamLink, ...]]:
     def key_map(params: Any, image_shape: tuple[int, int, int]) -> tuple[ParamLink, ...]:
         h, w, _ = image_shape
-        chw = (params["encoder"]["layers"][2]["kernel"].shape[-1], h // 4, w // 4)  # two stride-2 convolutions
+        layers = params["encoder"]["layers"]
+        factor = 2 ** len(layers)  # one stride-2 convolution per stage (the ReLUs hold no parameters)
+        chw = (layers[max(layers)]["kernel"].shape[-1], h // factor, w // factor)
         links = _sequential_links(params, "encoder", _CONV_TO_FLAX)
         for head in heads:  # Linear(features -> code)
             links += _linear_links(head, chw, flattened="in")
@@ -212,7 +214,8 @@ def _mlp_vae_torch_module(config: Any, image_shape: tuple[int, int, int]) -> Any
 
 def _conv_torch_module(cls_name: str) -> Callable[[Any, tuple[int, int, int]], Any]:
     def build(config: Any, image_shape: tuple[int, int, int]) -> Any:
-        return getattr(torch_reference, cls_name)(tuple(image_shape), latent_dim=config.latent_dim)
+        channels = tuple(getattr(config, "conv_channels", CONV_CHANNELS))
+        return getattr(torch_reference, cls_name)(tuple(image_shape), channels, latent_dim=config.latent_dim)
 
     return build
 
@@ -287,15 +290,22 @@ class ImageInput:
     Attributes:
         arch: ``"mlp"`` or ``"conv"``.
         size: an MLP's input size (``H * W * C``); a conv model's feature count, the size of
-            ``project``'s output (``(H / 4) * (W / 4) * feature_channels``).
+            ``project``'s output (``(H / 2^S) * (W / 2^S) * feature_channels``).
         channels: a conv model's image channels (its first convolution's inputs).
-        feature_channels: a conv model's feature channels (its second convolution's outputs).
+        feature_channels: a conv model's feature channels (its last convolution's outputs).
+        stages: a conv model's stride-2 convolutions (S).
     """
 
     arch: str
     size: int
     channels: int = 0
     feature_channels: int = 0
+    stages: int = 2
+
+    @property
+    def factor(self) -> int:
+        """How many times smaller a conv model's feature map is than its image, per side."""
+        return 2**self.stages
 
     @classmethod
     def of_params(cls, params: Any, arch: str) -> ImageInput:
@@ -303,20 +313,20 @@ class ImageInput:
         layers = params["encoder"]["layers"]
         first = layers[min(layers)]["kernel"].shape
         if arch == "conv":
-            return cls(
-                "conv", int(params["project"]["kernel"].shape[-1]), int(first[2]), int(layers[2]["kernel"].shape[-1])
-            )
+            last = int(layers[max(layers)]["kernel"].shape[-1])
+            return cls("conv", int(params["project"]["kernel"].shape[-1]), int(first[2]), last, len(layers))
         return cls("mlp", int(first[0]))
 
     def fits(self, image_shape: tuple[int, int, int]) -> bool:
         """Whether a model with these tensors takes ``(H, W, C)`` images."""
         h, w, c = image_shape
         if self.arch == "conv":
+            f = self.factor
             return (
-                h % 4 == 0
-                and w % 4 == 0
+                h % f == 0
+                and w % f == 0
                 and c == self.channels
-                and (h // 4) * (w // 4) * self.feature_channels == self.size
+                and (h // f) * (w // f) * self.feature_channels == self.size
             )
         return h * w * c == self.size
 
@@ -337,7 +347,11 @@ class ImageInput:
         if self.arch == "conv":
             positions, rest = divmod(self.size, self.feature_channels or 1)
             side = math.isqrt(positions)
-            return (4 * side, 4 * side, self.channels) if not rest and side and side * side == positions else None
+            return (
+                (self.factor * side, self.factor * side, self.channels)
+                if not rest and side and side * side == positions
+                else None
+            )
         for channels in (1, 3):
             side = math.isqrt(self.size // channels)
             if self.size % channels == 0 and side and channels * side * side == self.size:
@@ -351,7 +365,8 @@ class ImageInput:
         if self.arch == "conv":
             positions = self.size / (self.feature_channels or 1)
             positions_text = str(int(positions)) if positions == int(positions) else f"{positions:g}"
-            return f"{self.channels}-channel images of (H/4)*(W/4) = {positions_text}{hint}"
+            f = self.factor
+            return f"{self.channels}-channel images of (H/{f})*(W/{f}) = {positions_text}{hint}"
         return f"{self.size} inputs{hint}"
 
 
@@ -439,7 +454,7 @@ def model_description(config: Any, image_shape: Any = (28, 28, 1)) -> str:
     """``"the vanilla model (28x28x1 images, 784-128-64-32)"``: the target model, for messages."""
     h, w, c = image_shape
     if getattr(config, "arch", "mlp") == "conv":
-        channels = "-".join(map(str, CONV_CHANNELS))
+        channels = "-".join(map(str, getattr(config, "conv_channels", CONV_CHANNELS)))
         return f"the {config.variant} conv model ({h}x{w}x{c} images, {channels} channels, code {config.latent_dim})"
     sizes = "-".join(str(d) for d in (h * w * c, *config.hidden_dims, config.latent_dim))
     return f"the {config.variant} model ({h}x{w}x{c} images, {sizes})"
@@ -617,7 +632,7 @@ def infer_model(state_dict: Mapping[str, np.ndarray]) -> InferredModel | None:
         if conv:
             head = shapes["mean.weight" if family == "vae" else "code.weight"]
             encoder = _sequential_shapes(shapes, "encoder")
-            image_input = ImageInput("conv", shapes["project.weight"][0], encoder[0][1], encoder[-1][0])
+            image_input = ImageInput("conv", shapes["project.weight"][0], encoder[0][1], encoder[-1][0], len(encoder))
             return InferredModel(family, "conv", image_input, head[0], None, tuple(s[0] for s in encoder))
         encoder = _sequential_shapes(shapes, "encoder")
         image_input = ImageInput("mlp", encoder[0][1])

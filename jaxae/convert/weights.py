@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxae import models, torch_reference
+from jaxae import torch_reference
 from jaxae.convert.files import TorchFile, read_torch_file
 from jaxae.convert.layouts import (
     _LAYOUTS,
@@ -145,6 +145,8 @@ def match(
     found: dict[str, Any] = {"arch": inferred.arch, "latent_dim": inferred.latent_dim}
     if inferred.hidden_dims is not None:
         found["hidden_dims"] = inferred.hidden_dims
+    if inferred.conv_channels is not None:
+        found["conv_channels"] = inferred.conv_channels
     given = _given(arch=arch, hidden_dims=hidden_dims, latent_dim=latent_dim)
     for name, value in given.items():
         if name in found and tuple(np.atleast_1d(value)) != tuple(np.atleast_1d(found[name])):
@@ -194,12 +196,6 @@ def _check_buildable(inferred: Any, source: str) -> None:
         raise JaxaeError(
             f"{source} is an MLP with no hidden layer ({sizes}, the decoder mirrored); jaxae's MLPs have at least one "
             "hidden layer, so it cannot be converted"
-        )
-    if inferred.arch == "conv" and inferred.conv_channels != models.CONV_CHANNELS:
-        have, want = (", ".join(map(str, c)) for c in (inferred.conv_channels, models.CONV_CHANNELS))
-        raise JaxaeError(
-            f"{source} is a conv model with {have} channels; jaxae's conv models have {want} channels (only the "
-            "code size, --latent-dim, varies), so it cannot be converted"
         )
 
 
