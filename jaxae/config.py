@@ -130,16 +130,15 @@ def _two_floats(text: str) -> tuple[float, float]:
     return values
 
 
-def _check_hidden_dims(value: Any) -> None:
-    ok = isinstance(value, (tuple, list)) and value and all(_is_int(h) and h > 0 for h in value)
-    if not ok:
-        raise JaxaeError(f"--hidden-dims must be positive integers like 128,64, got {value}")
+def _check_positive_ints(flag: str, example: str) -> Callable[[Any], None]:
+    """The check of a tuple of widths (``--hidden-dims``, ``--conv-channels``): positive integers, at least one."""
 
+    def check(value: Any) -> None:
+        ok = isinstance(value, (tuple, list)) and value and all(_is_int(h) and h > 0 for h in value)
+        if not ok:
+            raise JaxaeError(f"{flag} must be positive integers like {example}, got {value}")
 
-def _check_conv_channels(value: Any) -> None:
-    ok = isinstance(value, (tuple, list)) and value and all(_is_int(h) and h > 0 for h in value)
-    if not ok:
-        raise JaxaeError(f"--conv-channels must be positive integers like 16,32,64, got {value}")
+    return check
 
 
 def _check_betas(value: Any) -> None:
@@ -220,7 +219,7 @@ class TrainConfig:
         (128, 64),
         "encoder hidden widths, comma-separated; the decoder mirrors them",
         parse=positive_ints,
-        check=_check_hidden_dims,
+        check=_check_positive_ints("--hidden-dims", "128,64"),
         group="model",
         shape=True,
         model=True,
@@ -230,7 +229,7 @@ class TrainConfig:
     arch: str = setting(
         "mlp",
         "mlp = the document's MLP (784-128-64-32 on 28x28 images; inputs H*W*C for others); conv = a small "
-        "conv net for sides divisible by 4 (vanilla, denoising, vae, iwae)",
+        "conv net for sides divisible by 2^stages, 4 by default (vanilla, denoising, vae, iwae)",
         group="model",
         choices=("mlp", "conv"),
         shape=True,
@@ -241,7 +240,7 @@ class TrainConfig:
         "--arch conv: the channels after each stride-2 convolution, comma-separated, one stage each (image sides "
         "divisible by 2^stages); the decoder mirrors them",
         parse=positive_ints,
-        check=_check_conv_channels,
+        check=_check_positive_ints("--conv-channels", "16,32,64"),
         group="model",
         shape=True,
         model=True,
@@ -278,7 +277,8 @@ class TrainConfig:
     )
     iwae_samples: int = setting(
         5,
-        "importance samples per image of the iwae variant's training bound (K; 1 is the VAE's ELBO)",
+        "importance samples per image of the iwae variant's training bound (K; 1 is a one-sample estimate of the "
+        "VAE's negative ELBO)",
         bound=POSITIVE,
         group="iwae",
     )

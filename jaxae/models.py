@@ -512,8 +512,9 @@ def check_conv_stages(image_shape: tuple[int, ...], channels: tuple[int, ...]) -
 class _ConvBase(nnx.Module):
     """Shared conv trunk: ``[N, H, W, C]`` -> one stride-2 conv per entry of ``channels`` (ReLU
     after each) -> ``[N, (H / 2^S) * (W / 2^S) * channels[-1]]`` for S stages, and the decoder back
-    (transposed convs through the channels in reverse, ReLU between them). A subclass adds its code heads in ``_heads(feature_dim, layer)``, ``layer``
-    being the keyword arguments of :func:`linear`. ``lowering``: how the conv layers are computed
+    (transposed convs through the channels in reverse, ReLU between them). A subclass adds its
+    code heads in ``_heads(feature_dim, layer)``, ``layer`` being the keyword arguments of
+    :func:`linear`. ``lowering``: how the conv layers are computed
     (see :data:`LOWERINGS`); it changes no numbers. ``dtype`` and ``param_dtype`` as
     :class:`Autoencoder`'s: codes, posteriors and logits come out in float32.
     """
@@ -543,7 +544,6 @@ class _ConvBase(nnx.Module):
         h, w, c = image_shape
         factor = 2 ** len(channels)
         self.image_shape = tuple(image_shape)
-        self.channels = channels
         self.input_dim = h * w * c
         self.feature_shape = (h // factor, w // factor, channels[-1])
         layer = {**dense, "lowering": lowering}

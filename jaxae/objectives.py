@@ -249,7 +249,8 @@ def iwae_objective(config: Any, normalization: Normalization) -> Objective:
     """The importance-weighted bound with ``config.iwae_samples`` draws per image, in nats
     (Burda et al., 2016): ``-log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)``, on the VAE's model.
 
-    K = 1 is the VAE's negative ELBO (beta 1) and its gradient. The test split reports both
+    K = 1 is a one-sample estimate of the VAE's negative ELBO (beta 1; its KL sampled, not in
+    closed form), and the bound tightens as K grows. The test split reports both
     bounds: ``loss`` (the K-sample bound) and ``neg_elbo`` (one sample, as the VAE's).
     """
     samples = config.iwae_samples

@@ -394,3 +394,18 @@ def test_another_hosts_signal_does_not_make_this_hosts_first_signal_its_second(m
     assert killed == [signals.SIGTERM]
     stop.__exit__()
     signals.signal(signals.SIGTERM, signals.SIG_DFL)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("hidden_dims", (128, 0), "--hidden-dims must be positive integers like 128,64, got (128, 0)"),
+        ("hidden_dims", (), "--hidden-dims must be positive integers like 128,64, got ()"),
+        ("conv_channels", (16, -1), "--conv-channels must be positive integers like 16,32,64, got (16, -1)"),
+        ("conv_channels", (16.5,), "--conv-channels must be positive integers like 16,32,64, got (16.5,)"),
+    ],
+)
+def test_a_tuple_of_widths_from_the_library_is_checked_in_one_line(field, value, message):
+    with pytest.raises(JaxaeError) as e:
+        TrainConfig(**{field: value})
+    assert str(e.value) == message
