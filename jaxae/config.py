@@ -229,7 +229,7 @@ class TrainConfig:
     arch: str = setting(
         "mlp",
         "mlp = the document's MLP (784-128-64-32 on 28x28 images; inputs H*W*C for others); conv = a small "
-        "conv net for sides divisible by 2^stages, 4 by default (vanilla, denoising, vae, iwae)",
+        "conv net for sides divisible by 2^stages, 4 by default (vanilla, denoising, vae, iwae, vqvae)",
         group="model",
         choices=("mlp", "conv"),
         shape=True,
@@ -281,6 +281,19 @@ class TrainConfig:
         "VAE's negative ELBO)",
         bound=POSITIVE,
         group="iwae",
+    )
+    codebook_size: int = setting(
+        512, "codes in the vqvae variant's codebook (K)", bound=POSITIVE, group="vqvae", shape=True, model=True
+    )
+    commitment_weight: float = setting(
+        0.25, "weight of the vqvae commitment loss ||z_e - sg(z_q)||^2", bound=NON_NEGATIVE, group="vqvae", sweep=True
+    )
+    codebook_decay: float = setting(
+        0.99,
+        "decay of the exponential moving averages that train the vqvae codebook",
+        bound=UNIT_INTERVAL_RIGHT_OPEN,
+        group="vqvae",
+        sweep=True,
     )
     # torch.optim.Adam's defaults; "adamw" is torch.optim.AdamW (decoupled weight decay)
     optimizer: str = setting("adam", "adam or adamw (torch.optim.AdamW)", choices=OPTIMIZERS, group="optimizer")

@@ -519,6 +519,8 @@ class _ConvBase(nnx.Module):
     :class:`Autoencoder`'s: codes, posteriors and logits come out in float32.
     """
 
+    per_position = False
+
     def __init__(
         self,
         image_shape=(28, 28, 1),
@@ -553,7 +555,8 @@ class _ConvBase(nnx.Module):
             encoder += [conv(c_in, c_out, **layer), jax.nn.relu]
         self.encoder = nnx.Sequential(*encoder)
         feature_dim = math.prod(self.feature_shape)
-        self.project = linear(self.latent_dim, feature_dim, **dense)
+        # A per-position model (the VQ-VAE's) codes each feature-map position on its own.
+        self.project = linear(self.latent_dim, channels[-1] if self.per_position else feature_dim, **dense)
         up = down[::-1]
         decoder: list = []
         for i, (c_in, c_out) in enumerate(zip(up[:-1], up[1:], strict=True)):
@@ -610,3 +613,198 @@ class ConvVAE(_ConvBase):
 
     def sample(self, key, n):
         return self.decode(jax.random.normal(key, (n, self.latent_dim)))
+
+
+# -- vector quantisation (VQ-VAE) ------------------------------------------------------------
+
+
+#: a code whose EMA count (inputs per step) falls below this is dead, and restarted
+DEAD_CODE_COUNT = 1.0
+
+
+class CodebookState(nnx.Variable):
+    """State of a :class:`VectorQuantizer` trained by exponential moving averages, not by gradients.
+
+    It lives in the model's state beside the parameters (so checkpoints, sweeps and every
+    parallel strategy carry it), receives no gradient (the objective stops it), and the train
+    step sets it after the optimizer's update (``Objective.update_state``).
+    """
+
+
+class VectorQuantizer(nnx.Module):
+    """A codebook of ``size`` vectors of width ``dim`` (van den Oord et al., 2017) updated by EMA.
+
+    ``codebook`` is ``ema_sum / smoothed(ema_count)``. Every code starts as if it had been chosen
+    once (``ema_count = 1``, ``ema_sum = codebook``): a code no input picks keeps its vector, the
+    mean of the inputs that pick it moves it otherwise.
+    """
+
+    def __init__(self, size: int, dim: int, *, decay: float = 0.99, eps: float = 1e-5, rngs: nnx.Rngs):
+        if size < 1 or dim < 1:
+            raise JaxaeError(f"a codebook needs a positive size and width, got {size} codes of width {dim}")
+        self.size, self.dim, self.decay, self.eps = size, dim, decay, eps
+        bound = 1.0 / size
+        init = jax.random.uniform(rngs.params(), (size, dim), jnp.float32, -bound, bound)
+        self.codebook = CodebookState(init)
+        self.ema_count = CodebookState(jnp.ones((size,), jnp.float32))
+        self.ema_sum = CodebookState(init)
+
+    def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Codes ``[..., dim]`` -> (the nearest code's index ``[...]``, its vector ``[..., dim]``).
+
+        Distances are computed in float32 at full precision; no gradient reaches the codebook.
+        """
+        z = z.astype(jnp.float32)
+        codebook = jax.lax.stop_gradient(self.codebook[...])
+        cross = jnp.matmul(z, codebook.T, precision=jax.lax.Precision.HIGHEST)
+        distances = jnp.sum(jnp.square(codebook), -1) - 2.0 * cross
+        index = jnp.argmin(distances, axis=-1)
+        return index, codebook[index]
+
+    def update(
+        self,
+        counts: jax.Array,
+        sums: jax.Array,
+        decay: Any = None,
+        restart: tuple[jax.Array, jax.Array] | None = None,
+    ) -> None:
+        """One EMA step from a batch's ``counts [size]`` (inputs per code) and ``sums [size, dim]``
+        (their sum), already summed over every device; sets the codebook to the smoothed means.
+
+        ``restart``: ``(sums [size, dim], counts [size])`` of a random share of the batch's inputs
+        per code. A code whose EMA count has fallen below :data:`DEAD_CODE_COUNT` inputs per step
+        (a dead code) restarts as the mean of its share, as if chosen once: so the codebook
+        follows the encoder instead of collapsing onto the few codes that won the first steps.
+        """
+        decay = self.decay if decay is None else decay
+        count = decay * self.ema_count[...] + (1.0 - decay) * counts
+        total = decay * self.ema_sum[...] + (1.0 - decay) * sums
+        if restart is not None:
+            share_sum, share_count = restart
+            dead = (count < DEAD_CODE_COUNT) & (share_count > 0)
+            count = jnp.where(dead, 1.0, count)
+            total = jnp.where(dead[:, None], share_sum / jnp.maximum(share_count, 1.0)[:, None], total)
+        n = jnp.sum(count)
+        smoothed = (count + self.eps) / (n + self.size * self.eps) * n  # Laplace smoothing
+        self.ema_count[...] = count
+        self.ema_sum[...] = total
+        self.codebook[...] = total / smoothed[:, None]
+
+    def frequencies(self) -> jax.Array:
+        """How often each code was chosen in training (the EMA counts, normalised): ``[size]``."""
+        count = self.ema_count[...]
+        return count / jnp.sum(count)
+
+
+def _sample_codes(quantizer: VectorQuantizer, key: jax.Array, shape: tuple[int, ...], prior: str) -> jax.Array:
+    if prior == "uniform":
+        return jax.random.randint(key, shape, 0, quantizer.size)
+    if prior == "frequencies":
+        return jax.random.categorical(key, jnp.log(quantizer.frequencies() + 1e-12), shape=shape)
+    raise JaxaeError(f"unknown code prior {prior!r}; choose frequencies or uniform")
+
+
+class _VQBase:
+    """What the MLP and conv VQ-VAEs share, on top of ``encode_latent`` (images -> ``[N, P, D]``)
+    and ``decode`` (flat ``[N, P * D]`` -> images)."""
+
+    positions: int
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """The quantised code (each of the ``P`` code vectors replaced by its nearest codebook
+        vector), flat ``[N, P * latent_dim]``: what the decoder reads, and the features of probes."""
+        _, z_q = self.quantizer(self.encode_latent(x))
+        return z_q.reshape(z_q.shape[0], -1)
+
+    def codes(self, x: jax.Array) -> jax.Array:
+        """The codebook indices of images: ``[N, P]`` ints."""
+        return self.quantizer(self.encode_latent(x))[0]
+
+    def decode_codes(self, codes: jax.Array) -> jax.Array:
+        """Indices ``[N, P]`` -> images (flat, in (0, 1))."""
+        z_q = self.quantizer.codebook[...][codes]
+        return self.decode(z_q.reshape(codes.shape[0], -1))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.decode(self.encode(x))
+
+    def sample(self, key: jax.Array, n: int, prior: str = "frequencies") -> jax.Array:
+        """``n`` images decoded from codes drawn independently per position, uniformly
+        (``prior="uniform"``) or by how often training chose each code (``"frequencies"``)."""
+        return self.decode_codes(_sample_codes(self.quantizer, key, (n, self.positions), prior))
+
+
+class VQVAE(_VQBase, nnx.Module):
+    """An MLP VQ-VAE: the document's encoder to one code vector of ``latent_dim``, quantised to the
+    nearest of ``codebook_size`` vectors (a codebook trained by EMA), decoded by the document's
+    decoder. ``dtype`` and ``param_dtype`` as :class:`Autoencoder`'s."""
+
+    def __init__(
+        self,
+        input_dim: int | Sequence[int] = 784,
+        hidden_dims: Sequence[int] = (128, 64),
+        latent_dim: int = 32,
+        codebook_size: int = 512,
+        *,
+        decay: float = 0.99,
+        init: str = "torch",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        check_dtypes(dtype, param_dtype)
+        self.image_shape = image_shape_of(input_dim)
+        input_dim = self.input_dim = math.prod(self.image_shape)
+        self.latent_dim, self.dtype, self.positions = latent_dim, dtype, 1
+        dims = (input_dim, *hidden_dims, latent_dim)
+        layer = {"init": init, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
+        self.encoder = nnx.Sequential(*mlp_layers(dims, **layer))
+        self.decoder = nnx.Sequential(*mlp_layers(dims[::-1], **layer), jax.nn.sigmoid)
+        self.quantizer = VectorQuantizer(codebook_size, latent_dim, decay=decay, rngs=rngs)
+
+    def encode_latent(self, x: jax.Array) -> jax.Array:
+        """The encoder's output before quantisation: ``[N, 1, latent_dim]``."""
+        z = output(self.encoder(flatten_images(x, self.input_dim, self.image_shape)), self.dtype)
+        return z[:, None, :]
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        return output(self.decoder(z), self.dtype)
+
+
+class ConvVQVAE(_VQBase, _ConvBase):
+    """The conv trunk as a VQ-VAE: each position of the encoder's ``H/2^S x W/2^S`` feature map
+    is projected to a code vector of ``latent_dim`` (a linear layer applied per position, a 1x1
+    convolution) and quantised, as in van den Oord et al.; the decoder projects each back."""
+
+    per_position = True
+
+    def __init__(
+        self,
+        image_shape=(28, 28, 1),
+        channels=CONV_CHANNELS,
+        latent_dim=32,
+        codebook_size=512,
+        *,
+        decay=0.99,
+        rngs: nnx.Rngs,
+        **kwargs,
+    ):
+        super().__init__(image_shape, channels, latent_dim, rngs=rngs, **kwargs)
+        self.positions = self.feature_shape[0] * self.feature_shape[1]
+        self.quantizer = VectorQuantizer(codebook_size, latent_dim, decay=decay, rngs=rngs)
+
+    def _heads(self, feature_dim, dense):
+        self.code = linear(self.feature_shape[-1], self.latent_dim, **dense)
+
+    def encode_latent(self, x):
+        """``[N, positions, latent_dim]``: one code vector per position of the feature map."""
+        h = self._features(x).reshape(x.shape[0], -1, self.feature_shape[-1])
+        return output(self.code(h), self.dtype)
+
+    def decode_logits(self, z):
+        n = z.shape[0]
+        h = jax.nn.relu(self.project(z.reshape(n, -1, self.latent_dim))).reshape(-1, *self.feature_shape)
+        return output(self.decoder(h).reshape(n, -1), self.dtype)
+
+    def decode(self, z):
+        return jax.nn.sigmoid(self.decode_logits(z))

@@ -36,12 +36,23 @@ class Objective:
         evaluate: ``(model, x, keys) -> {name: [B]}`` for the test split; must hold ``"loss"``.
         corrupt: ``(x, keys) -> model input`` where the model sees a corrupted input (the
             denoiser); figures show it between the input and the output.
+        update_state: for a model with state that is not trained by gradients (the VQ-VAE's
+            EMA codebook): ``loss`` then returns a third item, per-example statistics
+            ``{name: [B, ...]}`` (no gradient flows through them), and after the optimizer's
+            update the train step calls ``update_state(model, stats, mask, total)`` to set that
+            state in place; ``mask`` [B] marks the real rows, ``total(tree)`` sums over every
+            device of a data-parallel step (the identity on one).
+        summarize: ``{name: mean} -> {name: scalar}``, applied to the means of the training and
+            test metrics: metrics that are not means of per-example values (a codebook's
+            perplexity from its usage ``[K]``) are computed here from ones that are.
     """
 
     name: str
     loss: Callable[[nnx.Module, jax.Array, jax.Array], tuple[jax.Array, PerExample]]
     evaluate: Callable[[nnx.Module, jax.Array, jax.Array], PerExample]
     corrupt: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    update_state: Callable[..., None] | None = None
+    summarize: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None
 
 
 def reconstruction_mse(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
@@ -377,6 +388,70 @@ class Variant:
         return "encode_distribution" in self.model_methods
 
 
+def codebook_summary(means: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """``usage [K]`` (the fraction of code vectors assigned to each code) -> the codebook's
+    ``perplexity`` (exp of the usage's entropy: K when every code is used equally, 1 when one is
+    used for everything) and ``dead_codes`` (codes no input was assigned to)."""
+    out = dict(means)
+    usage = out.pop("usage")
+    entropy = -jnp.sum(jnp.where(usage > 0, usage * jnp.log(jnp.where(usage > 0, usage, 1.0)), 0.0))
+    return {**out, "perplexity": jnp.exp(entropy), "dead_codes": jnp.sum(usage <= 0).astype(jnp.float32)}
+
+
+def vqvae_objective(config: Any, normalization: Normalization) -> Objective:
+    """The VQ-VAE's loss (van den Oord et al., 2017) with an EMA codebook: the reconstruction's
+    MSE through the straight-through estimator plus ``commitment_weight`` times the commitment
+    ``mean ||z_e - sg(z_q)||^2``. The codebook has no loss term: ``update_state`` moves each code
+    to the moving average of the encoder outputs assigned to it (decay ``codebook_decay``)."""
+
+    def parts(model, x):
+        z_e = model.encode_latent(x)  # [B, P, D]
+        index, z_q = model.quantizer(z_e)
+        straight_through = z_e + jax.lax.stop_gradient(z_q - z_e)
+        reconstruction = model.decode(straight_through.reshape(z_e.shape[0], -1))
+        commitment = jnp.mean(jnp.square(z_e - z_q), axis=(1, 2))  # z_q carries no gradient
+        return z_e, index, reconstruction, commitment
+
+    def usage(model, index):
+        share = jnp.full(index.shape[1:], 1.0 / index.shape[1], jnp.float32)
+        return jax.vmap(lambda i: jax.ops.segment_sum(share, i, model.quantizer.size))(index)
+
+    def loss(model, x, keys):
+        z_e, index, reconstruction, commitment = parts(model, x)
+        mse = reconstruction_mse(reconstruction, x)
+        metrics = {"mse": mse, "commitment": commitment, "usage": usage(model, index)}
+        # each code vector's share for restarting dead codes: a code drawn from the example's key
+        share = jax.vmap(lambda k: jax.random.randint(k, index.shape[1:], 0, model.quantizer.size))(keys)
+        stats = {"index": index, "share": share, "latent": z_e}
+        return mse + config.commitment_weight * commitment, metrics, stats
+
+    def update_state(model, stats, mask, total):
+        latent = jax.lax.stop_gradient(stats["latent"]).reshape(-1, stats["latent"].shape[-1])
+        size = model.quantizer.size
+        weight = jnp.broadcast_to(mask[:, None], stats["index"].shape).reshape(-1)
+
+        def per_code(index):  # (sums [K, D], counts [K]) of the real rows' vectors, by code
+            index = index.reshape(-1)
+            return jax.ops.segment_sum(latent * weight[:, None], index, size), jax.ops.segment_sum(weight, index, size)
+
+        (sums, counts), restart = total((per_code(stats["index"]), per_code(stats["share"])))
+        model.quantizer.update(counts, sums, config.codebook_decay, restart)
+
+    def evaluate(model, x, keys):
+        _, index, reconstruction, commitment = parts(model, x)
+        mse = reconstruction_mse(reconstruction, x)
+        pixels = reconstruction_mse(normalization.to_pixels(reconstruction), normalization.to_pixels(x))
+        return {
+            "loss": mse + config.commitment_weight * commitment,
+            "mse": mse,
+            "mse_pixels": pixels,
+            "commitment": commitment,
+            "usage": usage(model, index),
+        }
+
+    return Objective("vqvae", loss, evaluate, update_state=update_state, summarize=codebook_summary)
+
+
 def compute_dtype(config: Any) -> Any:
     """The models' ``dtype`` for a config's ``--dtype``: ``None`` for float32 (the float32 graph,
     untouched), else the dtype."""
@@ -409,6 +484,15 @@ def _build_vae(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) 
     if config.arch == "conv":
         return models.ConvVAE(image_shape, tuple(config.conv_channels), latent_dim=config.latent_dim, **common)
     return models.VAE(image_shape, tuple(config.hidden_dims), config.latent_dim, **common)
+
+
+def _build_vqvae(config: Any, image_shape: int | tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module:
+    image_shape = models.image_shape_of(image_shape)
+    common = {"init": config.init, "dtype": compute_dtype(config), "rngs": rngs, "decay": config.codebook_decay}
+    if config.arch == "conv":
+        channels = tuple(config.conv_channels)
+        return models.ConvVQVAE(image_shape, channels, config.latent_dim, config.codebook_size, **common)
+    return models.VQVAE(image_shape, tuple(config.hidden_dims), config.latent_dim, config.codebook_size, **common)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -444,6 +528,14 @@ VARIANTS: dict[str, Variant] = {
         "importance-weighted autoencoder: the VAE's model trained on the K-sample bound, in nats",
         settings=("iwae_samples", "likelihood"),
         model_methods=("__call__", "encode_distribution", "decode_logits"),
+    ),
+    "vqvae": Variant(
+        "vqvae",
+        _build_vqvae,
+        vqvae_objective,
+        "VQ-VAE: codes quantised to an EMA-trained codebook, MSE plus the commitment loss",
+        settings=("codebook_size", "commitment_weight", "codebook_decay"),
+        model_methods=("__call__", "encode_latent", "decode", "quantizer"),
     ),
 }
 

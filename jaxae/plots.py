@@ -124,12 +124,26 @@ def write_run_figures(out: Path, trainer: Any, state: Any, test: Any, history: S
     what = " over ".join(label for label, _ in rows)
     reconstruction_grid(out / "reconstructions.png", rows, title=f"{objective.name}: test images, {what}")
     if hasattr(model, "sample"):
-        samples = np.asarray(jax.jit(lambda p: trainer.model(p).sample(jax.random.key(0), 64))(state.params))
-        image_grid(
-            out / "samples.png",
-            samples.reshape(-1, *shape),
-            columns=8,
-            title=f"{objective.name}: samples from the prior",
+        variational = objective.name in VARIANTS and VARIANTS[objective.name].variational
+        # A VAE samples from its prior; a VQ-VAE draws codes, by the training frequencies or uniformly.
+        priors = (
+            {"samples.png": ()}
+            if variational
+            else {"samples.png": ("frequencies",), "samples_uniform.png": ("uniform",)}
         )
+        for name, prior in priors.items():
+            draw = jax.jit(lambda p, prior=prior: trainer.model(p).sample(jax.random.key(0), 64, *prior))
+            samples = np.asarray(draw(state.params))
+            what = (
+                "the prior"
+                if variational
+                else f"codes drawn {'uniformly' if prior == ('uniform',) else 'by their training frequencies'}"
+            )
+            image_grid(
+                out / name,
+                samples.reshape(-1, *shape) if variational else pixels(samples),
+                columns=8,
+                title=f"{objective.name}: samples from {what}",
+            )
     if history:
         loss_curves(out / "loss.png", history, title=f"{objective.name} on {test.name}")

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxae.errors import JaxaeError
+from jaxae.models import DEAD_CODE_COUNT
 
 INSTALL_HINT = "pip install 'jaxae[torch]'"
 
@@ -172,7 +173,7 @@ def _classes() -> dict[str, type]:
 
         def _build_decoder(self, image_shape, channels, latent_dim, feature_dim):
             up = (*channels[::-1], image_shape[2])
-            self.project = nn.Linear(latent_dim, feature_dim)
+            self.project = nn.Linear(latent_dim, feature_dim)  # feature_dim: channels[-1] for a per-position code
             layers: list = []
             for i, (c_in, c_out) in enumerate(zip(up[:-1], up[1:], strict=True)):
                 layers += ([nn.ReLU()] if i else []) + [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
@@ -224,16 +225,95 @@ def _classes() -> dict[str, type]:
         def encode(self, x):
             return self.encode_distribution(x)[0]
 
+    class VectorQuantizer(nn.Module):
+        """The twin of :class:`jaxae.models.VectorQuantizer`: the codebook and its EMA state as buffers
+        (``quantizer.codebook``, ``quantizer.ema_count``, ``quantizer.ema_sum`` in the state_dict)."""
+
+        def __init__(self, size: int, dim: int, decay: float = 0.99, eps: float = 1e-5):
+            super().__init__()
+            self.size, self.decay, self.eps = size, decay, eps
+            init = torch.empty(size, dim).uniform_(-1.0 / size, 1.0 / size)
+            self.register_buffer("codebook", init.clone())
+            self.register_buffer("ema_count", torch.ones(size))
+            self.register_buffer("ema_sum", init.clone())
+
+        def forward(self, z):
+            codebook = self.codebook
+            distances = torch.sum(torch.square(codebook), -1) - 2.0 * z @ codebook.T
+            index = torch.argmin(distances, dim=-1)
+            return index, codebook[index]
+
+        @torch.no_grad()
+        def update(self, counts, sums, decay=None, restart=None):
+            decay = self.decay if decay is None else decay
+            count = decay * self.ema_count + (1.0 - decay) * counts
+            total = decay * self.ema_sum + (1.0 - decay) * sums
+            if restart is not None:
+                share_sum, share_count = restart
+                dead = (count < DEAD_CODE_COUNT) & (share_count > 0)
+                count = torch.where(dead, torch.ones_like(count), count)
+                total = torch.where(dead[:, None], share_sum / torch.clamp(share_count, min=1.0)[:, None], total)
+            n = torch.sum(count)
+            smoothed = (count + self.eps) / (n + self.size * self.eps) * n
+            self.ema_count.copy_(count)
+            self.ema_sum.copy_(total)
+            self.codebook.copy_(total / smoothed[:, None])
+
+    class _VQBase(nn.Module):
+        def encode(self, x):
+            return self.quantizer(self.encode_latent(x))[1].flatten(1)
+
+        def forward(self, x):
+            return self.decode(self.encode(x))
+
+    class MLPVQVAE(_VQBase):
+        """The twin of :class:`jaxae.models.VQVAE`."""
+
+        def __init__(self, input_dim=784, hidden_dims=(128, 64), latent_dim=32, codebook_size=512, decay=0.99):
+            super().__init__()
+            dims = (input_dim, *hidden_dims, latent_dim)
+            self.encoder = nn.Sequential(*mlp(dims))
+            self.decoder = nn.Sequential(*mlp(dims[::-1]), nn.Sigmoid())
+            self.quantizer = VectorQuantizer(codebook_size, latent_dim, decay)
+
+        def encode_latent(self, x):
+            return self.encoder(x)[:, None, :]
+
+        def decode(self, z):
+            return self.decoder(z)
+
+    class ConvVQVAE(_VQBase, _ConvBase):
+        """The twin of :class:`jaxae.models.ConvVQVAE`: a code vector per feature-map position."""
+
+        def __init__(self, image_shape=(28, 28, 1), channels=(16, 32), latent_dim=32, codebook_size=512, decay=0.99):
+            super().__init__()
+            self._build(image_shape, channels)
+            self.code = nn.Linear(channels[-1], latent_dim)
+            self._build_decoder(image_shape, channels, latent_dim, channels[-1])
+            self.quantizer = VectorQuantizer(codebook_size, latent_dim, decay)
+            self.latent_dim = latent_dim
+
+        def encode_latent(self, x):
+            h = self.encoder(x.reshape(x.shape[0], *self.image_shape))  # [N, C, h, w]
+            return self.code(h.permute(0, 2, 3, 1).reshape(x.shape[0], -1, h.shape[1]))  # positions in (h, w) order
+
+        def decode_logits(self, z):
+            n, (c, h, w) = z.shape[0], self.feature_shape
+            features = torch.relu(self.project(z.reshape(n, -1, self.latent_dim)))
+            return self.decoder(features.reshape(n, h, w, c).permute(0, 3, 1, 2)).flatten(1)
+
     return {
         "Autoencoder": Autoencoder,
         "MLPAutoencoder": MLPAutoencoder,
         "MLPVAE": MLPVAE,
         "ConvAutoencoder": ConvAutoencoder,
         "ConvVAE": ConvVAE,
+        "MLPVQVAE": MLPVQVAE,
+        "ConvVQVAE": ConvVQVAE,
     }
 
 
-CLASSES = ("Autoencoder", "MLPAutoencoder", "MLPVAE", "ConvAutoencoder", "ConvVAE")
+CLASSES = ("Autoencoder", "MLPAutoencoder", "MLPVAE", "ConvAutoencoder", "ConvVAE", "MLPVQVAE", "ConvVQVAE")
 
 
 def variant_loss(module: Any, x: Any, config: Any, *, noisy: Any = None, eps: Any = None) -> Any:
@@ -301,7 +381,41 @@ def variant_loss(module: Any, x: Any, config: Any, *, noisy: Any = None, eps: An
         log_qz = -0.5 * torch.sum(torch.square(eps) + log_2pi + logvar[:, None], dim=-1)
         log_w = -nll(logits, x[:, None]) + log_pz - log_qz
         return torch.mean(-(torch.logsumexp(log_w, dim=-1) - math.log(k)))
+    if config.variant == "vqvae":
+        z_e = module.encode_latent(x)
+        _, z_q = module.quantizer(z_e)
+        reconstruction = module.decode((z_e + (z_q - z_e).detach()).flatten(1))  # straight through
+        mse = torch.mean(torch.square(reconstruction - x), dim=-1)
+        commitment = torch.mean(torch.square(z_e - z_q.detach()), dim=(1, 2))
+        return torch.mean(mse + config.commitment_weight * commitment)
     raise JaxaeError(f"no PyTorch loss for the {config.variant!r} variant")
+
+
+def update_state(module: Any, x: Any, config: Any, *, share: Any = None) -> None:
+    """What a variant trains without gradients, after ``backward()`` and before (or after) the
+    optimizer's step: the VQ-VAE's EMA codebook, from ``x`` as :func:`variant_loss` took it
+    (:meth:`jaxae.objectives.Objective.update_state`); nothing for the other variants.
+
+    ``share``: each code vector's restart share ``[B, P]`` (default: ``torch.randint``); give
+    jaxae's (drawn from the per-example keys) to compare exactly.
+    """
+    if config.variant != "vqvae":
+        return
+    torch = require_torch()
+    quantizer = module.quantizer
+    with torch.no_grad():
+        z_e = module.encode_latent(x)
+        index, _ = quantizer(z_e)
+        share = torch.randint(0, quantizer.size, index.shape) if share is None else torch.as_tensor(share)
+        flat = z_e.reshape(-1, z_e.shape[-1])
+
+        def per_code(i):
+            i = i.reshape(-1).long()
+            sums = torch.zeros(quantizer.size, flat.shape[-1]).index_add_(0, i, flat)
+            return sums, torch.bincount(i, minlength=quantizer.size).float()
+
+        sums, counts = per_code(index)
+        quantizer.update(counts, sums, config.codebook_decay, per_code(share))
 
 
 def __getattr__(name: str) -> Any:

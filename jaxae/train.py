@@ -128,16 +128,25 @@ class Trainer:
         count = _global_sum(jnp.sum(mask), axis_name)
 
         def loss_fn(params):
-            per_example, metrics = self.objective.loss(self.model(params), x, keys)
+            per_example, metrics, *stats = self.objective.loss(self.model(params), x, keys)
             loss = jnp.sum(per_example * mask) / count
-            return loss, {k: jnp.sum(v * mask) / count for k, v in metrics.items()}
+            return loss, ({k: _row_sum(v, mask) / count for k, v in metrics.items()}, stats)
 
         with self.precision():
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         if axis_name is not None:
             loss, metrics, grads = jax.lax.psum((loss, metrics, grads), axis_name)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if self.objective.update_state is not None:
+            # State no gradient trains (an EMA codebook) is set from this step's statistics,
+            # over the real rows of every device, after (and in place of) the optimizer's update.
+            model = self.model(params)
+            with self.precision():
+                self.objective.update_state(model, stats[0], mask, lambda t: _global_sum(t, axis_name))
+            params = nnx.to_pure_dict(nnx.state(model))
+        if self.objective.summarize is not None:
+            metrics = self.objective.summarize(metrics)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
         return new_state, {"loss": loss, "count": count, **metrics}
 
@@ -200,7 +209,8 @@ class Trainer:
         Randomness (noise, VAE samples) uses a fixed key per example, so every evaluation
         of the same parameters gives the same numbers.
         """
-        return self.mean_over(state, images, self.objective.evaluate, batch_size)
+        means = self.mean_over(state, images, self.objective.evaluate, batch_size)
+        return means if self.objective.summarize is None else self.objective.summarize(means)
 
     def eval_keys(self, state: TrainState, example_ids: jax.Array) -> jax.Array:
         """The fixed per-example keys of evaluation (the same for every evaluation)."""
@@ -223,14 +233,14 @@ class Trainer:
             x = self.normalization(images[ids_b].reshape(batch_size, -1))
             with self.precision():
                 per_example = fn(model, x, self.eval_keys(state, ids_b))
-            return None, {k: jnp.sum(v * mask_b) for k, v in per_example.items()}
+            return None, {k: _row_sum(v, mask_b) for k, v in per_example.items()}
 
         _, sums = jax.lax.scan(body, None, (ids, mask))
         # A model with a NaN or Inf parameter has no meaningful metrics. Say so with NaN rather
         # than trust the arithmetic: XLA:CPU fuses a matmul with the ReLU after it into a kernel
         # that turns NaN into 0, so NaN weights can otherwise give a finite, plausible loss.
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(state.params)]))
-        return {k: jnp.where(finite, jnp.sum(v) / n, jnp.nan) for k, v in sums.items()}
+        return {k: jnp.where(finite, jnp.sum(v, axis=0) / n, jnp.nan) for k, v in sums.items()}
 
     # -- compiled forms -------------------------------------------------------------------
 
@@ -266,7 +276,12 @@ class Trainer:
         return jax.jit(self.mean_over, static_argnames=("fn", "batch_size"))
 
 
-def _global_sum(x: jax.Array, axis_name: str | None) -> jax.Array:
+def _row_sum(v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``sum_b mask[b] * v[b, ...]``: a per-example metric ``[B]`` (or ``[B, ...]``) summed over real rows."""
+    return jnp.sum(v * mask.reshape(-1, *(1,) * (v.ndim - 1)), axis=0)
+
+
+def _global_sum(x: Any, axis_name: str | None) -> Any:
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 

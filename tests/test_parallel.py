@@ -28,8 +28,8 @@ from jaxae.train import TrainConfig
 
 HELPER = Path(__file__).with_name("parallel_helper.py")
 REPO = HELPER.parent.parent
-# vae joins this list once the variant exists.
-VARIANTS = ["vanilla", "vae"]
+# vqvae: state no gradient trains (the EMA codebook) summed over the devices' real rows.
+VARIANTS = ["vanilla", "vae", "vqvae"]
 EPOCHS = 3
 # 512 training images in batches of 96: 6 steps, the last one 32 real rows and 64 masked,
 # so with 4 devices of 24 rows two devices hold nothing but padding in the last step.

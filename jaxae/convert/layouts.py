@@ -192,6 +192,28 @@ def _conv_key_map(*heads: str) -> Callable[[Any, tuple[int, int, int]], tuple[Pa
     return key_map
 
 
+# The VQ-VAE's codebook and its EMA state: buffers in torch, CodebookState variables in Flax.
+_QUANTIZER_LINKS = tuple(ParamLink(f"quantizer.{n}", ("quantizer", n)) for n in ("codebook", "ema_count", "ema_sum"))
+
+
+def _vq_key_map(arch: str) -> Callable[[Any, tuple[int, int, int]], tuple[ParamLink, ...]]:
+    def key_map(params: Any, image_shape: tuple[int, int, int]) -> tuple[ParamLink, ...]:
+        if arch == "mlp":
+            return _mlp_key_map()(params, image_shape) + _QUANTIZER_LINKS
+        # a code vector per feature-map position: the heads are Linears on the channels, no reordering
+        links = _sequential_links(params, "encoder", _CONV_TO_FLAX) + _linear_links("code") + _linear_links("project")
+        return tuple(links + _sequential_links(params, "decoder", _CONV_TO_FLAX)) + _QUANTIZER_LINKS
+
+    return key_map
+
+
+def _vq_torch_module(config: Any, image_shape: tuple[int, int, int]) -> Any:
+    sizes = (config.latent_dim, config.codebook_size, config.codebook_decay)
+    if config.arch == "conv":
+        return torch_reference.ConvVQVAE(tuple(image_shape), tuple(config.conv_channels), *sizes)
+    return torch_reference.MLPVQVAE(math.prod(image_shape), tuple(config.hidden_dims), *sizes)
+
+
 def _mlp_torch_module(config: Any, image_shape: tuple[int, int, int]) -> Any:
     code_activation = _code_activation(config)
     input_dim = math.prod(image_shape)
@@ -232,6 +254,8 @@ TWINS: dict[tuple[str, str], TorchTwin] = {
         TorchTwin("denoising", _conv_key_map("code"), _conv_torch_module("ConvAutoencoder"), arch="conv"),
         TorchTwin("vae", _conv_key_map("mean", "logvar"), _conv_torch_module("ConvVAE"), arch="conv"),
         TorchTwin("iwae", _conv_key_map("mean", "logvar"), _conv_torch_module("ConvVAE"), arch="conv"),
+        TorchTwin("vqvae", _vq_key_map("mlp"), _vq_torch_module),
+        TorchTwin("vqvae", _vq_key_map("conv"), _vq_torch_module, arch="conv"),
     )
 }
 """The PyTorch twin of every ``(variant, arch)``: the twin's module and the key map to jaxae's."""
@@ -294,6 +318,8 @@ class ImageInput:
         channels: a conv model's image channels (its first convolution's inputs).
         feature_channels: a conv model's feature channels (its last convolution's outputs).
         stages: a conv model's stride-2 convolutions (S).
+        per_position: a conv model that codes each feature-map position on its own (the
+            VQ-VAE's): its tensors fit images of any size whose sides 2^S divides.
     """
 
     arch: str
@@ -301,6 +327,7 @@ class ImageInput:
     channels: int = 0
     feature_channels: int = 0
     stages: int = 2
+    per_position: bool = False
 
     @property
     def factor(self) -> int:
@@ -314,7 +341,9 @@ class ImageInput:
         first = layers[min(layers)]["kernel"].shape
         if arch == "conv":
             last = int(layers[max(layers)]["kernel"].shape[-1])
-            return cls("conv", int(params["project"]["kernel"].shape[-1]), int(first[2]), last, len(layers))
+            size = int(params["project"]["kernel"].shape[-1])
+            per_position = "quantizer" in params and size == last
+            return cls("conv", size, int(first[2]), last, len(layers), per_position)
         return cls("mlp", int(first[0]))
 
     def fits(self, image_shape: tuple[int, int, int]) -> bool:
@@ -326,7 +355,7 @@ class ImageInput:
                 h % f == 0
                 and w % f == 0
                 and c == self.channels
-                and (h // f) * (w // f) * self.feature_channels == self.size
+                and (self.per_position or (h // f) * (w // f) * self.feature_channels == self.size)
             )
         return h * w * c == self.size
 
@@ -344,6 +373,8 @@ class ImageInput:
 
     def likely(self) -> tuple[int, int, int] | None:
         """A plausible shape for messages only (``3072`` -> ``32x32x3``): square, grayscale or RGB."""
+        if self.arch == "conv" and self.per_position:
+            return None
         if self.arch == "conv":
             positions, rest = divmod(self.size, self.feature_channels or 1)
             side = math.isqrt(positions)
@@ -362,6 +393,8 @@ class ImageInput:
         """``"3072 inputs (32x32x3?)"``: what the model takes, for messages."""
         likely = self.likely()
         hint = f" ({data.shape_text(likely)}?)" if likely else ""
+        if self.arch == "conv" and self.per_position:
+            return f"{self.channels}-channel images with sides divisible by {self.factor}"
         if self.arch == "conv":
             positions = self.size / (self.feature_channels or 1)
             positions_text = str(int(positions)) if positions == int(positions) else f"{positions:g}"
