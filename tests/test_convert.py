@@ -187,9 +187,16 @@ def test_twins_are_the_modules_a_pytorch_user_writes():
     }
     for arch in ("mlp", "conv"):  # the IWAE trains the VAE's model
         expected_keys[("iwae", arch)] = expected_keys[("vae", arch)]
+    # the VQ-VAE: the vanilla model's layers, with the codebook and its EMA statistics as buffers
+    quantizer = ["quantizer.codebook", "quantizer.ema_count", "quantizer.ema_sum"]
+    expected_keys[("vqvae", "mlp")] = DOCUMENT_KEYS + quantizer
+    expected_keys[("vqvae", "conv")] = expected_keys[("vanilla", "conv")] + quantizer
     assert set(expected_keys) == set(jaxae.TWINS)
     for (variant, arch), keys in expected_keys.items():
-        assert list(torch_twin(TrainConfig(variant=variant, arch=arch)).state_dict()) == keys, (variant, arch)
+        twin = torch_twin(TrainConfig(variant=variant, arch=arch))
+        assert list(twin.state_dict()) == keys, (variant, arch)
+        # the codebook is state the EMA sets, not a parameter the optimizer steps
+        assert [name for name, _ in twin.named_buffers()] == [k for k in keys if k.startswith("quantizer.")]
 
     # the sparse variant's code activation sits at encoder index 5, as in jaxae.models.Autoencoder
     for sparsity, activation in (("l1", "ReLU"), ("kl", "Sigmoid")):
@@ -392,7 +399,19 @@ def test_gradients_of_the_variant_loss_match(config, preset, sample_train):
     # 784 pixels (nats per image), its decoder's bias gradients reach ~270, and PyTorch against
     # itself with the batch rows permuted differs by 6e-5 there
     scale = {k: max(1.0, float(np.abs(g).max())) for k, g in expected.items()}
-    assert all(diffs[k] <= 1e-5 * scale[k] for k in diffs), {k: (diffs[k], scale[k]) for k in diffs}
+    # Where PyTorch's own float32 rounding exceeds that bar (the IWAE's softmax-weighted sums: on
+    # an AMD EPYC the conv IWAE's last bias gradient, 268, is 3.5e-3 off the float64 loss's in
+    # PyTorch and 8e-7 off in jaxae), the bar is that rounding: jaxae within 4x of PyTorch's
+    # distance to the float64 gradients, as in the three-stage test below.
+    exact = copy.deepcopy(reference).double()
+    exact.zero_grad()
+    noise64 = {k: v.astype(np.float64) for k, v in noise.items()} if isinstance(noise, dict) else noise
+    torch_loss(config, exact, torch.from_numpy(x.astype(np.float64)), noise64).backward()
+    exact = {k: p.grad.numpy() for k, p in exact.named_parameters()}
+    rounding, to_exact = max_abs_diffs(expected, exact), max_abs_diffs(got, exact)
+    assert all(diffs[k] <= 1e-5 * scale[k] or to_exact[k] <= 4 * rounding[k] + 1e-7 for k in diffs), {
+        k: (diffs[k], scale[k], to_exact[k], rounding[k]) for k in diffs
+    }
     assert all(np.abs(g).max() > 0 for g in expected.values())  # every parameter gets a gradient
 
 
