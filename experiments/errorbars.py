@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxae import checkpoint
 from jaxae.data import load_dataset
+from jaxae.generation import generation_score, train_classifier
 from jaxae.objectives import VARIANTS, importance_weighted_nll
 from jaxae.probe import logistic_regression_accuracy
 from jaxae.sweep import fit_sweep, sweep_configs
@@ -45,6 +46,9 @@ HERE = Path(__file__).resolve().parent
 OUT_FILE = HERE / "results" / "errorbars.json"
 SEEDS = (0, 1, 2)
 IW_SAMPLES = 100
+#: the variants whose models sample, and the generation score's figures each of their rows keeps
+GENERATIVE = ("vae", "iwae", "vqvae")
+GENERATION_METRICS = ("fd", "real_fd", "precision", "recall", "samples", "classifier_test_accuracy")
 EPOCHS = 20
 # Rows that would take too long on the project's 2-core CPU with 3 seeds: seed 0 only.
 ONE_SEED = {
@@ -124,9 +128,15 @@ def _command(row: dict, dataset_arg: str, runs_dir: str, seeds: tuple[int, ...])
         "--no-figures --save-every 20 --no-progress"
     )
     if row["table"] == "variants":
-        iw = f" --iw-samples {IW_SAMPLES}" if s["variant"] == "vae" else ""
-        sweep += f"; jaxae evaluate --workdir {workdir}/seedN --probe{iw}"
+        sweep += f"; jaxae evaluate --workdir {workdir}/seedN --probe{_evaluate_flags(s['variant'])}"
     return sweep
+
+
+def _evaluate_flags(variant: str) -> str:
+    """What ``jaxae evaluate`` adds to ``--probe`` for a variant's row."""
+    spec = VARIANTS[variant]
+    flags = f" --iw-samples {IW_SAMPLES}" if spec.variational else ""
+    return flags + (" --generation" if variant in GENERATIVE else "")
 
 
 def _stats(values: list[float]) -> dict:
@@ -138,16 +148,20 @@ def _stats(values: list[float]) -> dict:
     }
 
 
-def _evaluate(workdir: Path, train, test, variant: str) -> dict:
-    """What ``jaxae evaluate --probe [--iw-samples 100]`` adds to a model's final test metrics."""
+def _evaluate(workdir: Path, train, test, variant: str, classifier) -> dict:
+    """What ``jaxae evaluate --probe [--iw-samples 100] [--generation]`` adds to a model's final test
+    metrics; the generation score's classifier is the dataset's one, trained once."""
     trainer, state, config = checkpoint.restore(workdir)
     codes_train = encode(trainer, state, train.images)
     codes_test = encode(trainer, state, test.images)
     out = {"probe_accuracy": logistic_regression_accuracy(codes_train, train.labels, codes_test, test.labels)}
-    if variant == "vae":
+    if VARIANTS[variant].variational:
         images = jax.device_put(test.images.reshape(len(test), -1))
         fn = importance_weighted_nll(trainer.normalization, config.likelihood, IW_SAMPLES)
         out["test_nll_iw"] = float(trainer.jit_mean_over(state, images, fn=fn, batch_size=100)["nll_iw"])
+    if variant in GENERATIVE:
+        score = generation_score(trainer, state, train, test, classifier=classifier)
+        out.update({f"generation_{k}": score[k] for k in GENERATION_METRICS})
     return out
 
 
@@ -211,6 +225,10 @@ def markdown(done: dict[str, dict], rows: list[dict]) -> str:
         "| dataset | variant | arch | n | test MSE | the application's number | probe accuracy: codes (pixels) | wall s, all seeds |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    gen = [
+        "| dataset | variant | arch | n | fd | real_fd (floor) | precision | recall | N | classifier accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     commands = {"document": ["| row | command |", "|---|---|"], "variants": ["| row | command |", "|---|---|"]}
     for row in rows:
         r = done.get(row["id"])
@@ -234,7 +252,7 @@ def markdown(done: dict[str, dict], rows: list[dict]) -> str:
             if r is None:
                 continue
             seconds = f"{r['train']['train_seconds']:.0f} (one `jaxae train`)"
-            iw = f" --iw-samples {IW_SAMPLES}" if s["variant"] == "vae" else ""
+            iw = _evaluate_flags(s["variant"])
             dataset_arg = "mnist-sample" if row["dataset"] == "sample" else "data/fashion-mnist"
             workdir = f"runs/{s['variant']}-{s['arch']}-{row['dataset']}"
             command = (
@@ -257,14 +275,31 @@ def markdown(done: dict[str, dict], rows: list[dict]) -> str:
                 f"code L1 {_pm(m['test_code_l1'], 3)}, "
                 f"{_pm({**zero, 'mean': 100 * zero['mean'], 'std': 100 * zero['std']}, 0)}% of code units zero"
             )
+        elif s["variant"] == "vqvae":
+            app = (
+                f"codebook perplexity {_pm(m['test_perplexity'], 1)}, "
+                f"{_pm(m['test_dead_codes'], 0)} of {s.get('codebook_size', 512)} codes dead"
+            )
+        elif s["variant"] == "iwae":
+            app = (
+                f"IW bound {_pm(m['test_iw_bound'], 1)} (K={s.get('iwae_samples', 5)}), -ELBO "
+                f"{_pm(m['test_neg_elbo'], 1)}, IW NLL {_pm(m['test_nll_iw'], 1)} (K={IW_SAMPLES})"
+            )
         else:
             app = (
                 f"-ELBO {_pm(m['test_neg_elbo'], 1)}, IW NLL {_pm(m['test_nll_iw'], 1)} (K={IW_SAMPLES}), "
                 f"KL {_pm(m['test_kl'], 1)}"
             )
+        if "generation_fd" in m:
+            g = {k: m[f"generation_{k}"] for k in GENERATION_METRICS}
+            gen.append(
+                f"| {name} | {s['variant']} | {s['arch']} | {r['n']} | {_pm(g['fd'], 1)} | {_pm(g['real_fd'], 2)} | "
+                f"{_pm(g['precision'], 3)} | {_pm(g['recall'], 3)} | {g['samples']['mean']:.0f} | "
+                f"{g['classifier_test_accuracy']['mean']:.3f} |"
+            )
         probe = f"{_pm(m['probe_accuracy'], 3)} ({r['probe_accuracy_pixels']:.3f})"
         var.append(f"| {name} | {s['variant']} | {s['arch']} | {r['n']} | {mse} | {app} | {probe} | {seconds} |")
-    return "\n\n".join("\n".join(t) for t in (var, commands["variants"], doc, commands["document"]))
+    return "\n\n".join("\n".join(t) for t in (var, commands["variants"], gen, doc, commands["document"]))
 
 
 def main() -> None:
@@ -328,10 +363,10 @@ def main() -> None:
                 train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
                 pixels = [x.images.reshape(len(x), -1).astype(np.float32) / 255.0 for x in (train, test)]
                 baseline = logistic_regression_accuracy(pixels[0], train.labels, pixels[1], test.labels)
-                loaded[row["dataset"]] = (train, test, baseline)
-            train, test, baseline = loaded[row["dataset"]]
+                loaded[row["dataset"]] = (train, test, baseline, train_classifier(train, test))
+            train, test, baseline, classifier = loaded[row["dataset"]]
             for final, model_dir in zip(finals, result.workdirs, strict=True):
-                final.update(_evaluate(model_dir, train, test, s["variant"]))
+                final.update(_evaluate(model_dir, train, test, s["variant"], classifier))
         if s["variant"] == "denoising":
             for final in finals:
                 final["test_psnr_gain"] = final["test_psnr_denoised"] - final["test_psnr_noisy"]
@@ -349,7 +384,7 @@ def main() -> None:
         }
         if row["table"] == "variants":
             out["probe_accuracy_pixels"] = loaded[row["dataset"]][2]
-            if s["variant"] == "vae":
+            if VARIANTS[s["variant"]].variational:
                 out["iw_samples"] = IW_SAMPLES
         if row["id"] in one_seed:
             out["fewer_seeds_because"] = ONE_SEED[row["id"]]

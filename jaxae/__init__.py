@@ -23,8 +23,9 @@ from jaxae.data import (
     write_idx_folder,
 )
 from jaxae.errors import CheckpointSaveError, DataError, JaxaeError, TrainingInterrupted
+from jaxae.generation import generation_score, train_classifier
 from jaxae.loop import FitResult, fit
-from jaxae.models import VAE, Autoencoder, ConvAutoencoder, ConvVAE
+from jaxae.models import VAE, VQVAE, Autoencoder, ConvAutoencoder, ConvVAE, ConvVQVAE
 from jaxae.objectives import VARIANTS, Objective, Variant, get_variant, importance_weighted_nll, reconstruction_mse
 from jaxae.parallel import Strategy, get_strategy
 from jaxae.probe import linear_probe
@@ -36,6 +37,7 @@ from jaxae.train import (
     build,
     create_train_state,
     encode,
+    sample_pixels,
     summarize_epoch,
 )
 
@@ -45,6 +47,11 @@ __all__ = [
     "Autoencoder",
     "ConvAutoencoder",
     "ConvVAE",
+    "VQVAE",
+    "ConvVQVAE",
+    "generation_score",
+    "train_classifier",
+    "sample_pixels",
     "Strategy",
     "get_strategy",
     "importance_weighted_nll",

@@ -366,6 +366,19 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
         help="train a linear classifier on the frozen train-split codes; report probe_accuracy on the test "
         "split next to probe_accuracy_pixels (the same classifier on raw pixels)",
     )
+    p.add_argument(
+        "--generation",
+        action="store_true",
+        help="vae, iwae, vqvae: add a generation score (fd, real_fd, precision, recall) in the features of "
+        "a classifier trained on the dataset's labels, cached in the workdir (not FID: see docs/results.md)",
+    )
+    p.add_argument(
+        "--generation-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the generation score's samples and real images per set (default: the test split's size, at most 10000)",
+    )
     add_setting_flags(p, only={"dtype": "the run's", "matmul_precision": "the run's"})
     p.set_defaults(func=cmd_evaluate)
 

@@ -347,6 +347,8 @@ def evaluate_run(
     tfds_data_dir: str | None = None,
     iw_samples: int = 0,
     probe: bool = False,
+    generation: bool = False,
+    generation_samples: int | None = None,
     dtype: str | None = None,
     matmul_precision: str | None = None,
 ) -> dict[str, Any]:
@@ -360,17 +362,23 @@ def evaluate_run(
         iw_samples: a VAE's importance-weighted NLL bound with this many samples (``test_nll_iw``);
             the samples are decoded in chunks that fit the memory, announced on stderr.
         probe: add the linear probe's accuracies (:func:`~jaxae.probe.linear_probe`).
+        generation: add ``"generation"``, the generation score of a model that samples
+            (:func:`~jaxae.generation.generation_score`), its classifier cached in ``workdir``.
+        generation_samples: its ``N`` (default: the test split's size, at most 10,000).
         dtype: compute in this dtype (default: the run's ``--dtype``).
         matmul_precision: at this ``--matmul-precision`` (default: the run's).
 
     Returns:
-        ``{"step", "epoch", "dataset", "dtype", "matmul_precision", "test_<metric>": value, ...}``;
-        a metric is NaN where the model has non-finite parameters or outputs.
+        ``{"step", "epoch", "dataset", "dtype", "matmul_precision", "test_<metric>": value, ...}``
+        (and ``"generation": {"fd", "real_fd", "precision", "recall", ...}``); a metric is NaN where
+        the model has non-finite parameters or outputs.
     """
     import sys
 
+    from jaxae.generation import generation_score
     from jaxae.objectives import importance_weighted_nll, iw_chunk
     from jaxae.probe import linear_probe
+    from jaxae.train import can_sample
 
     trainer, state, config = rundir.restore_for_dataset(
         workdir, step, need_dataset=True, dataset=dataset, data_dir=tfds_data_dir, optimizer=False
@@ -380,6 +388,13 @@ def evaluate_run(
             raise JaxaeError(f"--iw-samples needs a vae or iwae run; {workdir} holds a {config.variant} model")
         if iw_samples < 1:
             raise JaxaeError(f"--iw-samples must be at least 1, got {iw_samples}")
+    if generation_samples is not None and not generation:
+        raise JaxaeError("--generation-samples sets the generation score's N: give it with --generation")
+    if generation and not can_sample(trainer, state):
+        raise JaxaeError(
+            f"--generation scores samples, and a {config.variant} model draws none; it needs a vae, iwae or "
+            f"vqvae run ({workdir} holds a {config.variant} model)"
+        )
     precision = {k: v for k, v in (("dtype", dtype), ("matmul_precision", matmul_precision)) if v is not None}
     if precision:
         config = dataclasses.replace(config, **precision)  # validated here, as a flag of train would be
@@ -411,7 +426,11 @@ def evaluate_run(
         nll = trainer.jit_mean_over(state, images, fn=fn, batch_size=batch)
         out["test_nll_iw"] = float(nll["nll_iw"])
         out["iw_samples"] = iw_samples
+    train = load_dataset(config.dataset, "train", config.tfds_data_dir) if probe or generation else None
     if probe:
-        train = load_dataset(config.dataset, "train", config.tfds_data_dir)
         out.update(linear_probe(trainer, state, train, test))
+    if generation:
+        out["generation"] = generation_score(
+            trainer, state, train, test, samples=generation_samples, cache_dir=Path(workdir)
+        )
     return out

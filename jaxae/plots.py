@@ -99,6 +99,7 @@ def write_run_figures(out: Path, trainer: Any, state: Any, test: Any, history: S
     import jax.numpy as jnp
 
     from jaxae.objectives import VARIANTS
+    from jaxae.train import sample_pixels
 
     idx = pick_examples(test.labels, 10) if test.labels is not None else np.arange(min(10, len(test.images)))
     images = jnp.asarray(test.images[idx].reshape(len(idx), -1))
@@ -132,8 +133,7 @@ def write_run_figures(out: Path, trainer: Any, state: Any, test: Any, history: S
             else {"samples.png": ("frequencies",), "samples_uniform.png": ("uniform",)}
         )
         for name, prior in priors.items():
-            draw = jax.jit(lambda p, prior=prior: trainer.model(p).sample(jax.random.key(0), 64, *prior))
-            samples = np.asarray(draw(state.params))
+            samples = sample_pixels(trainer, state, 64, jax.random.key(0), prior=prior[0] if prior else None)
             what = (
                 "the prior"
                 if variational
@@ -141,7 +141,7 @@ def write_run_figures(out: Path, trainer: Any, state: Any, test: Any, history: S
             )
             image_grid(
                 out / name,
-                samples.reshape(-1, *shape) if variational else pixels(samples),
+                samples.reshape(-1, *shape),
                 columns=8,
                 title=f"{objective.name}: samples from {what}",
             )

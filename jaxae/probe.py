@@ -62,7 +62,7 @@ def logistic_regression_accuracy(
     )
 
 
-def _classes(x_train, y_train, x_test, y_test) -> np.ndarray:
+def _classes(x_train, y_train, x_test, y_test, what: str = "probe") -> np.ndarray:
     """The classes, the train split's distinct labels sorted, after checking the labels can be scored.
 
     A test label the train split never shows can never be predicted: the accuracy would be
@@ -75,21 +75,21 @@ def _classes(x_train, y_train, x_test, y_test) -> np.ndarray:
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         y = np.asarray(y)
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"probe: {split} labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+            raise DataError(f"{what}: {split} labels must be a 1-D integer array, got {y.dtype} {y.shape}")
         if len(y) != len(x):
-            raise DataError(f"probe: {len(x)} {split} examples but {len(y)} labels")
+            raise DataError(f"{what}: {len(x)} {split} examples but {len(y)} labels")
         if len(y) == 0:
-            raise DataError(f"probe: the {split} split is empty")
+            raise DataError(f"{what}: the {split} split is empty")
         if y.min() < 0:
-            raise DataError(f"probe: {split} labels must be class indices 0, 1, ...; found {int(y.min())}")
+            raise DataError(f"{what}: {split} labels must be class indices 0, 1, ...; found {int(y.min())}")
     train_classes = np.unique(np.asarray(y_train))
     if len(train_classes) < 2:
-        raise DataError(f"probe: the train labels hold {len(train_classes)} class; a classifier needs at least 2")
+        raise DataError(f"{what}: the train labels hold {len(train_classes)} class; a classifier needs at least 2")
     unseen = np.setdiff1d(np.unique(np.asarray(y_test)), train_classes)
     if len(unseen):
         shown = ", ".join(str(int(v)) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
         raise DataError(
-            f"probe: test labels {shown} never occur in the train labels ({len(train_classes)} classes, "
+            f"{what}: test labels {shown} never occur in the train labels ({len(train_classes)} classes, "
             f"{int(train_classes.min())}..{int(train_classes.max())}); a classifier cannot predict them. "
             "Use a test split with the train split's classes"
         )

@@ -543,6 +543,45 @@ def encode(trainer: Trainer, state: TrainState, images: np.ndarray | jax.Array, 
     )
 
 
+def can_sample(trainer: Trainer, state: TrainState) -> bool:
+    """Whether the model draws new images (``sample``): a VAE from its prior, a VQ-VAE from codes."""
+    return callable(getattr(trainer.model(state.params), "sample", None))
+
+
+def sample_pixels(
+    trainer: Trainer,
+    state: TrainState,
+    n: int,
+    key: jax.Array,
+    *,
+    prior: str | None = None,
+    batch_size: int = 1000,
+) -> np.ndarray:
+    """``n`` images drawn from a generative model, flat ``[n, H * W * C]``, in [0, 1] pixel units.
+
+    A VAE (a variant whose model is :class:`~jaxae.models.VariationalModel`) decodes its prior's
+    draws to pixel means in [0, 1]; any other sampler (a VQ-VAE drawing codes, ``prior``
+    ``"frequencies"`` or ``"uniform"``) decodes to the training inputs' units, mapped back to
+    pixels and clipped to [0, 1]. Drawn ``batch_size`` at a time, chunk ``i`` from
+    ``fold_in(key, i)``, so the same ``key`` and ``batch_size`` give the same images.
+    """
+    name = trainer.objective.name
+    variational = name in VARIANTS and VARIANTS[name].variational
+    args = () if prior is None else (prior,)
+    norm = trainer.normalization
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def draw(params, chunk_key, size):
+        images = trainer.model(params).sample(chunk_key, size, *args)
+        return images if variational else jnp.clip(norm.to_pixels(images), 0.0, 1.0)
+
+    chunks = []
+    for i, start in enumerate(range(0, n, batch_size)):
+        size = min(batch_size, n - start)
+        chunks.append(np.asarray(draw(state.params, jax.random.fold_in(key, i), size), np.float32))
+    return np.concatenate(chunks).reshape(n, -1)
+
+
 def summarize_epoch(step_metrics: dict[str, Any]) -> dict[str, float]:
     """Per-step metrics of one epoch -> their means over all examples."""
     count = np.asarray(step_metrics["count"], np.float64)

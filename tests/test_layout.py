@@ -28,6 +28,7 @@ LAYERS = [
     "rundir",
     "plots",
     "probe",
+    "generation",
     "epochs",
     "convert",
     "loop",
