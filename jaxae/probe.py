@@ -33,7 +33,8 @@ def logistic_regression_accuracy(
     """Test accuracy of a softmax classifier trained on ``(x_train, y_train)``.
 
     Features are standardised with the train split's mean and std; training is full-batch
-    Adam for ``steps`` steps (one ``lax.scan``) with an L2 penalty on the weights. The classes
+    Adam for ``steps`` steps (one ``lax.scan``), its step size decaying from ``lr`` to zero on
+    a cosine, with an L2 penalty on the weights. The classes
     are the distinct train labels.
 
     Raises:
@@ -99,7 +100,11 @@ def _classes(x_train, y_train, x_test, y_test, what: str = "probe") -> np.ndarra
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _train_and_score(x, y, x_test, y_test, classes, steps, lr, l2):
     params = {"w": jnp.zeros((x.shape[1], classes)), "b": jnp.zeros((classes,))}
-    tx = optax.adam(lr)
+    # The step size decays to zero (cosine), so the last iterate settles at the optimum. At a
+    # constant lr full-batch Adam keeps oscillating, and the accuracy of its last step was a
+    # sample of that oscillation: on Fashion-MNIST's pixels 0.790 or 0.840 for inputs scaled by
+    # 1 + 1e-6; now 0.8457 for both.
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
 
     def loss(p):
         logits = x @ p["w"] + p["b"]
