@@ -153,13 +153,23 @@ def _stats(values: list[float]) -> dict:
     }
 
 
+def _probe(trainer, state, train, test) -> float:
+    """``probe_accuracy``: the probe on the model's frozen codes."""
+    codes_train, codes_test = (encode(trainer, state, x.images) for x in (train, test))
+    return logistic_regression_accuracy(codes_train, train.labels, codes_test, test.labels)
+
+
+def _pixel_baseline(train, test) -> float:
+    """``probe_accuracy_pixels``: the probe on the raw pixels, the same for every row of a dataset."""
+    pixels = [x.images.reshape(len(x), -1).astype(np.float32) / 255.0 for x in (train, test)]
+    return logistic_regression_accuracy(pixels[0], train.labels, pixels[1], test.labels)
+
+
 def _evaluate(workdir: Path, train, test, variant: str, classifier) -> dict:
     """What ``jaxae evaluate --probe [--iw-samples 100] [--generation]`` adds to a model's final test
     metrics; the generation score's classifier is the dataset's one, trained once."""
     trainer, state, config = checkpoint.restore(workdir)
-    codes_train = encode(trainer, state, train.images)
-    codes_test = encode(trainer, state, test.images)
-    out = {"probe_accuracy": logistic_regression_accuracy(codes_train, train.labels, codes_test, test.labels)}
+    out = {"probe_accuracy": _probe(trainer, state, train, test)}
     if VARIANTS[variant].variational:
         images = jax.device_put(test.images.reshape(len(test), -1))
         fn = importance_weighted_nll(trainer.normalization, config.likelihood, IW_SAMPLES)
@@ -321,15 +331,13 @@ def reprobe(done: dict[str, dict], rows: list[dict], runs_dir: Path, datasets: d
         if not todo or not os.path.isdir(dataset) and label != "sample":
             continue
         train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
-        pixels = [x.images.reshape(len(x), -1).astype(np.float32) / 255.0 for x in (train, test)]
-        baseline = logistic_regression_accuracy(pixels[0], train.labels, pixels[1], test.labels)
+        baseline = _pixel_baseline(train, test)
         for row in todo:
             out = done[row["id"]]
             values = []
             for seed in out["seeds"]:
                 trainer, state, _ = checkpoint.restore(runs_dir / row["id"] / f"seed{seed}")
-                codes = [encode(trainer, state, x.images) for x in (train, test)]
-                values.append(logistic_regression_accuracy(codes[0], train.labels, codes[1], test.labels))
+                values.append(_probe(trainer, state, train, test))
             out["metrics"]["probe_accuracy"] = _stats(values)
             out["probe_accuracy_pixels"] = baseline
             out["probe"] = "cosine-decayed Adam (measured again by --reprobe)"
@@ -405,9 +413,7 @@ def main() -> None:
         if row["table"] == "variants":
             if row["dataset"] not in loaded:
                 train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
-                pixels = [x.images.reshape(len(x), -1).astype(np.float32) / 255.0 for x in (train, test)]
-                baseline = logistic_regression_accuracy(pixels[0], train.labels, pixels[1], test.labels)
-                loaded[row["dataset"]] = (train, test, baseline, train_classifier(train, test))
+                loaded[row["dataset"]] = (train, test, _pixel_baseline(train, test), train_classifier(train, test))
             train, test, baseline, classifier = loaded[row["dataset"]]
             for final, model_dir in zip(finals, result.workdirs, strict=True):
                 final.update(_evaluate(model_dir, train, test, s["variant"], classifier))

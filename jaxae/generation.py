@@ -64,17 +64,10 @@ class FeatureClassifier:
     params: dict[str, np.ndarray]
     classes: np.ndarray  # the train split's distinct labels; logit i is classes[i]
     test_accuracy: float
-    digest: str  # of the train split and the settings it was trained with
 
-    def features(self, pixels: np.ndarray | jax.Array, batch_size: int = 2000) -> np.ndarray:
+    def features(self, pixels: np.ndarray | jax.Array) -> np.ndarray:
         """Penultimate features ``[N, HIDDEN[-1]]`` of flat images ``[N, D]`` in [0, 1] (float64)."""
-        pixels = np.asarray(pixels, np.float32)
-        return np.concatenate(
-            [
-                np.asarray(_features(self.params, jnp.asarray(pixels[i : i + batch_size])), np.float64)
-                for i in range(0, len(pixels), batch_size)
-            ]
-        )
+        return _batched(_features, self.params, pixels).astype(np.float64)
 
 
 def _pixels(split: Dataset) -> np.ndarray:
@@ -88,8 +81,17 @@ def _features(params, x):
     return x
 
 
+@jax.jit
 def _logits(params, x):
     return _features(params, x) @ params["w_out"] + params["b_out"]
+
+
+def _batched(fn, params, pixels, batch_size: int = 2000) -> np.ndarray:
+    """``fn(params, x)`` over flat images ``[N, D]`` in [0, 1], ``batch_size`` at a time."""
+    pixels = np.asarray(pixels, np.float32)
+    return np.concatenate(
+        [np.asarray(fn(params, jnp.asarray(pixels[i : i + batch_size]))) for i in range(0, len(pixels), batch_size)]
+    )
 
 
 def _init(key: jax.Array, inputs: int, classes: int) -> dict[str, jax.Array]:
@@ -173,15 +175,8 @@ def train_classifier(train: Dataset, test: Dataset) -> FeatureClassifier:
     params = _init(jax.random.key(SEED), images.shape[1], len(classes))
     params = _train(params, images, y_train, order)
     params = {k: np.asarray(v) for k, v in params.items()}
-    y_test = np.searchsorted(classes, test.labels)
-    pixels = _pixels(test)
-    predictions = np.concatenate(
-        [
-            np.argmax(np.asarray(_logits(params, jnp.asarray(pixels[i : i + 2000]))), -1)
-            for i in range(0, len(test), 2000)
-        ]
-    )
-    return FeatureClassifier(params, classes, float(np.mean(predictions == y_test)), _digest(train))
+    predictions = np.argmax(_batched(_logits, params, _pixels(test)), -1)
+    return FeatureClassifier(params, classes, float(np.mean(predictions == np.searchsorted(classes, test.labels))))
 
 
 def load_or_train_classifier(
@@ -208,7 +203,7 @@ def load_or_train_classifier(
                 if meta.get("format") != CACHE_FORMAT or meta.get("digest") != digest:
                     raise ValueError(f"it was written for another dataset or format ({meta.get('format')})")
                 params = {k[len("param_") :]: f[k] for k in f.files if k.startswith("param_")}
-                return FeatureClassifier(params, f["classes"], float(meta["test_accuracy"]), digest), "cached"
+                return FeatureClassifier(params, f["classes"], float(meta["test_accuracy"])), "cached"
         except Exception as exc:  # a damaged or foreign file: train again and replace it
             print(f"jaxae: the classifier cached at {path} cannot be read ({exc}); training it again", file=sys.stderr)
     print(
@@ -290,6 +285,17 @@ def precision_recall(
     return float(precision), float(recall)
 
 
+def check_can_sample(trainer: Any, state: Any) -> None:
+    """Raises a one-line :class:`~jaxae.errors.JaxaeError` unless the model draws samples."""
+    from jaxae.train import can_sample
+
+    if not can_sample(trainer, state):
+        name = trainer.objective.name
+        raise JaxaeError(
+            f"--generation scores samples, and a {name} model draws none; it needs a vae, iwae or vqvae run"
+        )
+
+
 def generation_score(
     trainer: Any,
     state: Any,
@@ -325,12 +331,9 @@ def generation_score(
     Raises:
         JaxaeError: a model that cannot sample, ``samples`` out of range, or splits without labels.
     """
-    from jaxae.train import can_sample, sample_pixels
+    from jaxae.train import sample_pixels
 
-    if not can_sample(trainer, state):
-        raise JaxaeError(
-            f"--generation needs a model that draws samples (vae, iwae, vqvae); this is a {trainer.objective.name} model"
-        )
+    check_can_sample(trainer, state)
     _check_labels(train, test)
     n = min(len(test), MAX_SAMPLES) if samples is None else samples
     if not K_NEIGHBOURS < n <= min(len(train), len(test)):

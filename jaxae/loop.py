@@ -375,10 +375,9 @@ def evaluate_run(
     """
     import sys
 
-    from jaxae.generation import generation_score
+    from jaxae.generation import check_can_sample, generation_score
     from jaxae.objectives import importance_weighted_nll, iw_chunk
     from jaxae.probe import linear_probe
-    from jaxae.train import can_sample
 
     trainer, state, config = rundir.restore_for_dataset(
         workdir, step, need_dataset=True, dataset=dataset, data_dir=tfds_data_dir, optimizer=False
@@ -390,11 +389,8 @@ def evaluate_run(
             raise JaxaeError(f"--iw-samples must be at least 1, got {iw_samples}")
     if generation_samples is not None and not generation:
         raise JaxaeError("--generation-samples sets the generation score's N: give it with --generation")
-    if generation and not can_sample(trainer, state):
-        raise JaxaeError(
-            f"--generation scores samples, and a {config.variant} model draws none; it needs a vae, iwae or "
-            f"vqvae run ({workdir} holds a {config.variant} model)"
-        )
+    if generation:
+        check_can_sample(trainer, state)  # before any data is loaded or evaluated
     precision = {k: v for k, v in (("dtype", dtype), ("matmul_precision", matmul_precision)) if v is not None}
     if precision:
         config = dataclasses.replace(config, **precision)  # validated here, as a flag of train would be

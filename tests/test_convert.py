@@ -371,6 +371,16 @@ def _variant_loss_setup(config, images):
     return x, objective, keys, fixed_noise(config, objective, x, keys)
 
 
+def float64_gradients(config, reference, x, noise):
+    """The gradients of the twin's loss in float64 (a copy of ``reference``, the same noise): the
+    measure of either framework's float32 rounding."""
+    exact = copy.deepcopy(reference).double()
+    exact.zero_grad()
+    noise64 = {k: v.astype(np.float64) for k, v in noise.items()}
+    torch_loss(config, exact, torch.from_numpy(np.asarray(x, np.float64)), noise64).backward()
+    return {k: p.grad.numpy() for k, p in exact.named_parameters()}
+
+
 @pytest.mark.parametrize("config, preset", LOSS_CASES)
 def test_gradients_of_the_variant_loss_match(config, preset, sample_train):
     config = dataclasses.replace(config, normalize=preset)
@@ -403,11 +413,7 @@ def test_gradients_of_the_variant_loss_match(config, preset, sample_train):
     # an AMD EPYC the conv IWAE's last bias gradient, 268, is 3.5e-3 off the float64 loss's in
     # PyTorch and 8e-7 off in jaxae), the bar is that rounding: jaxae within 4x of PyTorch's
     # distance to the float64 gradients, as in the three-stage test below.
-    exact = copy.deepcopy(reference).double()
-    exact.zero_grad()
-    noise64 = {k: v.astype(np.float64) for k, v in noise.items()} if isinstance(noise, dict) else noise
-    torch_loss(config, exact, torch.from_numpy(x.astype(np.float64)), noise64).backward()
-    exact = {k: p.grad.numpy() for k, p in exact.named_parameters()}
+    exact = float64_gradients(config, reference, x, noise)
     rounding, to_exact = max_abs_diffs(expected, exact), max_abs_diffs(got, exact)
     assert all(diffs[k] <= 1e-5 * scale[k] or to_exact[k] <= 4 * rounding[k] + 1e-7 for k in diffs), {
         k: (diffs[k], scale[k], to_exact[k], rounding[k]) for k in diffs
@@ -1659,11 +1665,7 @@ def test_a_three_stage_conv_twin_matches_outputs_and_gradients(variant):
     # The bar is PyTorch's own float32 rounding, measured against the same loss in float64: the
     # loss sums 3072 values per image of random pixels (about 2,000 nats), and its rounding
     # reaches every gradient through the IWAE's softmax weights.
-    exact = copy.deepcopy(reference).double()
-    exact.zero_grad()
-    noise64 = {k: v.astype(np.float64) for k, v in noise.items()}
-    torch_loss(config, exact, torch.from_numpy(x_nchw.astype(np.float64)), noise64).backward()
-    rounding = max_abs_diffs(expected, {k: p.grad.numpy() for k, p in exact.named_parameters()})
+    rounding = max_abs_diffs(expected, float64_gradients(config, reference, x_nchw, noise))
     diffs = max_abs_diffs({k: np.asarray(v) for k, v in got.items()}, expected)
     assert all(diffs[k] <= 4 * rounding[k] + 1e-7 for k in diffs), {k: (diffs[k], rounding[k]) for k in diffs}
     assert all(np.abs(g).max() > 0 for g in expected.values())  # every parameter gets a gradient
