@@ -579,19 +579,46 @@ def _parse_idx(stream, path: Path, file_size: int | None, max_size: int, header_
         )
     if header_only:
         return dims
-    body = _read_up_to(stream, expected)
-    if len(body) < expected:
+    if file_size is not None and header_len + expected < file_size:
         raise DataError(
-            f"{path} is truncated: header shape {tuple(dims)} needs {expected} bytes of data, found {len(body)}"
+            f"{path} is longer than its header says: header shape {tuple(dims)} needs {expected} bytes of data"
         )
+    if file_size is not None and expected:
+        # A plain file is mapped, not read: its pages are the file's (shared, dropped under
+        # memory pressure) and only the rows something reads are ever read from disk; e.g. a
+        # process of a multi-process run reads only its own devices' rows.
+        with contextlib.suppress(OSError):  # a file system that cannot map files: read it below
+            return np.memmap(path, dtype=_IDX_DTYPES[type_code], mode="r", offset=header_len, shape=tuple(dims))
+    try:
+        body = np.empty(expected, dtype=_IDX_DTYPES[type_code])
+        have = _read_into(stream, body)
+    except ValueError as e:  # e.g. a zero dimension next to sizes numpy cannot index
+        raise DataError(f"{path}: header shape {tuple(dims)} is not a usable array shape ({e})") from None
+    if have < expected:
+        raise DataError(f"{path} is truncated: header shape {tuple(dims)} needs {expected} bytes of data, found {have}")
     if stream.read(1):
         raise DataError(
             f"{path} is longer than its header says: header shape {tuple(dims)} needs {expected} bytes of data"
         )
     try:
-        return np.frombuffer(body, dtype=_IDX_DTYPES[type_code]).reshape(dims)
-    except ValueError as e:  # e.g. a zero dimension next to sizes numpy cannot index
+        return body.reshape(dims)
+    except ValueError as e:
         raise DataError(f"{path}: header shape {tuple(dims)} is not a usable array shape ({e})") from None
+
+
+def _read_into(stream, out: np.ndarray) -> int:
+    """Fills ``out`` (1-D bytes) from ``stream`` in chunks; the count read, short only at the end.
+
+    Decompressed straight into the one array: the body is never held twice (a list of chunks
+    joined into a ``bytes`` and then copied would peak at twice the split).
+    """
+    view, have = memoryview(out), 0
+    while have < len(out):
+        got = stream.readinto(view[have : have + _CHUNK])
+        if not got:
+            break
+        have += got
+    return have
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

@@ -18,20 +18,24 @@ own loop can use any strategy with any variant::
 * ``pmap``: ``jax.pmap`` over this process's devices with the named axis ``batch``; the state
   carries a leading device axis.
 * ``shard``: ``jax.jit`` over a ``jax.make_mesh`` of every device of every process, axis
-  ``data``; the state is replicated (``NamedSharding(mesh, P())``) and each batch is sharded
-  along ``data`` (``P(None, "data")`` over the epoch's ``[steps, B]`` example ids) into a
-  ``jax.shard_map`` of the same per-device epoch that ``pmap`` runs.
+  ``data``; the state is replicated (``NamedSharding(mesh, P())``) and the dataset is held
+  once across the devices: device ``d`` of ``D`` holds rows ``[d R, (d + 1) R)`` of the split
+  (``R = ceil(N / D)``, the last block padded), :class:`RowShards`. Each step every device
+  reads the rows of the global batch it holds, and a ``lax.psum_scatter`` over ``data`` hands
+  each device its own ``B / D`` rows; evaluation sums each device's block and adds the sums.
 
-In both parallel strategies the whole split sits on every device (MNIST is 47 MB), each
-device draws the epoch's global permutation and gathers only its own ``B / devices`` rows of
-every batch, and :meth:`Trainer.train_step <jaxae.train.Trainer.train_step>` sums the loss and
-gradients over the devices (``lax.psum``) and divides by the global row count. Per-example
-randomness is keyed by the example's dataset index, so the same seed and global batch give
-the same losses and parameters on 1 device, ``N`` devices or ``N`` processes.
+Under ``pmap`` the whole split sits on every device (MNIST is 47 MB): it is the strategy of
+one process and small data; ``shard`` is the one for data that should not be copied ``D``
+times. In both, every device draws the epoch's global permutation and trains on its own
+``B / devices`` rows of every batch, and :meth:`Trainer.train_step <jaxae.train.Trainer.train_step>`
+sums the loss and gradients over the devices (``lax.psum``) and divides by the global row
+count. Per-example randomness is keyed by the example's dataset index, so the same seed and
+global batch give the same losses and parameters on 1 device, ``N`` devices or ``N`` processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import secrets
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -204,12 +209,42 @@ class PmapStrategy(Strategy):
         return pmapped.lower(state, images).compile()
 
 
-class ShardStrategy(Strategy):
-    """``jax.jit`` over a device mesh spanning every process: replicated state, sharded batches.
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["rows"])
+@dataclasses.dataclass(frozen=True)
+class RowShards:
+    """A split held once across a mesh's ``data`` axis: what :meth:`ShardStrategy.put_data` returns.
 
-    Works multi-process after :func:`initialize_distributed`: the mesh then holds every
-    process's devices, each process places the split (which it loads whole) on its own
-    devices only, and each device gathers only its own rows of every batch.
+    Device ``d`` of ``D`` holds rows ``[d R, (d + 1) R)`` of the split, ``R = ceil(rows / D)``;
+    the rows past the split's end (at most ``D - 1``) are zero padding that no batch or
+    evaluation reads. A pytree: the compiled epoch and evaluation take it as they take an array.
+
+    Attributes:
+        data: uint8 ``[D R, F]``, sharded ``P("data")``.
+        rows: the split's row count ``N``.
+    """
+
+    data: jax.Array
+    rows: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The split's shape ``(N, F)``, padding left out."""
+        return (self.rows, *self.data.shape[1:])
+
+    @property
+    def block_rows(self) -> int:
+        """``R``: the rows each device holds."""
+        return self.data.shape[0] // self.data.sharding.num_devices
+
+
+class ShardStrategy(Strategy):
+    """``jax.jit`` over a device mesh spanning every process: replicated state, the data held once.
+
+    The dataset is split into one block of rows per device (:class:`RowShards`), so ``D``
+    devices hold one copy between them, not ``D``. Works multi-process after
+    :func:`initialize_distributed`: the mesh then holds every process's devices and each
+    process reads only the rows its own devices hold (an IDX file is memory-mapped, so the
+    rows of other processes' blocks are never read from it).
 
     Args:
         devices: the mesh's devices (default: ``jax.devices()``, every process's).
@@ -223,7 +258,7 @@ class ShardStrategy(Strategy):
             (len(devices),), (MESH_AXIS,), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices
         )
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharded = NamedSharding(self.mesh, P(None, MESH_AXIS))
+        self.row_sharded = NamedSharding(self.mesh, P(MESH_AXIS))
 
     @property
     def device_count(self) -> int:
@@ -234,8 +269,26 @@ class ShardStrategy(Strategy):
         # make_array_from_callback only asks for this process's devices: multi-process safe.
         return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
 
-    def put_data(self, images: Any) -> jax.Array:
-        return self._replicate(images)
+    def put_data(self, images: Any) -> RowShards:
+        """Host uint8 ``[N, F]`` -> :class:`RowShards`: each device gets its block of rows.
+
+        Only the blocks of this process's devices are read from ``images``, one at a time, so
+        a memory-mapped split is read in part and never copied whole.
+        """
+        if isinstance(images, RowShards):
+            return images
+        n = int(images.shape[0])
+        block = -(-n // self.device_count)
+        shape = (block * self.device_count, *images.shape[1:])
+
+        def rows(index: tuple[slice, ...]) -> np.ndarray:
+            start, stop, _ = index[0].indices(shape[0])
+            part = np.asarray(images[start : min(stop, n)])
+            if stop > max(start, n):  # the last blocks: the rows past the split are zeros
+                part = np.concatenate([part, np.zeros((stop - max(start, n), *shape[1:]), part.dtype)])
+            return part
+
+        return RowShards(jax.make_array_from_callback(shape, self.row_sharded, rows), n)
 
     def put_state(self, state: TrainState) -> TrainState:
         return jax.tree.map(self._replicate, state)
@@ -247,39 +300,57 @@ class ShardStrategy(Strategy):
     def checkpoint_state(self, state: TrainState) -> TrainState:
         return state if jax.process_count() > 1 else self.host_state(state)
 
-    def compile_epoch(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
+    def compile_epoch(self, trainer: Trainer, state: TrainState, images: RowShards, batch_size: int) -> Callable:
         self.check_batch_size(batch_size)
-        n = images.shape[0]
+        images = self.put_data(images)
+        n, block, per_device = images.rows, images.block_rows, batch_size // self.device_count
+
+        def device_epoch(state, local, ids, mask):
+            index = jax.lax.axis_index(MESH_AXIS)
+
+            def body(state, xs):
+                ids_b, mask_b = xs  # the global batch [B], the same on every device
+                # The batch's rows this device holds, zeros elsewhere; summed and scattered
+                # over the devices, each gets its own B / D rows (exactly: one term is not 0).
+                at = ids_b - index * block
+                held = (at >= 0) & (at < block)
+                rows = jnp.where(held[:, None], local[jnp.clip(at, 0, block - 1)], jnp.zeros((), local.dtype))
+                x = jax.lax.psum_scatter(rows, MESH_AXIS, scatter_dimension=0, tiled=True)
+                own_ids, own_mask = _device_columns(ids_b[None], mask_b[None], index, per_device)
+                return trainer.train_step(state, x, own_mask[0], own_ids[0], axis_name=MESH_AXIS)
+
+            state, metrics = jax.lax.scan(body, state, (ids, mask))
+            return state.replace(epoch=state.epoch + 1), metrics
+
         # check_vma=False: train_step's explicit psum is the gradient all-reduce, as under
         # pmap; with vma checking, autodiff would insert a second one.
-        device_epoch = jax.shard_map(
-            functools.partial(trainer.train_epoch_shard, axis_name=MESH_AXIS),
+        sharded_epoch = jax.shard_map(
+            device_epoch,
             mesh=self.mesh,
-            in_specs=(P(), P(), P(None, MESH_AXIS), P(None, MESH_AXIS)),
+            in_specs=(P(), P(MESH_AXIS), P(), P()),
             out_specs=(P(), P()),
             check_vma=False,
         )
 
         def epoch(state, images):
             ids, mask = trainer.epoch_batches(state, n, batch_size)
-            ids = jax.sharding.reshard(ids, self.batch_sharded)
-            mask = jax.sharding.reshard(mask, self.batch_sharded)
-            return device_epoch(state, images, ids, mask)
+            return sharded_epoch(state, images.data, ids, mask)
 
-        jitted = jax.jit(
-            epoch,
-            in_shardings=(self.replicated, self.replicated),
-            out_shardings=(self.replicated, self.replicated),
-            donate_argnums=0,
-        )
+        jitted = jax.jit(epoch, out_shardings=(self.replicated, self.replicated), donate_argnums=0)
         return jitted.lower(state, images).compile()
 
-    def compile_evaluate(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
-        jitted = jax.jit(
-            functools.partial(trainer.evaluate, batch_size=batch_size),
-            in_shardings=(self.replicated, self.replicated),
-            out_shardings=self.replicated,
+    def compile_evaluate(self, trainer: Trainer, state: TrainState, images: RowShards, batch_size: int) -> Callable:
+        images = self.put_data(images)
+        n, block = images.rows, images.block_rows
+
+        def device_evaluate(state, local):
+            first = jax.lax.axis_index(MESH_AXIS) * block
+            return trainer.evaluate(state, local, batch_size, first_id=first, rows=n, axis_name=MESH_AXIS)
+
+        sharded = jax.shard_map(
+            device_evaluate, mesh=self.mesh, in_specs=(P(), P(MESH_AXIS)), out_specs=P(), check_vma=False
         )
+        jitted = jax.jit(lambda state, images: sharded(state, images.data), out_shardings=self.replicated)
         return jitted.lower(state, images).compile()
 
 

@@ -203,13 +203,25 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------
 
-    def evaluate(self, state: TrainState, images: jax.Array, batch_size: int = 1000) -> dict[str, jax.Array]:
+    def evaluate(
+        self,
+        state: TrainState,
+        images: jax.Array,
+        batch_size: int = 1000,
+        *,
+        first_id: Any = 0,
+        rows: int | None = None,
+        axis_name: str | None = None,
+    ) -> dict[str, jax.Array]:
         """Mean of each of the objective's test metrics over ``images`` (uint8 ``[N, D]``).
 
         Randomness (noise, VAE samples) uses a fixed key per example, so every evaluation
-        of the same parameters gives the same numbers.
+        of the same parameters gives the same numbers. ``first_id``, ``rows`` and
+        ``axis_name`` evaluate a split held in blocks across devices (see :meth:`mean_over`).
         """
-        means = self.mean_over(state, images, self.objective.evaluate, batch_size)
+        means = self.mean_over(
+            state, images, self.objective.evaluate, batch_size, first_id=first_id, rows=rows, axis_name=axis_name
+        )
         return means if self.objective.summarize is None else self.objective.summarize(means)
 
     def eval_keys(self, state: TrainState, example_ids: jax.Array) -> jax.Array:
@@ -217,30 +229,52 @@ class Trainer:
         return example_keys(jax.random.fold_in(_wrap(state.rng), _EVAL_NOISE), example_ids)
 
     def mean_over(
-        self, state: TrainState, images: jax.Array, fn: Callable, batch_size: int = 1000
+        self,
+        state: TrainState,
+        images: jax.Array,
+        fn: Callable,
+        batch_size: int = 1000,
+        *,
+        first_id: Any = 0,
+        rows: int | None = None,
+        axis_name: str | None = None,
     ) -> dict[str, jax.Array]:
-        """Means over ``images`` of ``fn(model, x, keys) -> {name: [B]}``, chunk by chunk in a scan."""
-        n = images.shape[0]
-        batch_size = min(batch_size, n)
-        steps = -(-n // batch_size)
-        ids = jnp.arange(steps * batch_size, dtype=jnp.int32)
-        mask = (ids < n).astype(jnp.float32).reshape(steps, batch_size)
-        ids = jnp.where(ids < n, ids, 0).reshape(steps, batch_size)
+        """Means over ``images`` of ``fn(model, x, keys) -> {name: [B]}``, chunk by chunk in a scan.
+
+        Args:
+            images: uint8 ``[N, D]``: the whole split, or (with ``rows``) one device's block of it.
+            first_id: the split index of ``images[0]`` (a block starting further in).
+            rows: the split's row count when ``images`` is a block of it; rows of the block at
+                or past it are padding and count for nothing (default: ``len(images)``).
+            axis_name: the device axis whose blocks' sums are added (under ``shard_map``).
+        """
+        local = images.shape[0]
+        n = local if rows is None else rows
+        batch_size = min(batch_size, local)
+        steps = -(-local // batch_size)
+        position = jnp.arange(steps * batch_size, dtype=jnp.int32)
+        ids = position + first_id
+        real = (position < local) & (ids < n)
+        mask = real.astype(jnp.float32).reshape(steps, batch_size)
+        # The row to read (in this block) and the key's example index (in the split).
+        where = jnp.where(position < local, position, 0).reshape(steps, batch_size)
+        ids = jnp.where(real, ids, 0).reshape(steps, batch_size)
         model = self.model(state.params)
 
         def body(_, xs):
-            ids_b, mask_b = xs
-            x = self.normalization(images[ids_b].reshape(batch_size, -1))
+            where_b, ids_b, mask_b = xs
+            x = self.normalization(images[where_b].reshape(batch_size, -1))
             with self.precision():
                 per_example = fn(model, x, self.eval_keys(state, ids_b))
             return None, {k: _row_sum(v, mask_b) for k, v in per_example.items()}
 
-        _, sums = jax.lax.scan(body, None, (ids, mask))
+        _, sums = jax.lax.scan(body, None, (where, ids, mask))
+        sums = _global_sum({k: jnp.sum(v, axis=0) for k, v in sums.items()}, axis_name)
         # A model with a NaN or Inf parameter has no meaningful metrics. Say so with NaN rather
         # than trust the arithmetic: XLA:CPU fuses a matmul with the ReLU after it into a kernel
         # that turns NaN into 0, so NaN weights can otherwise give a finite, plausible loss.
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(state.params)]))
-        return {k: jnp.where(finite, jnp.sum(v, axis=0) / n, jnp.nan) for k, v in sums.items()}
+        return {k: jnp.where(finite, v / n, jnp.nan) for k, v in sums.items()}
 
     # -- compiled forms -------------------------------------------------------------------
 

@@ -50,6 +50,34 @@ def test_idx_folder_loads_both_splits(idx_folder):
     assert len(train.labels) == 512
 
 
+def test_a_plain_idx_file_is_mapped_and_a_gzipped_one_decompressed_into_one_array(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (2000, 64, 64), dtype=np.uint8)  # 8 MiB
+    write_idx(tmp_path / "a-idx3-ubyte", images)
+    write_idx(tmp_path / "a-idx3-ubyte.gz", images)
+    tracemalloc.start()
+    try:
+        plain = read_idx(tmp_path / "a-idx3-ubyte")
+        plain_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        packed = read_idx(tmp_path / "a-idx3-ubyte.gz")
+        packed_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(plain, np.memmap) and not plain.flags.writeable
+    np.testing.assert_array_equal(plain, images)
+    np.testing.assert_array_equal(packed, images)
+    assert plain_peak < images.nbytes / 100, plain_peak  # nothing of the data's size was allocated
+    # One array of the data's size and gzip's buffers (chunks joined into bytes peaked at twice it).
+    assert packed_peak < images.nbytes + 2 * 2**20, packed_peak / images.nbytes
+    loaded = load_dataset(str(_folder_of(tmp_path / "folder", images)), "train")
+    assert isinstance(loaded.images.base, np.memmap) or isinstance(loaded.images, np.memmap)
+
+
+def _folder_of(folder: Path, images: np.ndarray) -> Path:
+    labels = np.zeros(len(images), np.uint8)
+    return write_idx_folder(folder, train=(images, labels), test=(images[:10], labels[:10]), compress=False)
+
+
 def test_idx_wrong_magic(tmp_path):
     (tmp_path / "f").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
     with pytest.raises(DataError, match="bad magic number"):

@@ -150,6 +150,33 @@ def test_none_pmap_and_shard_give_the_same_losses_and_parameters(four_devices, v
             np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0, err_msg=name)
 
 
+def test_shard_holds_the_split_once_across_the_devices_even_where_they_do_not_divide_it(four_devices):
+    report, arrays = four_devices
+    held = report["held_once"]
+    # 509 rows over 4 devices: a block of 128 each, one copy in all (before: 509 on every device).
+    assert held["shape"] == [509, 784] and held["device_rows"] == [128] * 4, held
+    assert len(set(held["devices"])) == 4 and held["rows_equal"] and held["padding_zero"], held
+    reference, sharded = (report["runs"][f"odd/{name}"]["history"] for name in ("none", "shard"))
+    for key in ("train_loss", "test_loss", "step"):
+        np.testing.assert_allclose([r[key] for r in sharded], [r[key] for r in reference], atol=TOL, rtol=1e-6)
+    for ours, theirs in zip(_final_state(arrays, "odd/shard"), _final_state(arrays, "odd/none"), strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow  # three training processes on 120 MiB of images: about a minute
+def test_shard_holds_one_copy_of_the_data_in_memory_where_pmap_holds_one_per_device(tmp_path):
+    out = tmp_path / "memory.json"
+    script = REPO / "experiments" / "data_memory.py"
+    command = [sys.executable, str(script), "--images", "30000", "--test-images", "2000", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=_env(1), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
+    # 123 MiB of train images: 4 devices of pmap hold 4 copies, shard one between them.
+    assert rows["pmap"]["anon_vs_one_device"] >= 1.5, rows  # the measurement sees a copy per device
+    assert rows["shard"]["anon_vs_one_device"] <= 1.3, rows
+    assert rows["shard"]["test_loss"] == pytest.approx(rows["pmap"]["test_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_no_recompilation_across_epochs_on_any_path(four_devices, variant):
     report, _ = four_devices
@@ -279,6 +306,7 @@ def test_a_second_multi_process_run_on_a_busy_workdir_is_refused_in_every_proces
     assert not (workdir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_an_unreachable_coordinator_fails_within_coordinator_timeout_in_one_line(tmp_path):
     port = _free_port()  # nothing listens there
     start = time.monotonic()
