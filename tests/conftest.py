@@ -17,6 +17,55 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+# Cases of parametrized tests that only `make test-all` runs (the tests marked slow): the other
+# cases of the same test check the same property in `make test`, which must stay under 10
+# minutes on the project's 2-core machine. Whole tests are marked where they are defined.
+SLOW_CASES = {
+    "test_checkpoint.py::test_sigint_sigterm_save_a_final_checkpoint_and_exit[SIGINT]",
+    "test_colour.py::test_every_variant_trains_evaluates_probes_and_draws_in_colour[denoising-mlp]",
+    "test_colour.py::test_every_variant_trains_evaluates_probes_and_draws_in_colour[iwae-mlp]",
+    "test_colour.py::test_every_variant_trains_evaluates_probes_and_draws_in_colour[vae-mlp]",
+    "test_colour.py::test_every_variant_trains_evaluates_probes_and_draws_in_colour[vqvae-mlp]",
+    "test_colour.py::test_every_variant_trains_on_the_committed_tfds_data[denoising-mlp]",
+    "test_colour.py::test_every_variant_trains_on_the_committed_tfds_data[iwae-mlp]",
+    "test_colour.py::test_every_variant_trains_on_the_committed_tfds_data[vae-mlp]",
+    "test_colour.py::test_every_variant_trains_on_the_committed_tfds_data[vqvae-mlp]",
+    "test_convert.py::test_forward_outputs_match_on_the_whole_test_split[vanilla-conv-fresh-unit]",
+    "test_convert.py::test_forward_outputs_match_on_the_whole_test_split[vqvae-conv-fresh-unit]",
+    "test_convert.py::test_one_adam_step_matches_torch_optim_adam[vqvae-conv-unit]",
+    "test_convert_run.py::test_cli_converts_a_colour_run_and_exports_it_back_exactly[mlp]",
+    "test_objectives.py::test_every_variant_trains_and_lowers_its_loss[denoising-conv]",
+    "test_objectives.py::test_every_variant_trains_and_lowers_its_loss[iwae-conv]",
+    "test_objectives.py::test_every_variant_trains_and_lowers_its_loss[iwae-mlp]",
+    "test_objectives.py::test_every_variant_trains_and_lowers_its_loss[vae-conv]",
+    "test_objectives.py::test_every_variant_trains_and_lowers_its_loss[vanilla-conv]",
+    "test_objectives.py::test_the_iw_bound_with_100000_samples_compiles_within_its_memory_budget[conv-image_shape1]",
+    "test_precision.py::test_bfloat16_computes_in_bfloat16_and_keeps_parameters_state_and_loss_float32[vae-conv]",
+    "test_precision.py::test_bfloat16_computes_in_bfloat16_and_keeps_parameters_state_and_loss_float32[vae-mlp]",
+    "test_precision.py::test_bfloat16_computes_in_bfloat16_and_keeps_parameters_state_and_loss_float32[vanilla-conv]",
+    "test_sweep.py::test_swept_loss_weights_give_the_train_step_of_each_config[denoising-values0]",
+    "test_sweep.py::test_swept_loss_weights_give_the_train_step_of_each_config[vae-values2]",
+    "test_train.py::test_smallest_allowed_images_train_and_draw_their_figures[vae-mlp-8-12]",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects by the marks
+def pytest_collection_modifyitems(config, items):
+    found = set()
+    for item in items:
+        case = f"{item.path.name}::{item.name}"
+        if case in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
+            found.add(case)
+    # A renamed case would quietly move back into make test; when whole files were collected
+    # (make test, make test-all), every case named here must exist.
+    if not any("::" in arg for arg in config.args):
+        files = {item.path.name for item in items}
+        missing = sorted(case for case in SLOW_CASES - found if case.split("::")[0] in files)
+        if missing:
+            raise pytest.UsageError(f"tests/conftest.py SLOW_CASES names cases that do not exist: {missing}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _XLA_CACHE is not None:
         shutil.rmtree(_XLA_CACHE, ignore_errors=True)

@@ -159,6 +159,7 @@ def test_models_are_all_or_a_checked_list():
         bench.model_names("sparse-conv,vq-mlp,vanilla-mlp")
 
 
+@pytest.mark.slow
 def test_bench_models_times_each_model_against_its_pytorch_twin(tmp_path, capsys):
     from jaxae import cli
 

@@ -207,6 +207,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_restore_across_device_counts_and_layouts(tmp_path, idx_folder):
     """Saved on 1 device, restored replicated and stacked on 4; saved from 4, resumed on 1."""
     one = fit(_config(idx_folder, epochs=1), tmp_path / "one", progress=False)
@@ -724,6 +725,7 @@ os.execv(sys.argv[1], sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_save_failing_for_another_reason_is_one_line_too(tmp_path, idx_folder):
     """A file-size limit (RLIMIT_FSIZE) makes every checkpoint's largest file fail to write (EFBIG)."""
     workdir = tmp_path / "run"

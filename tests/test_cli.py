@@ -294,6 +294,7 @@ def test_bad_flag_values_are_one_line_and_exit_2(tmp_path, capsys, flags, patter
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_flag_values_from_a_real_process_have_no_traceback(tmp_path):
     for flags in (["--hidden-dims", "abc"], ["--seed", str(2**70)]):
         proc = run_cli("train", *flags, "--workdir", str(tmp_path / "out"))

@@ -88,6 +88,7 @@ def test_every_variant_trains_on_the_committed_tfds_data(tmp_path, capsys, varia
     assert records[-1]["step"] == 4 and np.isfinite(records[-1]["test_loss"])
 
 
+@pytest.mark.slow
 def test_a_trained_colour_conv_model_goes_through_pytorch_and_back(colour_folder, tmp_path, capsys):
     pytest.importorskip("torch")
     trained = tmp_path / "trained"
@@ -119,6 +120,7 @@ def _folder(path: Path, shape: tuple[int, ...], seed: int = 0) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_dataset_whose_images_changed_shape(tmp_path, capsys):
     # 16x12x3 and 12x16x3 images hold as many values: the model would score the wrong reading of
     # every pixel without complaint
@@ -158,6 +160,7 @@ def test_a_checkpoint_from_before_image_shapes_were_saved_takes_its_dataset_s(tm
     assert code == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["vanilla", "vae"])
 def test_conv_channels_build_a_deeper_conv_net_for_64x64x3_images_that_goes_through_pytorch_and_back(
     tmp_path, capsys, variant

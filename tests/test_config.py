@@ -107,6 +107,7 @@ def _records(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_refuses_an_explicit_model_flag_that_differs_and_keeps_omitted_ones(tmp_path, idx_folder, capsys):
     workdir = tmp_path / "run"
     assert _train(workdir, idx_folder, "--epochs", "1", "--latent-dim", "16") == 0
@@ -124,6 +125,7 @@ def test_resume_refuses_an_explicit_model_flag_that_differs_and_keeps_omitted_on
     assert [r["epoch"] for r in _records(workdir)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_with_a_smaller_lr_uses_it_and_records_the_change(tmp_path, idx_folder):
     workdir = tmp_path / "run"
     assert _train(workdir, idx_folder, "--epochs", "1") == 0
@@ -165,6 +167,7 @@ def test_a_resume_that_lengthens_a_cosine_schedule_records_it(tmp_path, idx_fold
     assert records[2]["lr"] == pytest.approx(learning_rate(TrainConfig(epochs=4, lr_schedule="cosine"), 4, 11))
 
 
+@pytest.mark.slow
 def test_a_resume_may_leave_a_warmup_schedule_without_naming_the_warmup(tmp_path, idx_folder):
     workdir = tmp_path / "run"
     assert _train(workdir, idx_folder, "--epochs", "2", "--lr-schedule", "warmup_cosine", "--warmup-steps", "2") == 0
@@ -188,12 +191,14 @@ def test_a_schedule_of_fixed_length_is_not_stretched_by_a_resume_and_a_constant_
     assert _records(workdir)[2]["lr"] == 1e-3
 
 
+@pytest.mark.slow
 def test_init_from_keeps_the_input_scaling_its_weights_were_trained_on(tmp_path, idx_folder):
     assert _train(tmp_path / "seed", idx_folder, "--epochs", "1", "--normalize", "seed") == 0
     assert _train(tmp_path / "tuned", idx_folder, "--epochs", "1", "--init-from", str(tmp_path / "seed")) == 0
     assert json.loads((tmp_path / "tuned" / "config.json").read_text())["normalize"] == "seed"
 
 
+@pytest.mark.slow
 def test_the_same_npz_through_another_path_resumes(tmp_path, sample_train, sample_test, monkeypatch):
     np.savez(
         tmp_path / "digits.npz",

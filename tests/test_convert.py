@@ -553,6 +553,7 @@ def test_flax_to_torch_to_flax_is_exact(config):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_from_torch_accepts_dicts_checkpoints_and_other_sizes(tmp_path, sample_test):
     reference = torch_reference.Autoencoder()
     x = sample_test.images[:7].reshape(7, -1).astype(np.float32) / 255
@@ -1217,6 +1218,7 @@ def test_nonfinite_message_says_how_to_opt_out_and_covers_mappings_and_float64_o
 # --- never overwrite ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_convert_refuses_to_overwrite_an_earlier_conversion_unless_forced(tmp_path, capsys):
     torch.save(_document_state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
@@ -1375,6 +1377,7 @@ def _read_only_mount_works(where):
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_export_onto_a_read_only_mount_in_a_real_process(tmp_path, converted):
     # Root ignores chmod, so a real read-only file system: a tmpfs mounted ro in a private mount namespace.
     ro = tmp_path / "ro"
@@ -1635,6 +1638,7 @@ def test_what_torch_save_can_hold_is_a_state_dict_or_a_jaxae_error(contents):
     _read_is_a_state_dict_or_a_jaxae_error(_torch_bytes(contents), ".pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["vanilla", "iwae"])
 def test_a_three_stage_conv_twin_matches_outputs_and_gradients(variant):
     # --conv-channels 8,16,32 on 32x32x3: the twin has one Conv2d / ConvTranspose2d per stage

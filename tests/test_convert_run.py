@@ -596,6 +596,7 @@ def test_a_twin_layout_of_sizes_no_jaxae_model_has_is_named_so(tmp_path, capsys,
     assert "--hidden-dims" not in one_line_error(capsys, code, pattern) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_conv_model_of_other_channels_converts_with_them_read_off_its_tensors(tmp_path, capsys):
     # 8 and 16 channels (jaxae's default is 16, 32): refused before --conv-channels existed
     torch.manual_seed(0)

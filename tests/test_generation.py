@@ -111,6 +111,7 @@ def test_the_classifier_is_cached_and_a_damaged_cache_is_trained_again(
     assert out["classifier"].startswith("trained, not cached") and np.isfinite(out["fd"])
 
 
+@pytest.mark.slow
 def test_cli_scores_a_vae_better_after_10_epochs_than_after_1(vae_run, capsys):
     workdir, _ = vae_run
     assert cli.main(["evaluate", "--workdir", str(workdir), "--generation"]) == 0
@@ -132,6 +133,7 @@ def test_cli_scores_a_vae_better_after_10_epochs_than_after_1(vae_run, capsys):
     assert json.loads(capsys.readouterr().out)["generation"]["samples"] == 200
 
 
+@pytest.mark.slow
 def test_a_vqvae_is_scored_on_codes_drawn_by_their_frequencies(tmp_path, sample_train, sample_test):
     config = TrainConfig(variant="vqvae", epochs=1, hidden_dims=(64,), latent_dim=8, codebook_size=32)
     result = fit(config, tmp_path / "vq", progress=False, figures=False)

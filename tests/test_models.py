@@ -72,6 +72,7 @@ def test_shapes_and_output_range():
     np.testing.assert_allclose(model(x.reshape(5, 784)), y)
 
 
+@pytest.mark.slow
 def test_configurable_sizes():
     model = Autoencoder(100, (50, 20, 10), 4, rngs=nnx.Rngs(0))
     assert model.encode(jnp.ones((3, 100))).shape == (3, 4)
@@ -168,6 +169,7 @@ def test_auto_lowering_is_patches_on_cpu_and_a_bad_lowering_is_a_clear_error():
         ConvAutoencoder(lowering="cudnn", rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_a_conv_model_gives_the_same_numbers_under_either_lowering():
     x = jax.random.uniform(jax.random.key(3), (4, 12, 8, 3))
     for cls in (ConvAutoencoder, ConvVAE):

@@ -152,6 +152,7 @@ def trained_vae(sample_train, sample_test):
     return trainer, state, jnp.asarray(sample_test.images[:200].reshape(200, -1))
 
 
+@pytest.mark.slow
 def test_importance_weighted_bound_tightens(trained_vae):
     trainer, state, test = trained_vae
     elbo = float(trainer.jit_evaluate(state, test, batch_size=100)["neg_elbo"])
@@ -170,6 +171,7 @@ def test_importance_weighted_bound_tightens(trained_vae):
     assert nll_64 > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("samples, chunk", [(12, 4), (10, 4)])
 def test_the_chunked_bound_is_the_bound_of_all_its_chunks_samples(trained_vae, samples, chunk):
     trainer, state, test = trained_vae
@@ -209,6 +211,7 @@ def test_the_iw_bound_with_100000_samples_compiles_within_its_memory_budget(arch
     assert used <= objectives.IW_MEMORY_BYTES, used  # unchunked: 96 GB for the MLP
 
 
+@pytest.mark.slow
 def test_evaluate_says_when_it_decodes_the_iw_samples_in_chunks(tmp_path, capsys, monkeypatch):
     from jaxae import cli
 
@@ -353,6 +356,7 @@ def test_the_iwae_loss_is_the_k_sample_bound_by_hand(trained_vae):
     assert metrics == {}
 
 
+@pytest.mark.slow
 def test_iwae_evaluation_reports_both_bounds_and_more_samples_tighten_it(trained_vae):
     trainer, state, test = trained_vae
     model = trainer.model(state.params)
@@ -369,6 +373,7 @@ def test_iwae_evaluation_reports_both_bounds_and_more_samples_tighten_it(trained
     assert bounds[50] < bounds[1] - 1.0  # 50 samples: a tighter bound, by whole nats on MNIST
 
 
+@pytest.mark.slow
 def test_iwae_trains_from_the_cli_and_evaluate_reports_both_bounds(tmp_path, capsys):
     from jaxae import cli
 

@@ -68,6 +68,7 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_parameters_state_and_loss_float
     assert "bf16" not in _dtypes_in(str(jax.make_jaxpr(trainer32.train_step)(state32, batch)))
 
 
+@pytest.mark.slow
 def test_every_model_takes_dtype_and_param_dtype_as_flax_modules_do():
     rngs = nnx.Rngs(0)
     x = jnp.ones((2, 28, 28, 1))
@@ -98,6 +99,7 @@ def test_the_matmul_precision_reaches_every_product_of_the_step_and_the_evaluati
                 assert f"precision = [{precision.upper()}, {precision.upper()}]" in line, line
 
 
+@pytest.mark.slow
 def test_a_bfloat16_conv_vae_trains_and_records_its_precision(tmp_path, idx_folder, capsys):
     workdir = tmp_path / "run"
     code = cli.main(

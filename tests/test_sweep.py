@@ -204,6 +204,7 @@ def test_a_grid_that_cannot_fit_is_refused_before_compiling(monkeypatch, tmp_pat
     assert 2**30 < estimate.total < 0.9 * 16 * 2**30
 
 
+@pytest.mark.slow
 def test_models_spread_over_four_devices_give_the_same_numbers(tmp_path):
     out = tmp_path / "report.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -266,6 +267,7 @@ def test_a_sweep_refuses_a_folder_another_run_holds(tmp_path):
     assert list(workdir.iterdir()) == [workdir / ".jaxae.lock"]
 
 
+@pytest.mark.slow
 def test_a_sweep_keeps_the_runs_optimizer_settings(tmp_path):
     # AdamW with decay in a sweep is AdamW with decay in each model, as in `jaxae train`.
     base = TrainConfig(epochs=1, optimizer="adamw", weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)
@@ -309,6 +311,7 @@ def _epochs(run_dir):
     return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_model_folder_of_a_running_sweep_is_refused_as_in_use(tmp_path, idx_folder):
     sweep_dir = tmp_path / "S"
     with open(tmp_path / "sweep.err", "w") as err:
@@ -437,6 +440,7 @@ def test_sweeping_a_setting_the_variant_ignores_is_refused(tmp_path, capsys):
         sweep.check_grid(sweep_configs(TrainConfig(variant="sparse"), beta=[1.0, 2.0]))
 
 
+@pytest.mark.slow
 def test_a_sweep_takes_arrays_in_memory_as_fit_does(sample_train, sample_test):
     train = (sample_train.images[:256], sample_train.labels[:256])
     test = (sample_test.images[:64], None)
@@ -450,6 +454,7 @@ def test_a_sweep_takes_arrays_in_memory_as_fit_does(sample_train, sample_test):
         fit_sweep([base], test=test, progress=False)
 
 
+@pytest.mark.slow
 def test_a_resumed_sweep_records_what_it_changes_as_a_resumed_run_does(tmp_path, idx_folder):
     base = TrainConfig(dataset=str(idx_folder), batch_size=128, epochs=1, lr_schedule="cosine")
     fit_sweep(sweep_configs(base, seed=[0, 1]), tmp_path / "s", progress=False, figures=False)

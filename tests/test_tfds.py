@@ -119,6 +119,7 @@ def test_tfds_fixture_reads_without_tensorflow_and_without_the_opencv_warning():
     assert "OpenCV" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_train_on_the_tfds_fixture_in_a_real_process_without_tensorflow(tmp_path):
     workdir = tmp_path / "run"
     args = ["train", "--dataset", "fashion_mnist", "--tfds-data-dir", str(TFDS_DIR), "--epochs", "1"]

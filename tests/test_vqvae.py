@@ -106,6 +106,7 @@ def test_the_straight_through_gradient_trains_the_encoder_without_a_commitment_t
     assert all(not np.any(g) for g in jax.tree.leaves(grads["quantizer"]))
 
 
+@pytest.mark.slow
 def test_codes_decode_to_the_reconstruction_and_samples_are_images(sample_train):
     model = models.ConvVQVAE((28, 28, 1), codebook_size=32, rngs=nnx.Rngs(0))
     x = jnp.asarray(sample_train.images[:4], jnp.float32) / 255
@@ -118,6 +119,7 @@ def test_codes_decode_to_the_reconstruction_and_samples_are_images(sample_train)
         assert samples.shape == (3, 784) and 0 <= float(samples.min()) and float(samples.max()) <= 1
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_the_codebook(tmp_path, idx_folder):
     config = TrainConfig(**{**SMALL, "dataset": str(idx_folder), "batch_size": 64})
     full = fit(dataclasses.replace(config, epochs=3), tmp_path / "full", progress=False, figures=False)
@@ -129,6 +131,7 @@ def test_resume_is_exact_with_the_codebook(tmp_path, idx_folder):
     assert resumed.history[-1]["test_perplexity"] == full.history[-1]["test_perplexity"]
 
 
+@pytest.mark.slow
 def test_each_swept_model_is_its_train_run(idx_folder):
     base = TrainConfig(**{**SMALL, "dataset": str(idx_folder), "batch_size": 64, "epochs": 2})
     configs = sweep_configs(base, codebook_decay=[0.9, 0.99], commitment_weight=[0.25, 1.0])
@@ -139,6 +142,7 @@ def test_each_swept_model_is_its_train_run(idx_folder):
             np.testing.assert_allclose(history[-1][key], reference[-1][key], atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_cli_trains_the_conv_vqvae_exports_it_and_the_export_checks(tmp_path, capsys):
     # 3 epochs of the embedded sample at batch 64 (the default 256 gives 72 steps in all, too few
     # for any conv model here to reach 0.06: the vanilla conv ends at 0.072)
@@ -168,6 +172,7 @@ def test_cli_trains_the_conv_vqvae_exports_it_and_the_export_checks(tmp_path, ca
     )
 
 
+@pytest.mark.slow
 def test_the_mlp_vqvae_trains(tmp_path, capsys):
     args = ["train", "--variant", "vqvae", "--epochs", "1", "--no-progress", "--workdir", str(tmp_path / "mlp")]
     assert cli.main(args) == 0
