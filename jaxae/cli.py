@@ -59,6 +59,16 @@ def _add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
         "schedule, --clip-grad-norm, --eval-batch-size) may change, the others must stay",
     )
     p.add_argument("--save-every", type=int, default=1, help="save a checkpoint every N epochs (default: %(default)s)")
+    if not sweep:
+        p.add_argument(
+            "--save-every-steps",
+            type=int,
+            default=None,
+            metavar="N",
+            help="also save inside an epoch, every N steps, and stop there on a signal: a preemption loses at most "
+            "N steps and --resume continues inside the epoch to the uninterrupted result (default: only at epoch "
+            "ends)",
+        )
     p.add_argument(
         "--keep",
         type=int,

@@ -1,8 +1,9 @@
 """The one epoch loop: every run, one model (:func:`jaxae.fit`) or a grid (:func:`jaxae.fit_sweep`).
 
 :class:`EpochLoop` compiles a run's epoch and evaluation and trains epoch after epoch. It writes
-each model's records (``metrics.jsonl``, callbacks, the progress bar), saves its checkpoints,
-stops every process at the same epoch boundary on a signal, handles a loss that stops being
+each model's records (``metrics.jsonl``, callbacks, the progress bar), saves its checkpoints
+(at epoch ends, and inside an epoch with ``save_every_steps``), stops every process at the same
+boundary on a signal, handles a loss that stops being
 finite, and draws the figures at the end. It knows nothing of how the models sit on the devices:
 that is a :class:`Runner`'s, which a parallel strategy (:class:`jaxae.parallel.Strategy`, one
 model) and a sweep's placement (:class:`jaxae.sweep.Placement`, a stack of models) implement.
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxae import checkpoint, plots, rundir
@@ -48,7 +50,12 @@ class Runner(Protocol):
 
     def put_data(self, images: Any) -> jax.Array: ...
 
-    def compile_epoch(self, program: Any, state: Any, images: jax.Array, batch_size: int) -> Callable: ...
+    def compile_epoch(
+        self, program: Any, state: Any, images: jax.Array, batch_size: int, steps: int | None = None
+    ) -> Callable:
+        """``(state, images) -> (state, per-step metrics)``; with ``steps`` (a runner that saves inside
+        an epoch), ``(state, images, first) -> ...`` over the epoch's steps ``[first, first + steps)``."""
+        ...
 
     def compile_evaluate(self, program: Any, state: Any, images: jax.Array, batch_size: int) -> Callable: ...
 
@@ -140,18 +147,44 @@ class EpochLoop:
         *,
         batch_size: int,
         eval_batch_size: int,
+        save_every_steps: int | None = None,
     ):
         self.runner = runner
         self.state = state
         self.members = list(members)
         self.train, self.test = train, test
+        self.program, self.batch_size = program, batch_size
         self.train_images = runner.put_data(train.images.reshape(len(train), -1))
         self.test_images = runner.put_data(test.images.reshape(len(test), -1))
         self.steps_per_epoch = -(-len(train) // batch_size)
+        # Steps run in parts of this many between which the loop saves and heeds signals; None:
+        # the whole epoch is one compiled scan, as fast as it gets.
+        self.part_steps = save_every_steps if save_every_steps and save_every_steps < self.steps_per_epoch else None
+        self._parts: dict[int, Callable] = {}
         t0 = time.perf_counter()
-        self.train_epoch = runner.compile_epoch(program, state, self.train_images, batch_size)
+        if self.part_steps is None:
+            self.train_epoch = runner.compile_epoch(program, state, self.train_images, batch_size)
         self.evaluate = runner.compile_evaluate(program, state, self.test_images, min(eval_batch_size, len(test)))
         self.compile_seconds = time.perf_counter() - t0
+
+    def _part(self, steps: int, state: Any) -> Callable:
+        """The compiled run of ``steps`` steps of an epoch (compiled once per length)."""
+        if steps not in self._parts:
+            t0 = time.perf_counter()
+            self._parts[steps] = self.runner.compile_epoch(
+                self.program, state, self.train_images, self.batch_size, steps
+            )
+            self.compile_seconds += time.perf_counter() - t0
+        return self._parts[steps]
+
+    def part_lengths(self, first: int) -> list[int]:
+        """The parts of an epoch's steps from ``first`` on: up to each multiple of ``part_steps``, then the rest."""
+        lengths, at = [], first
+        while at < self.steps_per_epoch:
+            end = min((at // self.part_steps + 1) * self.part_steps, self.steps_per_epoch)
+            lengths.append(end - at)
+            at = end
+        return lengths
 
     def run(
         self,
@@ -169,6 +202,7 @@ class EpochLoop:
         saved_in: Path | None = None,
         events: bool = True,
         profile: str | Path | None = None,
+        resume_progress: dict[str, Any] | None = None,
     ) -> list[TrainState]:
         """Trains from ``start_epoch`` (at optimizer step ``start_step``) to ``epochs``.
 
@@ -185,6 +219,13 @@ class EpochLoop:
 
         ``saved_in``: the folder an interruption's message names (a sweep's); by default the
         checkpoint's own.
+
+        Inside an epoch (a loop made with ``save_every_steps``, one model): the steps run in
+        parts that end at every multiple of ``save_every_steps``; after each part the loop saves
+        a checkpoint (with the epoch's position and its per-step metrics so far) and heeds a
+        signal, so a preemption loses at most that many steps. ``resume_progress`` is such a
+        checkpoint's position (:func:`jaxae.checkpoint.read_meta`'s ``"epoch_progress"``): the
+        run continues inside ``start_epoch`` and its record is the one an uninterrupted run gives.
 
         Watching the run: with ``events`` each model's records also go to TensorBoard event files
         in ``<workdir>/events`` (every number of a record, at its step); with ``profile`` the first
@@ -209,7 +250,10 @@ class EpochLoop:
                 )
                 metrics_files.append(metrics_file)
                 ckpts.append(ck)
-            stop = rundir.StopOnSignal().__enter__()
+            stops_at = (
+                "this epoch" if self.part_steps is None else f"the steps up to the next multiple of {self.part_steps}"
+            )
+            stop = rundir.StopOnSignal(stops_at).__enter__()
         writers = [
             rundir.EventWriter(m.workdir, resumed_at_step=start_step)
             if events and m.workdir is not None and runner.is_primary
@@ -226,6 +270,15 @@ class EpochLoop:
         )
         state = self.state
         self.state = None  # donated
+        first, carried = 0, None
+        if resume_progress is not None:
+            first, carried = self._check_progress(resume_progress)
+            if self.part_steps is None:  # resumed without save_every_steps: the rest of the epoch is one part
+                self.part_steps = self.steps_per_epoch
+        if self.part_steps is not None:  # compiled before the first epoch: its record holds compile_seconds
+            for length in sorted(set(self.part_lengths(first) + self.part_lengths(0))):
+                self._part(length, state)
+        step = start_step
         try:
             for epoch in bar:
                 if stop is not None and stop.agreed() is not None:
@@ -233,13 +286,29 @@ class EpochLoop:
                 tracing = profile is not None and epoch == start_epoch
                 with _trace(profile) if tracing else contextlib.nullcontext():
                     t_start = time.perf_counter()
-                    state, step_metrics = self.train_epoch(state, self.train_images)
-                    step_metrics = runner.host_values(step_metrics)
+                    if self.part_steps is None:
+                        state, step_metrics = self.train_epoch(state, self.train_images)
+                        step_metrics = runner.host_values(step_metrics)
+                        signum = None
+                    else:
+                        state, step_metrics, signum = self._train_parts(state, epoch, first, carried, step, ckpts, stop)
+                    if signum is not None:  # stopped inside the epoch, saved there
+                        at = len(step_metrics[0]["count"])  # the epoch's steps done, those resumed included
+                        raise rundir.interrupted(
+                            signum,
+                            members[0].config,
+                            runner.checkpoint_states(state)[0],
+                            ckpts[0],
+                            elsewhere=stop.from_another_process,
+                            epoch_step=(at, self.steps_per_epoch),
+                        )
+                    trained = self.steps_per_epoch - first
+                    first, carried = 0, None
                     t_train = time.perf_counter() - t_start
                     test_metrics = runner.host_values(self.evaluate(state, self.test_images))
                     seconds = time.perf_counter() - t_start  # the epoch's training and evaluation, every model's
                 memory = memory_record()
-                step = start_step + (epoch + 1 - start_epoch) * self.steps_per_epoch
+                step += trained
                 saving = bool(ckpts) and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs)
                 records = []
                 for i, m in enumerate(members):
@@ -251,7 +320,7 @@ class EpochLoop:
                         **({"lr": m.lr(step - 1)} if m.lr is not None else {}),
                         **{f"train_{k}": v for k, v in train_i.items()},
                         **{f"test_{k}": v for k, v in test_i.items()},
-                        "samples_per_s": len(self.train) / t_train,
+                        "samples_per_s": len(self.train) * trained / self.steps_per_epoch / t_train,
                         **({"sweep_samples_per_s": len(members) * len(self.train) / t_train} if sweep else {}),
                         "seconds": seconds,
                         **({"compile_seconds": self.compile_seconds} if epoch == start_epoch else {}),
@@ -326,6 +395,78 @@ class EpochLoop:
             if i in diverged or int(s.step) in ck.steps():
                 continue  # a diverged model keeps its last good checkpoint; a resumed one may hold this step
             ck.save(s, m.config, metrics={"test_loss": r["test_loss"]})
+
+    def _train_parts(
+        self, state: Any, epoch: int, first: int, carried: list | None, step: int, ckpts: list, stop: Any
+    ) -> tuple[Any, list[dict[str, Any]], int | None]:
+        """The epoch from its step ``first`` on, part by part, saving (and heeding a signal) after each.
+
+        Returns the state, every model's per-step metrics of the whole epoch (``carried``: those of
+        the steps before ``first``, from the checkpoint resumed) and the signal that stopped it
+        inside the epoch (None: it ran to its end).
+        """
+        parts = [carried] if carried is not None else []
+        at = first
+        for length in self.part_lengths(first):
+            state, metrics = self._part(length, state)(state, self.train_images, np.int32(at))
+            parts.append(self.runner.host_values(metrics))
+            at += length
+            if at == self.steps_per_epoch:
+                break
+            signum = stop.agreed() if stop is not None else None
+            so_far = _joined(parts)
+            # A loss that stopped being finite is left to the epoch's end, which reports it; its
+            # state is never saved.
+            finite = all(np.all(np.isfinite(np.asarray(v, np.float64))) for m in so_far for v in m.values())
+            if ckpts and finite:
+                ckpts[0].wait()  # a failed earlier save stops the run here (CheckpointSaveError)
+                saved = self.runner.checkpoint_states(state)[0]
+                if int(saved.step) not in ckpts[0].steps():
+                    progress = {
+                        "epoch_step": at,
+                        "steps_per_epoch": self.steps_per_epoch,
+                        "train_rows": len(self.train),
+                        "step_metrics": _encode_metrics(so_far[0]),
+                    }
+                    ckpts[0].save(saved, self.members[0].config, progress=progress)
+            if signum is not None:
+                return state, so_far, signum
+        return state, _joined(parts), None
+
+    def _check_progress(self, progress: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+        """A mid-epoch checkpoint's position, checked against this run: ``(first step, metrics so far)``."""
+        if len(self.members) != 1:
+            raise JaxaeError("a sweep cannot resume inside an epoch")
+        rows, steps = int(progress["train_rows"]), int(progress["steps_per_epoch"])
+        if (rows, steps) != (len(self.train), self.steps_per_epoch):
+            raise JaxaeError(
+                f"the checkpoint stopped at step {progress['epoch_step']} of an epoch of {steps} steps over {rows} "
+                f"train images, and this run's epoch is {self.steps_per_epoch} steps over {len(self.train)}: resume "
+                "with the dataset and --batch-size it was saved with"
+            )
+        return int(progress["epoch_step"]), [_decode_metrics(progress["step_metrics"])]
+
+
+def _joined(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-part lists of every model's per-step metrics -> every model's, for all the parts' steps."""
+    return [
+        {k: np.concatenate([np.asarray(p[i][k]) for p in parts]) for k in parts[0][i]} for i in range(len(parts[0]))
+    ]
+
+
+def _encode_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Per-step metrics as JSON (each float exactly: float32 -> Python float -> float32 is the identity)."""
+    return {
+        k: {"dtype": str(np.asarray(v).dtype), "values": json_safe(np.asarray(v).astype(np.float64).tolist())}
+        for k, v in metrics.items()
+    }
+
+
+def _decode_metrics(encoded: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {
+        k: np.asarray([np.nan if x is None else x for x in v["values"]], np.float64).astype(v["dtype"])
+        for k, v in encoded.items()
+    }
 
 
 def memory_record() -> dict[str, int]:

@@ -115,6 +115,7 @@ def fit(
     figures: bool = True,
     events: bool = True,
     profile: str | Path | None = None,
+    save_every_steps: int | None = None,
 ) -> FitResult:
     """Trains ``config``'s model on its dataset and evaluates on the test split every epoch.
 
@@ -158,6 +159,11 @@ def fit(
             is the one an uninterrupted run gives. A run already at ``config.epochs`` returns
             at once (``start_epoch >= config.epochs``).
         save_every: save a checkpoint every this many epochs.
+        save_every_steps: also save inside an epoch, every this many steps (at each multiple of it
+            within the epoch), and heed a signal there: a preemption then loses at most this
+            many steps, and ``resume`` continues inside the epoch to the uninterrupted result.
+            Each part of an epoch is its own compiled scan, so a small value costs some speed
+            (see docs/checkpoints.md). None: checkpoints and signals only at epoch ends.
         keep: how many of the latest checkpoints to keep (the best is kept besides).
         init_from: a folder holding a checkpoint (e.g. from ``jaxae convert``): start from its
             parameters with a fresh optimizer (see :func:`init_params_from`); ignored on resume.
@@ -174,7 +180,7 @@ def fit(
         CheckpointSaveError: a checkpoint could not be written (disk full, I/O error); training
             stops at the first failed save.
     """
-    check_run_settings(save_every, keep, resume, workdir)
+    check_run_settings(save_every, keep, resume, workdir, save_every_steps)
     splits = splits_in_memory(train, test)
     if splits is not None:
         config = dataclasses.replace(config, dataset=splits[0].name)
@@ -210,6 +216,7 @@ def fit(
             splits=splits,
             events=events,
             profile=profile,
+            save_every_steps=save_every_steps,
         )
 
 
@@ -255,6 +262,7 @@ def _fit(
     splits: tuple[Dataset, Dataset] | None,
     events: bool,
     profile: str | Path | None,
+    save_every_steps: int | None = None,
 ) -> FitResult:
     if splits is not None:
         train, test = splits
@@ -302,8 +310,11 @@ def _fit(
             "(subclass it to place the state and data your way) or its name"
         )
     strategy.check_batch_size(config.batch_size)
+    progress = None
     if resume:
         state = checkpoint.restore_state(out, state, strategy=strategy)
+        # A checkpoint saved inside an epoch says where: the run goes on from there.
+        progress = checkpoint.read_meta(out, int(strategy.host_state(state).step))[1].get("epoch_progress")
     else:
         if init_from is not None:
             state = init_params_from(init_from, trainer, state)
@@ -316,7 +327,7 @@ def _fit(
     member = Member(config, trainer, out, history, lr_of_step, changed, own_model=model is not None)
     loop = EpochLoop(
         strategy, trainer, state, [member], train, test,
-        batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+        batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, save_every_steps=save_every_steps,
     )  # fmt: skip
     (final,) = loop.run(
         start_epoch=start_epoch,
@@ -329,6 +340,7 @@ def _fit(
         callbacks=[functools.partial(_one_record, c) for c in callbacks],
         events=events,
         profile=profile,
+        resume_progress=progress,
     )
     if figures:
         loop.write_figures([final])

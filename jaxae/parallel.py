@@ -119,10 +119,22 @@ class Strategy:
     def checkpoint_states(self, state: TrainState) -> list[TrainState]:
         return [self.checkpoint_state(state)]
 
-    def compile_epoch(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
-        """``(state, images) -> (state, per-step metrics)``, compiled ahead of time."""
+    def compile_epoch(
+        self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int, steps: int | None = None
+    ) -> Callable:
+        """``(state, images) -> (state, per-step metrics)``, compiled ahead of time.
+
+        With ``steps``: ``(state, images, first) -> ...`` running only the epoch's steps
+        ``[first, first + steps)`` (``first`` an int32 scalar), for checkpoints inside an epoch.
+        """
         self.check_batch_size(batch_size)
-        return trainer.jit_train_epoch.lower(state, images, batch_size=batch_size).compile()
+        if steps is None:
+            return trainer.jit_train_epoch.lower(state, images, batch_size=batch_size).compile()
+
+        def part(state, images, first):
+            return trainer.train_epoch(state, images, batch_size, first, steps)
+
+        return jax.jit(part, donate_argnums=0).lower(state, images, np.int32(0)).compile()
 
     def compile_evaluate(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
         """``(state, images) -> metric means``, compiled ahead of time."""
@@ -182,21 +194,29 @@ class PmapStrategy(Strategy):
     def host_state(self, state: TrainState) -> TrainState:
         return jax.tree.map(lambda x: x.addressable_data(0)[0], state)
 
-    def compile_epoch(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
+    def compile_epoch(
+        self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int, steps: int | None = None
+    ) -> Callable:
         self.check_batch_size(batch_size)
         per_device = batch_size // self.device_count
         n = images.shape[0]
 
-        def epoch(state, images):
-            ids, mask = trainer.epoch_batches(state, n, batch_size)
+        def epoch(state, images, first=0):
+            ids, mask = trainer.epoch_batches(state, n, batch_size, first, steps)
             ids, mask = _device_columns(ids, mask, jax.lax.axis_index(PMAP_AXIS), per_device)
-            return trainer.train_epoch_shard(state, images, ids, mask, axis_name=PMAP_AXIS)
+            after = trainer.epoch_after(state, n, batch_size, first, steps)
+            return trainer.train_epoch_shard(state, images, ids, mask, axis_name=PMAP_AXIS, epoch=after)
 
         # Metrics are psum-ed, hence equal on every device: returned once (out_axes=None).
+        if steps is None:
+            pmapped = jax.pmap(
+                epoch, PMAP_AXIS, in_axes=(0, None), out_axes=(0, None), devices=self.devices, donate_argnums=0
+            )
+            return pmapped.lower(state, images).compile()
         pmapped = jax.pmap(
-            epoch, PMAP_AXIS, in_axes=(0, None), out_axes=(0, None), devices=self.devices, donate_argnums=0
+            epoch, PMAP_AXIS, in_axes=(0, None, None), out_axes=(0, None), devices=self.devices, donate_argnums=0
         )
-        return pmapped.lower(state, images).compile()
+        return pmapped.lower(state, images, np.int32(0)).compile()
 
     def compile_evaluate(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
         pmapped = jax.pmap(
@@ -300,12 +320,14 @@ class ShardStrategy(Strategy):
     def checkpoint_state(self, state: TrainState) -> TrainState:
         return state if jax.process_count() > 1 else self.host_state(state)
 
-    def compile_epoch(self, trainer: Trainer, state: TrainState, images: RowShards, batch_size: int) -> Callable:
+    def compile_epoch(
+        self, trainer: Trainer, state: TrainState, images: RowShards, batch_size: int, steps: int | None = None
+    ) -> Callable:
         self.check_batch_size(batch_size)
         images = self.put_data(images)
         n, block, per_device = images.rows, images.block_rows, batch_size // self.device_count
 
-        def device_epoch(state, local, ids, mask):
+        def device_epoch(state, local, ids, mask, after):
             index = jax.lax.axis_index(MESH_AXIS)
 
             def body(state, xs):
@@ -320,24 +342,29 @@ class ShardStrategy(Strategy):
                 return trainer.train_step(state, x, own_mask[0], own_ids[0], axis_name=MESH_AXIS)
 
             state, metrics = jax.lax.scan(body, state, (ids, mask))
-            return state.replace(epoch=state.epoch + 1), metrics
+            return state.replace(epoch=after), metrics
 
         # check_vma=False: train_step's explicit psum is the gradient all-reduce, as under
         # pmap; with vma checking, autodiff would insert a second one.
         sharded_epoch = jax.shard_map(
             device_epoch,
             mesh=self.mesh,
-            in_specs=(P(), P(MESH_AXIS), P(), P()),
+            in_specs=(P(), P(MESH_AXIS), P(), P(), P()),
             out_specs=(P(), P()),
             check_vma=False,
         )
 
-        def epoch(state, images):
-            ids, mask = trainer.epoch_batches(state, n, batch_size)
-            return sharded_epoch(state, images.data, ids, mask)
+        def epoch(state, images, first=0):
+            ids, mask = trainer.epoch_batches(state, n, batch_size, first, steps)
+            after = trainer.epoch_after(state, n, batch_size, first, steps)
+            return sharded_epoch(state, images.data, ids, mask, after)
 
         jitted = jax.jit(epoch, out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-        return jitted.lower(state, images).compile()
+        if steps is None:
+            return jitted.lower(state, images).compile()
+        compiled = jitted.lower(state, images, self._replicate(np.int32(0))).compile()
+        # A global (replicated) scalar: every process passes the same step.
+        return lambda state, images, first: compiled(state, images, self._replicate(np.int32(first)))
 
     def compile_evaluate(self, trainer: Trainer, state: TrainState, images: RowShards, batch_size: int) -> Callable:
         images = self.put_data(images)

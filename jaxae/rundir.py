@@ -209,7 +209,9 @@ class StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, stops_at: str = "this epoch") -> None:
+        #: where the loop stops, for the message a signal prints ("this epoch", or a step inside it)
+        self.stops_at = stops_at
         self.signum: int | None = None
         #: the signal came to another process of the run, not this one
         self.from_another_process = False
@@ -257,7 +259,7 @@ class StopOnSignal:
         # os.write, not print: the handler may run while the main thread is inside a print.
         os.write(
             sys.stderr.fileno(),
-            f"\njaxae: {name}: finishing this epoch and saving a checkpoint (send it again to stop at once)\n".encode(),
+            f"\njaxae: {name}: finishing {self.stops_at} and saving a checkpoint (send it again to stop at once)\n".encode(),
         )
 
     def __exit__(self, *exc: Any) -> None:
@@ -272,10 +274,14 @@ LOCK_FILE = checkpoint.LOCK_FILE
 # -- the folder: lock, claim, outputs ---------------------------------------------------------
 
 
-def check_run_settings(save_every: int, keep: int, resume: bool, workdir: str | Path | None) -> None:
+def check_run_settings(
+    save_every: int, keep: int, resume: bool, workdir: str | Path | None, save_every_steps: int | None = None
+) -> None:
     """Raises :class:`JaxaeError` for checkpoint settings no run can use (``fit`` and sweeps alike)."""
     if save_every < 1:
         raise JaxaeError(f"--save-every must be at least 1, got {save_every}")
+    if save_every_steps is not None and save_every_steps < 1:
+        raise JaxaeError(f"--save-every-steps must be at least 1, got {save_every_steps}")
     if keep < 1:
         raise JaxaeError(f"--keep must be at least 1, got {keep}")
     if resume and workdir is None:
@@ -582,15 +588,28 @@ def interrupted(
     *,
     saved_in: str | Path | None = None,
     elsewhere: bool = False,
+    epoch_step: tuple[int, int] | None = None,
 ) -> Exception:
     """The :class:`TrainingInterrupted` to raise once the final save is complete.
 
     ``saved_in``: a sweep's folder, whose every model was saved; by default the checkpoint's own folder.
+    ``epoch_step``: ``(steps done, steps per epoch)`` of the epoch it stopped inside, if it did.
     """
     epoch = int(state.epoch)
     ckpts.wait()
     step = ckpts.latest_step()
     name = signal.Signals(signum).name + (" (sent to another process of the run)" if elsewhere else "")
+    if epoch_step is not None and step is not None:
+        path = str(checkpoint.step_dir(ckpts.workdir, step))
+        done, total = epoch_step
+        return TrainingInterrupted(
+            f"interrupted by {name} at step {done} of {total} of epoch {epoch + 1} of {config.epochs}; "
+            f"checkpoint saved in {path} (step {step})",
+            signum=signum,
+            epoch=epoch,
+            step=step,
+            checkpoint=path,
+        )
     if step is None:
         return TrainingInterrupted(
             f"interrupted by {name} before the first epoch ended; no checkpoint was written",

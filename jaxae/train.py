@@ -152,34 +152,61 @@ class Trainer:
 
     # -- one epoch ------------------------------------------------------------------------
 
-    def epoch_batches(self, state: TrainState, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
-        """This epoch's example indices ``[steps, B]`` and mask ``[steps, B]``."""
-        steps = -(-n // batch_size)
+    def epoch_batches(
+        self, state: TrainState, n: int, batch_size: int, first: Any = 0, steps: int | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """This epoch's example indices ``[steps, B]`` and mask ``[steps, B]``.
+
+        With ``steps``, only the epoch's steps ``[first, first + steps)`` (``first`` may be
+        traced): a part of the same epoch, drawn from the same permutation.
+        """
+        total = -(-n // batch_size)
         key = jax.random.fold_in(_wrap(state.data_rng), state.epoch)
         perm = jax.random.permutation(key, n).astype(jnp.int32)
-        pad = steps * batch_size - n
-        ids = jnp.concatenate([perm, perm[:pad]]).reshape(steps, batch_size)
-        mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32).reshape(steps, batch_size)
+        pad = total * batch_size - n
+        ids = jnp.concatenate([perm, perm[:pad]]).reshape(total, batch_size)
+        mask = (jnp.arange(total * batch_size) < n).astype(jnp.float32).reshape(total, batch_size)
+        if steps is not None:
+            ids = jax.lax.dynamic_slice_in_dim(ids, first, steps)
+            mask = jax.lax.dynamic_slice_in_dim(mask, first, steps)
         return ids, mask
 
+    @staticmethod
+    def epoch_after(state: TrainState, n: int, batch_size: int, first: Any = 0, steps: int | None = None) -> jax.Array:
+        """``state.epoch`` once steps ``[first, first + steps)`` are done: one more when they end the epoch."""
+        if steps is None:
+            return state.epoch + 1
+        ends = first + steps >= -(-n // batch_size)
+        return state.epoch + jnp.asarray(ends, state.epoch.dtype)
+
     def train_epoch(
-        self, state: TrainState, images: jax.Array, batch_size: int
+        self, state: TrainState, images: jax.Array, batch_size: int, first: Any = 0, steps: int | None = None
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One pass over ``images`` (uint8 ``[N, D]`` on the device) as a ``lax.scan``.
 
-        Returns the new state and per-step metrics (arrays of length ``ceil(N / B)``).
+        Returns the new state and per-step metrics (arrays of length ``ceil(N / B)``). With
+        ``steps``, only the epoch's steps ``[first, first + steps)`` run (see :meth:`epoch_batches`);
+        ``state.epoch`` moves on when they are its last.
         """
-        ids, mask = self.epoch_batches(state, images.shape[0], batch_size)
+        n = images.shape[0]
+        ids, mask = self.epoch_batches(state, n, batch_size, first, steps)
 
         def body(state, xs):
             ids_b, mask_b = xs
             return self.train_step(state, images[ids_b], mask_b, ids_b)
 
-        state, metrics = jax.lax.scan(body, state, (ids, mask))
-        return state.replace(epoch=state.epoch + 1), metrics
+        new, metrics = jax.lax.scan(body, state, (ids, mask))
+        return new.replace(epoch=self.epoch_after(state, n, batch_size, first, steps)), metrics
 
     def train_epoch_shard(
-        self, state: TrainState, images: jax.Array, ids: jax.Array, mask: jax.Array, *, axis_name: str
+        self,
+        state: TrainState,
+        images: jax.Array,
+        ids: jax.Array,
+        mask: jax.Array,
+        *,
+        axis_name: str,
+        epoch: Any = None,
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One epoch on one device of a data-parallel run (under ``pmap`` or ``shard_map``).
 
@@ -189,6 +216,8 @@ class Trainer:
             ids: this device's example indices ``[steps, B / devices]``, from :meth:`epoch_batches`.
             mask: this device's ``[steps, B / devices]`` mask of real (not padding) rows.
             axis_name: the device axis the loss and gradients are summed over.
+            epoch: ``state.epoch`` afterwards (default: one more; see :meth:`epoch_after` for a
+                part of an epoch).
 
         Returns:
             The new state and per-step metrics, identical on every device.
@@ -198,8 +227,8 @@ class Trainer:
             ids_b, mask_b = xs
             return self.train_step(state, images[ids_b], mask_b, ids_b, axis_name=axis_name)
 
-        state, metrics = jax.lax.scan(body, state, (ids, mask))
-        return state.replace(epoch=state.epoch + 1), metrics
+        new, metrics = jax.lax.scan(body, state, (ids, mask))
+        return new.replace(epoch=state.epoch + 1 if epoch is None else epoch), metrics
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -288,7 +317,7 @@ class Trainer:
     def jit_train_epoch(self) -> Callable:
         """:meth:`train_epoch`, compiled (``batch_size`` static). The state passed in is donated,
         as with :attr:`jit_train_step`."""
-        return jax.jit(self.train_epoch, static_argnames="batch_size", donate_argnums=0)
+        return jax.jit(self.train_epoch, static_argnames=("batch_size", "steps"), donate_argnums=0)
 
     @functools.cached_property
     def jit_evaluate(self) -> Callable:

@@ -6,6 +6,7 @@ epoch at batch 64) and signal it at chosen moments.
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -930,3 +931,120 @@ def test_reading_the_latest_checkpoint_of_a_run_that_rotates_them_never_reports_
         proc.wait()
     assert failures == [] and restored == 40
     assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+
+
+# -- inside an epoch: --save-every-steps ------------------------------------------------------
+
+
+def _signal_at_step(step: int | None):
+    """An optax transformation that changes nothing and sends this process SIGTERM from inside
+    the compiled step numbered ``step`` (0-based): a signal at an exact point of an epoch."""
+
+    def update(updates, count, params=None):
+        def send(count):
+            if step is not None and int(count) == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        jax.debug.callback(send, count)
+        return updates, count + 1
+
+    return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+
+def _tx(config, signal_at=None):
+    from jaxae.train import make_optimizer
+
+    return optax.chain(make_optimizer(config, STEPS_PER_EPOCH), _signal_at_step(signal_at))
+
+
+def test_an_epoch_in_parts_gives_the_whole_epochs_numbers_and_saves_inside_it(tmp_path, idx_folder):
+    config = _config(idx_folder, epochs=2)
+    whole = fit(config, tmp_path / "whole", progress=False)
+    parts = fit(config, tmp_path / "parts", progress=False, save_every_steps=3, keep=100)
+    assert _records(tmp_path / "parts") == _records(tmp_path / "whole")
+    _assert_same_tree(parts.state, whole.state)
+    # Parts end at 3 and 6 inside each 8-step epoch, and at its end.
+    assert checkpoint.complete_steps(tmp_path / "parts") == [3, 6, 8, 11, 14, 16]
+    _, inside = checkpoint.read_meta(tmp_path / "parts", 11)
+    progress = inside["epoch_progress"]
+    assert inside["format"] == checkpoint.INSIDE_EPOCH_FORMAT and inside["epoch"] == 1
+    assert (progress["epoch_step"], progress["steps_per_epoch"], progress["train_rows"]) == (3, 8, 512)
+    assert len(progress["step_metrics"]["loss"]["values"]) == 3
+    _, end = checkpoint.read_meta(tmp_path / "parts", 8)
+    assert "epoch_progress" not in end and end["format"] == checkpoint.FORMAT_VERSION
+
+
+def test_a_signal_inside_an_epoch_saves_at_the_next_part_and_resume_is_exact(tmp_path, idx_folder):
+    config = _config(idx_folder, epochs=3)
+    reference = fit(config, tmp_path / "uninterrupted", progress=False, tx=_tx(config), save_every_steps=3)
+    # SIGTERM during step 10 (the second of epoch 2): the part running ends at step 11, 3 into the epoch.
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(config, tmp_path / "run", progress=False, tx=_tx(config, signal_at=9), save_every_steps=3)
+    e = info.value
+    assert (e.signum, e.epoch, e.step, e.exit_status) == (signal.SIGTERM, 1, 11, 143)
+    assert str(e).startswith("interrupted by SIGTERM at step 3 of 8 of epoch 2 of 3; checkpoint saved in")
+    assert checkpoint.complete_steps(tmp_path / "run")[-1] == 11
+    assert len(_records(tmp_path / "run")) == 1  # epoch 2 has no record until it ends
+    resumed = fit(config, tmp_path / "run", progress=False, tx=_tx(config), save_every_steps=3, resume=True)
+    assert resumed.start_epoch == 1
+    _assert_same_tree(resumed.state, reference.state)
+    assert _records(tmp_path / "run") == _records(tmp_path / "uninterrupted")  # epoch 2's train loss too
+    # Resumed without --save-every-steps, the rest of the epoch is one part: the same numbers.
+    with pytest.raises(TrainingInterrupted):
+        fit(config, tmp_path / "again", progress=False, tx=_tx(config, signal_at=9), save_every_steps=3)
+    fit(config, tmp_path / "again", progress=False, tx=_tx(config), resume=True)
+    assert _records(tmp_path / "again") == _records(tmp_path / "uninterrupted")
+
+
+def test_resuming_inside_an_epoch_refuses_other_train_data_and_an_older_reader(
+    tmp_path, idx_folder, sample_train, sample_test, monkeypatch
+):
+    config = TrainConfig(epochs=2, batch_size=64)
+    images, labels = sample_train.images, sample_train.labels
+    test = (sample_test.images[:128], sample_test.labels[:128])
+    run = functools.partial(fit, config, tmp_path / "run", progress=False, test=test, save_every_steps=3)
+    with pytest.raises(TrainingInterrupted):
+        run(train=(images[:512], labels[:512]), tx=_tx(config, signal_at=1))
+    # 500 images are 8 steps of 64 too, but not the epoch the checkpoint stopped inside.
+    with pytest.raises(JaxaeError, match="stopped at step 3 of an epoch of 8 steps over 512 train images, and this"):
+        run(train=(images[:500], labels[:500]), tx=_tx(config), resume=True)
+    # A jaxae that reads only epoch-end checkpoints refuses this one instead of restarting its epoch.
+    monkeypatch.setattr(checkpoint, "READABLE_FORMAT", checkpoint.FORMAT_VERSION)
+    with pytest.raises(JaxaeError, match="has format 4.*upgrade jaxae"):
+        checkpoint.read_meta(tmp_path / "run")
+
+
+def test_save_every_steps_must_be_positive(tmp_path, idx_folder, capsys):
+    with pytest.raises(JaxaeError, match="--save-every-steps must be at least 1, got 0"):
+        fit(_config(idx_folder, epochs=1), tmp_path / "run", progress=False, save_every_steps=0)
+    code = cli.main(
+        ["train", "--dataset", str(idx_folder), "--save-every-steps", "-2", "--workdir", str(tmp_path / "c")]
+    )
+    _assert_one_line_error(capsys, code, "--save-every-steps must be at least 1, got -2")
+
+
+@pytest.mark.slow  # a real process for about half a minute
+def test_sigterm_to_a_real_process_inside_an_epoch_saves_there_exits_143_and_resumes_exactly(tmp_path, idx_folder):
+    workdir = tmp_path / "run"
+    # Batch 8: 64 steps an epoch, a part every 2; each save holds its commit 1 s, so the first
+    # epoch lasts half a minute and the signal lands inside it.
+    proc, args = _spawn(tmp_path, workdir, idx_folder, "--batch-size", "8", "--save-every-steps", "2", slow_save=1.0)
+    _wait_for(proc, lambda: len(_step_dirs(workdir)[0]) >= 1)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    step = checkpoint.complete_steps(workdir)[-1]
+    assert 2 <= step < 64 and step % 2 == 0, step
+    assert last.startswith(f"jaxae: interrupted by SIGTERM at step {step} of 64 of epoch 1 of 100000;"), last
+    assert last.endswith("resume with: jaxae " + " ".join(args) + " --resume")
+    config = dataclasses.replace(_config(idx_folder, epochs=1), batch_size=8)
+    resumed = fit(config, workdir, progress=False, resume=True)
+    uninterrupted = fit(config, tmp_path / "uninterrupted", progress=False)
+    _assert_same_tree(resumed.state, uninterrupted.state)
+    assert _records(workdir) == _records(tmp_path / "uninterrupted")

@@ -92,6 +92,10 @@ from jaxae.train import TrainConfig, Trainer, TrainState, build
 # 3: ``input_shape`` is the image shape the model was built for; before, it was read off the
 # parameters assuming square images (wrong for a 16x64 conv model, say), so it is not trusted.
 FORMAT_VERSION = 3
+# A checkpoint saved inside an epoch (its metadata says where): a jaxae that reads only format 3
+# would resume it from the epoch's start, so it refuses this one and asks to be upgraded.
+INSIDE_EPOCH_FORMAT = 4
+READABLE_FORMAT = INSIDE_EPOCH_FORMAT
 LEGACY_FORMAT = 1
 BEST_METRIC = "test_loss"
 
@@ -187,7 +191,14 @@ class Checkpoints:
         self._unlisted: list[int] = []  # saved steps whose file list is not written yet
         self._failure: CheckpointSaveError | None = None  # once a save failed, nothing more is saved
 
-    def save(self, state: TrainState, config: TrainConfig, *, metrics: dict[str, float] | None = None) -> int:
+    def save(
+        self,
+        state: TrainState,
+        config: TrainConfig,
+        *,
+        metrics: dict[str, float] | None = None,
+        progress: dict[str, Any] | None = None,
+    ) -> int:
         """Starts saving ``state`` (one ordinary copy, e.g. ``strategy.host_state(state)``).
 
         Args:
@@ -195,6 +206,9 @@ class Checkpoints:
             config: the run's config, saved with it.
             metrics: e.g. ``{"test_loss": ...}``; the checkpoint with the lowest test loss is
                 kept however old it is.
+            progress: where inside an epoch ``state`` is (the epoch loop's ``epoch_step``,
+                ``steps_per_epoch``, ``train_rows`` and the epoch's per-step metrics so far),
+                saved as the metadata's ``"epoch_progress"``; None at an epoch's end.
 
         Returns:
             The step saved.
@@ -212,7 +226,7 @@ class Checkpoints:
         if not self.own_model:
             check_config_fits(state, config)
         meta = {
-            "format": FORMAT_VERSION,
+            "format": FORMAT_VERSION if progress is None else INSIDE_EPOCH_FORMAT,
             "jaxae_version": __version__,
             "config": config.to_dict(),
             "input_dim": input_dim_of(state),
@@ -224,6 +238,8 @@ class Checkpoints:
         }
         if self.own_model:
             meta["own_model"] = True
+        if progress is not None:
+            meta["epoch_progress"] = progress
         meta["meta_sha256"] = meta_digest(meta)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._list_files_of_finished_saves()  # Orbax would wait for the previous save here anyway
@@ -385,10 +401,10 @@ def _read_meta(mngr: ocp.CheckpointManager, workdir: str | Path, step: int, step
         # a flipped bit is reported as damage, not as an unknown setting or a different run.
         if meta.get("meta_sha256") != meta_digest(meta):
             raise _damaged(workdir, step, steps, "its metadata does not match the digest saved with it")
-        if not isinstance(meta.get("format"), int) or meta["format"] > FORMAT_VERSION:
+        if not isinstance(meta.get("format"), int) or meta["format"] > READABLE_FORMAT:
             raise JaxaeError(
                 f"checkpoint {step_dir(workdir, step)} has format {meta.get('format')!r}, written by jaxae "
-                f"{meta.get('jaxae_version')}; this jaxae ({__version__}) reads formats up to {FORMAT_VERSION}: "
+                f"{meta.get('jaxae_version')}; this jaxae ({__version__}) reads formats up to {READABLE_FORMAT}: "
                 "upgrade jaxae"
             )
     if "config" not in meta or "input_dim" not in meta:
