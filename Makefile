@@ -22,7 +22,7 @@ train:
 # pytest-xdist: one worker per core. `test` leaves out the tests marked slow (the docs pages'
 # examples, conv runs end to end, some real-process fault tests); `test-all` runs every test.
 test:
-	$(PY) -m pytest -q -n auto -m "not slow" tests
+	$(PY) -m pytest -q -n auto -m "not slow" --durations=15 tests
 
 test-all:
 	$(PY) -m pytest -q -n auto tests

@@ -46,6 +46,18 @@ SLOW_CASES = {
     "test_sweep.py::test_swept_loss_weights_give_the_train_step_of_each_config[denoising-values0]",
     "test_sweep.py::test_swept_loss_weights_give_the_train_step_of_each_config[vae-values2]",
     "test_train.py::test_smallest_allowed_images_train_and_draw_their_figures[vae-mlp-8-12]",
+    "test_colour.py::test_every_variant_trains_evaluates_probes_and_draws_in_colour[vanilla-mlp]",
+    "test_convert_run.py::test_colour_adam_state_converts_exactly_and_takes_torch_s_next_step[conv-image_shape1]",
+    "test_sweep.py::test_swept_loss_weights_give_the_train_step_of_each_config[sparse-values1]",
+    "test_convert.py::test_one_adam_step_matches_torch_optim_adam[iwae-conv-unit]",
+    "test_models.py::test_patches_and_native_lowerings_give_the_same_outputs_and_gradients[ConvTranspose2x-3-5-shape6]",
+    "test_convert.py::test_cli_convert_check_a_vae[conv]",
+    "test_convert.py::test_torch_to_flax_to_torch_is_exact[vanilla-conv]",
+    "test_convert.py::test_one_adam_step_matches_torch_optim_adam[vae-conv-unit]",
+    "test_convert.py::test_one_adam_step_matches_torch_optim_adam[denoising-conv-unit]",
+    "test_convert.py::test_any_image_shape_converts_exactly_both_ways[vanilla-mlp-16x16x3]",
+    "test_objectives.py::test_the_iw_bound_with_100000_samples_compiles_within_its_memory_budget[conv-image_shape2]",
+    "test_checkpoint.py::test_the_image_shape_is_saved_and_a_model_for_other_images_is_refused[conv]",
 }
 
 

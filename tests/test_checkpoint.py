@@ -80,6 +80,7 @@ def _assert_one_line_error(capsys, code, *patterns):
 # -- exact resume -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, idx_folder, capsys):
     full = fit(_config(idx_folder, epochs=4), tmp_path / "full", progress=False, save_every=3)
     assert checkpoint.complete_steps(tmp_path / "full") == [24, 32]  # every 3rd epoch and the last
@@ -354,6 +355,7 @@ _DAMAGE = {
 }
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_a_clear_error_offering_older_ones(tmp_path, idx_folder, capsys):
     pristine = tmp_path / "pristine"
     fit(_config(idx_folder, epochs=3), pristine, progress=False)
@@ -695,6 +697,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
+@pytest.mark.slow
 def test_disk_full_stops_training_at_the_failed_save_with_one_line(tmp_path, idx_folder, small_disk):
     workdir = small_disk / "run"
     proc = subprocess.run(
@@ -975,14 +978,14 @@ def test_an_epoch_in_parts_gives_the_whole_epochs_numbers_and_saves_inside_it(tm
 
 
 def test_a_signal_inside_an_epoch_saves_at_the_next_part_and_resume_is_exact(tmp_path, idx_folder):
-    config = _config(idx_folder, epochs=3)
+    config = _config(idx_folder, epochs=2)
     reference = fit(config, tmp_path / "uninterrupted", progress=False, tx=_tx(config), save_every_steps=3)
     # SIGTERM during step 10 (the second of epoch 2): the part running ends at step 11, 3 into the epoch.
     with pytest.raises(TrainingInterrupted) as info:
         fit(config, tmp_path / "run", progress=False, tx=_tx(config, signal_at=9), save_every_steps=3)
     e = info.value
     assert (e.signum, e.epoch, e.step, e.exit_status) == (signal.SIGTERM, 1, 11, 143)
-    assert str(e).startswith("interrupted by SIGTERM at step 3 of 8 of epoch 2 of 3; checkpoint saved in")
+    assert str(e).startswith("interrupted by SIGTERM at step 3 of 8 of epoch 2 of 2; checkpoint saved in")
     assert checkpoint.complete_steps(tmp_path / "run")[-1] == 11
     assert len(_records(tmp_path / "run")) == 1  # epoch 2 has no record until it ends
     resumed = fit(config, tmp_path / "run", progress=False, tx=_tx(config), save_every_steps=3, resume=True)

@@ -261,6 +261,7 @@ def test_round_trip_torch_jaxae_torch_is_bit_exact(name, tmp_path, capsys, batch
     assert torch_step(fresh, fresh_opt, x) == torch_step(model, opt, x)
 
 
+@pytest.mark.slow
 def test_cli_resume_continues_the_pytorch_run(tmp_path, capsys, batches):
     model, opt, _ = torch_run(batches, OPTIMIZERS["adamw"][0], steps=4)
     torch.save(general_checkpoint(model, opt, epoch=1), tmp_path / "run.pt")

@@ -83,6 +83,7 @@ def vae_run(tmp_path_factory):
     return workdir, result
 
 
+@pytest.mark.slow
 def test_the_classifier_is_cached_and_a_damaged_cache_is_trained_again(
     vae_run, sample_train, sample_test, tmp_path, capsys
 ):

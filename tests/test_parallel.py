@@ -205,6 +205,7 @@ def test_a_batch_the_devices_do_not_divide_is_a_clear_error(four_devices, name):
 # -- 2 processes x 2 devices vs 1 process x 4 devices --------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_results_of_one_process(two_processes, four_devices):
     workdir, stdouts = two_processes
     report, arrays = four_devices
@@ -220,6 +221,7 @@ def test_two_processes_give_the_results_of_one_process(two_processes, four_devic
         np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_only_process_zero_reports(two_processes):
     workdir, stdouts = two_processes
     summary = json.loads(stdouts[0].strip().splitlines()[-1])
@@ -290,6 +292,7 @@ def test_processes_that_do_not_share_the_workdir_fail_at_once_instead_of_hanging
         assert not checkpoint.complete_steps(workdirs[index]) and not (workdirs[index] / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_second_multi_process_run_on_a_busy_workdir_is_refused_in_every_process(tmp_path, dataset):
     workdir = tmp_path / "run"
     workdir.mkdir()

@@ -126,6 +126,7 @@ def test_a_bfloat16_conv_vae_trains_and_records_its_precision(tmp_path, idx_fold
         evaluate_run(workdir, dtype="half")
 
 
+@pytest.mark.slow
 def test_a_resume_may_change_the_precision_and_records_it(tmp_path, idx_folder, capsys):
     workdir = str(tmp_path / "run")
     base = ["train", "--dataset", str(idx_folder), "--batch-size", "128", "--workdir", workdir]

@@ -397,6 +397,7 @@ def _no_nan(text):
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_a_diverged_model_is_reported_and_the_sweep_resumes(tmp_path, capsys, idx_folder):
     argv = ["sweep", "--dataset", str(idx_folder), "--batch-size", "64", "--lr", "1e-3,1e30"]
     argv += ["--workdir", str(tmp_path / "S"), "--no-progress", "--no-figures"]
