@@ -57,7 +57,7 @@ def main() -> None:
             }
         )
         print(f"{label:42s} {rate:9.0f} samples/s  test loss {result.history[-1]['test_loss']:.6f}", flush=True)
-    out = {"dataset": dataset, "batch_size": 256, "machine": f"{os.cpu_count()} CPUs", "rows": rows}
+    out = {"dataset": Path(dataset).name, "batch_size": 256, "machine": f"{os.cpu_count()} CPUs", "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
