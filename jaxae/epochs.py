@@ -291,7 +291,7 @@ class EpochLoop:
                         step_metrics = runner.host_values(step_metrics)
                         signum = None
                     else:
-                        state, step_metrics, signum = self._train_parts(state, epoch, first, carried, step, ckpts, stop)
+                        state, step_metrics, signum = self._train_parts(state, first, carried, ckpts, stop)
                     if signum is not None:  # stopped inside the epoch, saved there
                         at = len(step_metrics[0]["count"])  # the epoch's steps done, those resumed included
                         raise rundir.interrupted(
@@ -397,7 +397,7 @@ class EpochLoop:
             ck.save(s, m.config, metrics={"test_loss": r["test_loss"]})
 
     def _train_parts(
-        self, state: Any, epoch: int, first: int, carried: list | None, step: int, ckpts: list, stop: Any
+        self, state: Any, first: int, carried: list | None, ckpts: list, stop: Any
     ) -> tuple[Any, list[dict[str, Any]], int | None]:
         """The epoch from its step ``first`` on, part by part, saving (and heeding a signal) after each.
 
@@ -406,7 +406,7 @@ class EpochLoop:
         inside the epoch (None: it ran to its end).
         """
         parts = [carried] if carried is not None else []
-        at = first
+        at, finite = first, True
         for length in self.part_lengths(first):
             state, metrics = self._part(length, state)(state, self.train_images, np.int32(at))
             parts.append(self.runner.host_values(metrics))
@@ -414,10 +414,11 @@ class EpochLoop:
             if at == self.steps_per_epoch:
                 break
             signum = stop.agreed() if stop is not None else None
-            so_far = _joined(parts)
             # A loss that stopped being finite is left to the epoch's end, which reports it; its
-            # state is never saved.
-            finite = all(np.all(np.isfinite(np.asarray(v, np.float64))) for m in so_far for v in m.values())
+            # state is never saved. (A resumed epoch's carried metrics were finite when saved.)
+            finite = finite and all(
+                np.all(np.isfinite(np.asarray(v, np.float64))) for m in parts[-1] for v in m.values()
+            )
             if ckpts and finite:
                 ckpts[0].wait()  # a failed earlier save stops the run here (CheckpointSaveError)
                 saved = self.runner.checkpoint_states(state)[0]
@@ -426,11 +427,11 @@ class EpochLoop:
                         "epoch_step": at,
                         "steps_per_epoch": self.steps_per_epoch,
                         "train_rows": len(self.train),
-                        "step_metrics": _encode_metrics(so_far[0]),
+                        "step_metrics": _encode_metrics(_joined(parts)[0]),
                     }
                     ckpts[0].save(saved, self.members[0].config, progress=progress)
             if signum is not None:
-                return state, so_far, signum
+                return state, _joined(parts), signum
         return state, _joined(parts), None
 
     def _check_progress(self, progress: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:

@@ -599,17 +599,6 @@ def interrupted(
     ckpts.wait()
     step = ckpts.latest_step()
     name = signal.Signals(signum).name + (" (sent to another process of the run)" if elsewhere else "")
-    if epoch_step is not None and step is not None:
-        path = str(checkpoint.step_dir(ckpts.workdir, step))
-        done, total = epoch_step
-        return TrainingInterrupted(
-            f"interrupted by {name} at step {done} of {total} of epoch {epoch + 1} of {config.epochs}; "
-            f"checkpoint saved in {path} (step {step})",
-            signum=signum,
-            epoch=epoch,
-            step=step,
-            checkpoint=path,
-        )
     if step is None:
         return TrainingInterrupted(
             f"interrupted by {name} before the first epoch ended; no checkpoint was written",
@@ -620,8 +609,13 @@ def interrupted(
         )
     path = str(saved_in or checkpoint.step_dir(ckpts.workdir, step))
     what = "every model saved in" if saved_in else "checkpoint saved in"
+    where = (
+        f"after epoch {epoch}"
+        if epoch_step is None
+        else f"at step {epoch_step[0]} of {epoch_step[1]} of epoch {epoch + 1}"
+    )
     return TrainingInterrupted(
-        f"interrupted by {name} after epoch {epoch} of {config.epochs}; {what} {path} (step {step})",
+        f"interrupted by {name} {where} of {config.epochs}; {what} {path} (step {step})",
         signum=signum,
         epoch=epoch,
         step=step,
