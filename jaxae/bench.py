@@ -42,6 +42,7 @@ import numpy as np
 
 from jaxae.data import dataset_image_shape, load_dataset, shape_text
 from jaxae.errors import JaxaeError
+from jaxae.parallel import put_dataset
 from jaxae.train import TrainConfig, build
 
 _DOCUMENT_IMAGES = (28, 28, 1)  # the document's model and its PyTorch twin take these only
@@ -141,7 +142,7 @@ class JaxMethod:
     def __init__(self, images: np.ndarray, batch_size: int, config: TrainConfig | None = None):
         config = dataclasses.replace(config or TrainConfig(), batch_size=batch_size)
         self.trainer, self.state = build(config, images.shape[1:])
-        self.images = jax.device_put(images.reshape(len(images), -1))
+        self.images = put_dataset(images.reshape(len(images), -1))
         t0 = time.perf_counter()
         self.epoch = self.trainer.jit_train_epoch.lower(self.state, self.images, batch_size=batch_size).compile()
         self.compile_seconds = time.perf_counter() - t0

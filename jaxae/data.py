@@ -586,24 +586,53 @@ def _parse_idx(stream, path: Path, file_size: int | None, max_size: int, header_
     if file_size is not None and expected:
         # A plain file is mapped, not read: its pages are the file's (shared, dropped under
         # memory pressure) and only the rows something reads are ever read from disk; e.g. a
-        # process of a multi-process run reads only its own devices' rows.
+        # process of a multi-process run reads only its own devices' rows. The file already
+        # open is mapped (not its name again), so the map is of the file whose size was checked.
         with contextlib.suppress(OSError):  # a file system that cannot map files: read it below
-            return np.memmap(path, dtype=_IDX_DTYPES[type_code], mode="r", offset=header_len, shape=tuple(dims))
+            try:
+                return np.memmap(stream, dtype=_IDX_DTYPES[type_code], mode="r", offset=header_len, shape=tuple(dims))
+            except ValueError as e:  # shortened since its size was read, or a shape numpy cannot map
+                raise DataError(f"cannot map IDX file {path} (header shape {tuple(dims)}): {e}") from None
     try:
         body = np.empty(expected, dtype=_IDX_DTYPES[type_code])
-        have = _read_into(stream, body)
     except ValueError as e:  # e.g. a zero dimension next to sizes numpy cannot index
         raise DataError(f"{path}: header shape {tuple(dims)} is not a usable array shape ({e})") from None
+    except MemoryError:
+        # A gzip header may claim up to deflate's worst-case expansion of the file: whether the
+        # stream really holds that much tells a corrupt header from a split too large to load.
+        have = _count_up_to(stream, expected)
+        if have < expected:
+            raise DataError(_truncated(path, dims, expected, have)) from None
+        raise DataError(
+            f"IDX file {path} does not fit in memory: header shape {tuple(dims)} is {expected} bytes"
+        ) from None
+    have = _read_into(stream, body)
     if have < expected:
-        raise DataError(f"{path} is truncated: header shape {tuple(dims)} needs {expected} bytes of data, found {have}")
+        raise DataError(_truncated(path, dims, expected, have))
     if stream.read(1):
         raise DataError(
             f"{path} is longer than its header says: header shape {tuple(dims)} needs {expected} bytes of data"
         )
+    body.flags.writeable = False  # read-only, as a mapped file is: a split is never changed in place
     try:
         return body.reshape(dims)
     except ValueError as e:
         raise DataError(f"{path}: header shape {tuple(dims)} is not a usable array shape ({e})") from None
+
+
+def _truncated(path: Path, dims: tuple[int, ...], expected: int, have: int) -> str:
+    return f"{path} is truncated: header shape {tuple(dims)} needs {expected} bytes of data, found {have}"
+
+
+def _count_up_to(stream, n: int) -> int:
+    """How many bytes ``stream`` yields, up to ``n``, read in chunks and not kept."""
+    have = 0
+    while have < n:
+        chunk = stream.read(min(n - have, _CHUNK))
+        if not chunk:
+            break
+        have += len(chunk)
+    return have
 
 
 def _read_into(stream, out: np.ndarray) -> int:
@@ -622,9 +651,23 @@ def _read_into(stream, out: np.ndarray) -> int:
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
-    """Writes a uint8 array as an IDX file (gzip-compressed when ``path`` ends in ``.gz``)."""
+    """Writes a uint8 array as an IDX file (gzip-compressed when ``path`` ends in ``.gz``).
+
+    The file is written beside ``path`` and renamed over it once complete, so a file that is
+    replaced is never changed in place: a run that has the old one mapped (jaxae reads plain
+    IDX files in place) goes on reading the old contents, never half of each.
+    """
     path = Path(path)
-    path.write_bytes(_idx_bytes(array, compress=path.suffix == ".gz"))
+    _write_atomically(path, _idx_bytes(array, compress=path.suffix == ".gz"))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)  # never a half-written file under a name jaxae reads
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _idx_bytes(array: np.ndarray, *, compress: bool) -> bytes:
@@ -692,12 +735,7 @@ def write_idx_folder(
         _refuse_existing_idx_files(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in files:
-            partial = folder / f".{name}.partial"
-            try:
-                partial.write_bytes(_idx_bytes(array, compress=compress))
-                os.replace(partial, folder / name)  # never a half-written file under a name jaxae reads
-            finally:
-                partial.unlink(missing_ok=True)
+            _write_atomically(folder / name, _idx_bytes(array, compress=compress))
     except OSError as e:
         raise DataError(f"cannot write IDX dataset folder {folder}: {e.strerror or e}") from None
     return folder
@@ -753,8 +791,14 @@ def _checked_split_arrays(split: str, images, labels, *, idx: bool = False) -> t
     labels: an IDX label file holds bytes)."""
     images = _one_array(images, f"the {split} images")
     labels = None if labels is None else _one_array(labels, f"the {split} labels")
-    if images.dtype.kind in "iu" and images.size and 0 <= images.min() and images.max() <= 255:
-        images = images.astype(np.uint8)  # integer pixels 0..255 convert exactly
+    # Integer pixels 0..255 convert exactly; uint8 is kept as it is (a mapped split is not copied).
+    if (
+        images.dtype != np.uint8
+        and images.dtype.kind in "iu"
+        and images.size
+        and 0 <= images.min() <= images.max() <= 255
+    ):
+        images = images.astype(np.uint8)
     if images.dtype != np.uint8:
         raise DataError(f"the {split} images must be uint8 pixels 0..255, got {_pixel_kind(images)}")
     if images.ndim == 3:

@@ -23,7 +23,7 @@ from jaxae.data import Dataset, dataset_image_shape, get_normalization, load_dat
 from jaxae.epochs import RUNNER_METHODS, EpochLoop, Member
 from jaxae.errors import DataError, JaxaeError
 from jaxae.objectives import check_model_contract, get_variant
-from jaxae.parallel import Strategy, get_strategy
+from jaxae.parallel import Strategy, get_strategy, put_dataset
 
 # The run folder's checks, re-exported where library users have always found them.
 from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings, check_workdir_writable
@@ -410,7 +410,7 @@ def evaluate_run(
         graphdef = build(config, state.image_shape)[0].graphdef
         trainer = dataclasses.replace(trainer, graphdef=graphdef, matmul_precision=config.matmul_precision)
     test = load_dataset(config.dataset, "test", config.tfds_data_dir)
-    images = jax.device_put(test.images.reshape(len(test), -1))
+    images = put_dataset(test.images.reshape(len(test), -1))
     metrics = trainer.jit_evaluate(state, images, batch_size=min(config.eval_batch_size, len(test)))
     out: dict[str, Any] = {
         "step": int(state.step),

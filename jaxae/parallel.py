@@ -90,8 +90,8 @@ class Strategy:
             )
 
     def put_data(self, images: Any) -> jax.Array:
-        """Host uint8 ``[N, D]`` -> the layout the compiled functions expect."""
-        return jax.device_put(images)
+        """Host uint8 ``[N, D]`` -> the layout the compiled functions expect (see :func:`put_dataset`)."""
+        return put_dataset(images)
 
     def put_state(self, state: TrainState) -> TrainState:
         """A host (or single-device) state -> the strategy's layout."""
@@ -179,7 +179,7 @@ class PmapStrategy(Strategy):
         return len(self.devices)
 
     def put_data(self, images: Any) -> jax.Array:
-        return jax.device_put(np.asarray(images), NamedSharding(self.mesh, P()))
+        return put_dataset(images, NamedSharding(self.mesh, P()))
 
     def put_state(self, state: TrainState) -> TrainState:
         stacked = NamedSharding(self.mesh, P(PMAP_AXIS))
@@ -235,8 +235,8 @@ class RowShards:
     """A split held once across a mesh's ``data`` axis: what :meth:`ShardStrategy.put_data` returns.
 
     Device ``d`` of ``D`` holds rows ``[d R, (d + 1) R)`` of the split, ``R = ceil(rows / D)``;
-    the rows past the split's end (at most ``D - 1``) are zero padding that no batch or
-    evaluation reads. A pytree: the compiled epoch and evaluation take it as they take an array.
+    the rows past the split's end (at most ``D - 1``) are zero padding that no batch reads
+    and that evaluation, which runs over whole blocks, leaves out of its sums. A pytree: the compiled epoch and evaluation take it as they take an array.
 
     Attributes:
         data: uint8 ``[D R, F]``, sharded ``P("data")``.
@@ -293,9 +293,21 @@ class ShardStrategy(Strategy):
         """Host uint8 ``[N, F]`` -> :class:`RowShards`: each device gets its block of rows.
 
         Only the blocks of this process's devices are read from ``images``, one at a time, so
-        a memory-mapped split is read in part and never copied whole.
+        a memory-mapped split is read in part and never copied whole. Each block is copied
+        from ``images`` before this returns, as :func:`put_dataset` does. A :class:`RowShards`
+        of this strategy's mesh is returned as it is.
+
+        Raises:
+            JaxaeError: a :class:`RowShards` placed on another mesh (its blocks would be read
+                with another row count per device).
         """
         if isinstance(images, RowShards):
+            if images.data.sharding != self.row_sharded:
+                raise JaxaeError(
+                    f"these RowShards were placed on a mesh of {images.data.sharding.num_devices} devices "
+                    f"({images.data.sharding}), not this strategy's {self.device_count}; place the host "
+                    "array with this strategy's put_data"
+                )
             return images
         n = int(images.shape[0])
         block = -(-n // self.device_count)
@@ -303,12 +315,20 @@ class ShardStrategy(Strategy):
 
         def rows(index: tuple[slice, ...]) -> np.ndarray:
             start, stop, _ = index[0].indices(shape[0])
-            part = np.asarray(images[start : min(stop, n)])
+            part = np.array(images[start : min(stop, n)])  # owned: never an alias of a mapped file
             if stop > max(start, n):  # the last blocks: the rows past the split are zeros
                 part = np.concatenate([part, np.zeros((stop - max(start, n), *shape[1:]), part.dtype)])
             return part
 
-        return RowShards(jax.make_array_from_callback(shape, self.row_sharded, rows), n)
+        return RowShards(jax.block_until_ready(jax.make_array_from_callback(shape, self.row_sharded, rows)), n)
+
+    def _placed(self, images: Any, method: str) -> RowShards:
+        if not isinstance(images, RowShards):
+            raise JaxaeError(
+                f"ShardStrategy.{method} takes the RowShards that put_data returns, got {type(images).__name__}; "
+                "place the split first: images = strategy.put_data(images)"
+            )
+        return self.put_data(images)
 
     def put_state(self, state: TrainState) -> TrainState:
         return jax.tree.map(self._replicate, state)
@@ -324,7 +344,7 @@ class ShardStrategy(Strategy):
         self, trainer: Trainer, state: TrainState, images: RowShards, batch_size: int, steps: int | None = None
     ) -> Callable:
         self.check_batch_size(batch_size)
-        images = self.put_data(images)
+        images = self._placed(images, "compile_epoch")
         n, block, per_device = images.rows, images.block_rows, batch_size // self.device_count
 
         def device_epoch(state, local, ids, mask, after):
@@ -367,7 +387,7 @@ class ShardStrategy(Strategy):
         return lambda state, images, first: compiled(state, images, self._replicate(np.int32(first)))
 
     def compile_evaluate(self, trainer: Trainer, state: TrainState, images: RowShards, batch_size: int) -> Callable:
-        images = self.put_data(images)
+        images = self._placed(images, "compile_evaluate")
         n, block = images.rows, images.block_rows
 
         def device_evaluate(state, local):
@@ -379,6 +399,48 @@ class ShardStrategy(Strategy):
         )
         jitted = jax.jit(lambda state, images: sharded(state, images.data), out_shardings=self.replicated)
         return jitted.lower(state, images).compile()
+
+
+def put_dataset(images: Any, sharding: Any = None) -> jax.Array:
+    """A host split on the devices as a copy they own, complete when this returns.
+
+    On a CPU backend ``jax.device_put`` aliases a 64-byte aligned host array instead of
+    copying it (whatever ``may_alias`` says), and a memory-mapped file can be aligned so:
+    a ``.npy`` opened with ``mmap_mode``, or a block of rows of an IDX file. The file's later
+    changes would then change what trains, and its truncation would fault inside a step. So a
+    file-backed array bound for CPU devices is first copied into memory of this process
+    (aligned, so that the devices alias that copy and it is the only one), and the transfer is
+    waited for, so the host array is not read again once this returns. Every path that puts a
+    dataset on devices comes through here.
+    """
+    if _file_backed(images) and _platform(sharding) == "cpu":
+        images = _aligned_copy(images)
+    return jax.block_until_ready(jax.device_put(images, sharding))
+
+
+def _file_backed(x: Any) -> bool:
+    """Whether ``x`` is a view of a memory-mapped file (``np.memmap``, ``mmap.mmap``)."""
+    import mmap
+
+    while isinstance(x, np.ndarray):
+        if isinstance(x, np.memmap):
+            return True
+        x = x.base
+    return isinstance(x, mmap.mmap)
+
+
+def _platform(sharding: Any) -> str:
+    devices = jax.devices()[:1] if sharding is None else list(sharding.device_set)
+    return devices[0].platform
+
+
+def _aligned_copy(x: np.ndarray) -> np.ndarray:
+    """``x`` copied into a new 64-byte aligned buffer: one the CPU backend aliases, not copies again."""
+    buffer = np.empty(x.nbytes + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    out = buffer[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
 
 
 def get_strategy(name: str, devices: list | None = None) -> Strategy:

@@ -50,7 +50,7 @@ from jaxae.epochs import EpochLoop, Member, json_safe
 from jaxae.errors import JaxaeError
 from jaxae.loop import check_same_image_shape, splits_in_memory
 from jaxae.objectives import VARIANTS, get_variant
-from jaxae.parallel import MESH_AXIS
+from jaxae.parallel import MESH_AXIS, put_dataset
 from jaxae.rundir import (
     WorkdirLock,
     check_run_settings,
@@ -379,7 +379,7 @@ class Placement:
         return jax.device_put(self.pad(tree), sharding)
 
     def put_data(self, images: np.ndarray) -> jax.Array:
-        return jax.device_put(images, self.replicated)
+        return put_dataset(images, self.replicated)
 
     # -- a runner of the epoch loop (jaxae.epochs.Runner): one stack of models, in one process
 

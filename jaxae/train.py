@@ -129,7 +129,7 @@ class Trainer:
 
         def loss_fn(params):
             per_example, metrics, *stats = self.objective.loss(self.model(params), x, keys)
-            loss = jnp.sum(per_example * mask) / count
+            loss = _row_sum(per_example, mask) / count
             return loss, ({k: _row_sum(v, mask) / count for k, v in metrics.items()}, stats)
 
         with self.precision():
@@ -340,8 +340,14 @@ class Trainer:
 
 
 def _row_sum(v: jax.Array, mask: jax.Array) -> jax.Array:
-    """``sum_b mask[b] * v[b, ...]``: a per-example metric ``[B]`` (or ``[B, ...]``) summed over real rows."""
-    return jnp.sum(v * mask.reshape(-1, *(1,) * (v.ndim - 1)), axis=0)
+    """``sum_b mask[b] * v[b, ...]``: a per-example metric ``[B]`` (or ``[B, ...]``) summed over real rows.
+
+    Rows of mask 0 are left out with ``where``, not multiplied by 0: a padding row (a repeated
+    row, or the zeros past a split's end in a device's block) whose metric is NaN or infinite,
+    e.g. the log of an all-zero image's mean, must not make the sum NaN.
+    """
+    mask = mask.reshape(-1, *(1,) * (v.ndim - 1))
+    return jnp.sum(jnp.where(mask != 0, v * mask, 0), axis=0)
 
 
 def _global_sum(x: Any, axis_name: str | None) -> Any:

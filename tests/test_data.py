@@ -2,6 +2,7 @@ import builtins
 import errno
 import gzip
 import io
+import os
 import struct
 import tempfile
 import time
@@ -14,8 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jaxae import data as data_module
 from jaxae.data import (
     NORMALIZATIONS,
+    Dataset,
     dataset_image_shape,
     get_normalization,
     load_dataset,
@@ -64,6 +67,7 @@ def test_a_plain_idx_file_is_mapped_and_a_gzipped_one_decompressed_into_one_arra
     finally:
         tracemalloc.stop()
     assert isinstance(plain, np.memmap) and not plain.flags.writeable
+    assert not packed.flags.writeable  # read-only as the mapped one is: a split is never changed in place
     np.testing.assert_array_equal(plain, images)
     np.testing.assert_array_equal(packed, images)
     assert plain_peak < images.nbytes / 100, plain_peak  # nothing of the data's size was allocated
@@ -71,6 +75,66 @@ def test_a_plain_idx_file_is_mapped_and_a_gzipped_one_decompressed_into_one_arra
     assert packed_peak < images.nbytes + 2 * 2**20, packed_peak / images.nbytes
     loaded = load_dataset(str(_folder_of(tmp_path / "folder", images)), "train")
     assert isinstance(loaded.images.base, np.memmap) or isinstance(loaded.images, np.memmap)
+
+
+def test_write_idx_replaces_a_file_so_a_run_that_mapped_it_keeps_the_old_contents(tmp_path):
+    path = tmp_path / "a-idx3-ubyte"
+    old, new = _images(50, 16, 16, seed=1), _images(50, 16, 16, seed=2)
+    write_idx(path, old)
+    mapped = read_idx(path)
+    write_idx(path, new)  # before: written in place, so the mapped array changed under the run
+    np.testing.assert_array_equal(mapped, old)
+    np.testing.assert_array_equal(read_idx(path), new)
+    assert [p.name for p in tmp_path.iterdir()] == ["a-idx3-ubyte"]  # no partial file left beside it
+
+
+def test_the_file_whose_size_was_checked_is_the_file_mapped(tmp_path, monkeypatch):
+    """A file replaced under its name while it is read: the map is of the open file, not a second
+    open of the name (which mapped the replacement, whose size was never checked)."""
+    path = tmp_path / "a-idx3-ubyte"
+    old = _images(40, 16, 16, seed=3)
+    write_idx(path, old)
+    write_idx(tmp_path / "other", _images(80, 16, 16, seed=4))
+    real = data_module._read_up_to
+    calls = []
+
+    def replace_after_the_header(stream, n):
+        out = real(stream, n)
+        calls.append(n)
+        if len(calls) == 2:  # the dimensions are read: swap the file under its name
+            os.replace(tmp_path / "other", path)
+        return out
+
+    monkeypatch.setattr(data_module, "_read_up_to", replace_after_the_header)
+    np.testing.assert_array_equal(read_idx(path), old)
+
+
+@pytest.mark.parametrize("complete", [False, True])
+def test_a_gzip_header_too_large_to_allocate_says_truncated_or_too_large(tmp_path, monkeypatch, complete):
+    """Where the allocation of a gzip's declared body fails, the stream is counted: a header the
+    data does not fill is a corrupt or truncated file, not a lack of memory."""
+    path = tmp_path / "a-idx3-ubyte.gz"
+    images = _images(300, 16, 16)
+    raw = _idx_header(300 if complete else 3000, 16, 16) + images.tobytes()
+    path.write_bytes(gzip.compress(raw, mtime=0))
+    real_empty = np.empty
+
+    def refuse_large(shape, *args, **kwargs):
+        if np.prod(shape) >= 300 * 16 * 16:
+            raise MemoryError
+        return real_empty(shape, *args, **kwargs)
+
+    monkeypatch.setattr(data_module.np, "empty", refuse_large)
+    message = "does not fit in memory: header shape" if complete else r"is truncated: header shape \(3000, 16, 16\)"
+    with pytest.raises(DataError, match=message):
+        read_idx(path)
+
+
+def test_dataset_from_arrays_keeps_a_mapped_split_mapped(tmp_path):
+    write_idx(tmp_path / "a-idx3-ubyte", _images(100, 16, 16))
+    mapped = read_idx(tmp_path / "a-idx3-ubyte")
+    dataset = Dataset.from_arrays(mapped)
+    assert np.shares_memory(dataset.images, mapped)  # before: astype(uint8) copied it whole
 
 
 def _folder_of(folder: Path, images: np.ndarray) -> Path:

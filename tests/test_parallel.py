@@ -24,7 +24,7 @@ from jaxae import checkpoint, cli, parallel
 from jaxae.data import write_idx
 from jaxae.errors import JaxaeError
 from jaxae.loop import LOCK_FILE, WorkdirLock, fit
-from jaxae.train import TrainConfig
+from jaxae.train import TrainConfig, build
 
 HELPER = Path(__file__).with_name("parallel_helper.py")
 REPO = HELPER.parent.parent
@@ -356,6 +356,40 @@ def test_auto_is_none_on_one_device():
     assert parallel.get_strategy("auto").name == "none"
     with pytest.raises(JaxaeError, match="unknown parallel strategy 'ring'"):
         parallel.get_strategy("ring")
+
+
+@pytest.mark.parametrize("name", ["none", "pmap", "shard"])
+def test_a_mapped_split_is_copied_to_the_devices_so_rewriting_its_file_changes_nothing(tmp_path, name):
+    """jax.device_put aliases a 64-byte aligned host array on CPU: a memory-mapped .npy (whose
+    header numpy pads to 64 bytes) given to fit would train on whatever is written into the
+    file later, and fault where the file is truncated."""
+    path = tmp_path / "train.npy"
+    images = np.random.default_rng(0).integers(0, 256, (64, 28 * 28), dtype=np.uint8)
+    np.save(path, images)
+    mapped = np.load(path, mmap_mode="r")
+    assert mapped.offset % 64 == 0  # the alignment at which the CPU backend aliases
+    placed = parallel.get_strategy(name, jax.devices()[:1]).put_data(mapped)
+    with open(path, "r+b") as f:  # rewritten in place, as a tool other than jaxae's writers might
+        f.seek(mapped.offset)
+        f.write(b"\xff" * images.nbytes)
+    assert np.all(mapped == 255)  # the map does see the new bytes
+    on_devices = np.asarray(placed.data if name == "shard" else placed)
+    np.testing.assert_array_equal(on_devices[: len(images)], images)
+
+
+def test_shard_refuses_row_shards_of_another_layout_and_unplaced_arrays():
+    shard = parallel.get_strategy("shard", jax.devices()[:1])
+    images = np.zeros((10, 64), np.uint8)
+    elsewhere = parallel.RowShards(jax.device_put(images), 10)  # one device's array, not the mesh's
+    with pytest.raises(JaxaeError, match="placed on a mesh of 1 devices .*place the host array with this strategy"):
+        shard.put_data(elsewhere)
+    trainer, state = build(TrainConfig(), (8, 8, 1))
+    state = shard.put_state(state)
+    # Before: compile_* placed a host array itself and compiled a function that array could not be passed to.
+    for method in (shard.compile_epoch, shard.compile_evaluate):
+        with pytest.raises(JaxaeError, match=f"{method.__name__} takes the RowShards that put_data returns, got"):
+            method(trainer, state, images, 2)
+    assert shard.put_data(shard.put_data(images)).rows == 10  # its own RowShards pass through
 
 
 class _SecondaryProcess(parallel.Strategy):

@@ -253,3 +253,20 @@ def test_a_model_with_nan_parameters_has_nan_metrics(sample_test, variant):
     assert all(np.isnan(v) for v in metrics.values()), metrics
     healthy = jax.device_get(trainer.jit_evaluate(state, _images(sample_test)[:200]))
     assert all(np.isfinite(v) for v in healthy.values())
+
+
+def test_padding_rows_whose_metric_is_not_finite_count_for_nothing():
+    """A device's block of a split ends in zero rows (RowShards); a metric that is infinite on an
+    all-zero image, such as the log of its mean, must not turn the mean over the real rows NaN
+    (before: the padding's -inf was multiplied by a mask of 0)."""
+    trainer, state = build(TrainConfig(), (8, 8, 1))
+    real = np.random.default_rng(0).integers(1, 256, (5, 64), dtype=np.uint8)
+    block = jnp.asarray(np.concatenate([real, np.zeros((3, 64), np.uint8)]))
+
+    black = trainer.normalization(np.zeros(1, np.uint8))[0]
+
+    def log_lit(model, x, keys):  # log of the count of pixels that are not black: -inf on a zero image
+        return {"log_lit": jnp.log(jnp.sum(x > black, axis=1).astype(jnp.float32))}
+
+    means = trainer.mean_over(state, block, log_lit, batch_size=4, rows=5)
+    np.testing.assert_allclose(float(means["log_lit"]), np.log(64), rtol=1e-6)
