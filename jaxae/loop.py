@@ -310,11 +310,11 @@ def _fit(
             "(subclass it to place the state and data your way) or its name"
         )
     strategy.check_batch_size(config.batch_size)
-    progress = None
+    epoch_progress = None
     if resume:
         state = checkpoint.restore_state(out, state, strategy=strategy)
         # A checkpoint saved inside an epoch says where: the run goes on from there.
-        progress = checkpoint.read_meta(out, int(strategy.host_state(state).step))[1].get("epoch_progress")
+        epoch_progress = checkpoint.read_meta(out, int(strategy.host_state(state).step))[1].get("epoch_progress")
     else:
         if init_from is not None:
             state = init_params_from(init_from, trainer, state)
@@ -340,7 +340,7 @@ def _fit(
         callbacks=[functools.partial(_one_record, c) for c in callbacks],
         events=events,
         profile=profile,
-        resume_progress=progress,
+        resume_progress=epoch_progress,
     )
     if figures:
         loop.write_figures([final])

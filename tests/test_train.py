@@ -270,3 +270,13 @@ def test_padding_rows_whose_metric_is_not_finite_count_for_nothing():
 
     means = trainer.mean_over(state, block, log_lit, batch_size=4, rows=5)
     np.testing.assert_allclose(float(means["log_lit"]), np.log(64), rtol=1e-6)
+
+
+def test_fit_shows_its_progress_bar_when_asked_and_not_otherwise(capsys, sample_train, sample_test):
+    """fit(progress=True) showed no bar: the flag's name was reused for a resumed epoch's position."""
+    train, test = (sample_train.images[:256], None), (sample_test.images[:64], None)
+    config = TrainConfig(epochs=1, batch_size=128)
+    fit(config, progress=True, train=train, test=test, figures=False)
+    assert "1/1" in capsys.readouterr().err
+    fit(config, progress=False, train=train, test=test, figures=False)
+    assert "1/1" not in capsys.readouterr().err
