@@ -332,6 +332,15 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
     _add_run_flags(p, "train")
     _add_parallel_flags(p)
     p.add_argument(
+        "--input",
+        choices=("auto", "memory", "stream"),
+        default="auto",
+        help="memory: the train split on the devices, each epoch one compiled scan (fastest); stream: the split "
+        "stays on the host (plain IDX files memory-mapped) and the devices get a few steps of rows at a time, for "
+        "data larger than their memory; auto: memory where the splits take at most half of the device's or the "
+        "host's available memory, saying which it chose. The same numbers either way (default: %(default)s)",
+    )
+    p.add_argument(
         "--init-from",
         metavar="DIR",
         default=None,

@@ -192,6 +192,34 @@ def load_dataset(name: str = SAMPLE_NAME, split: str = "train", data_dir: str | 
     return Dataset(images=images, labels=labels, name=name, split=split)
 
 
+def check_streamable(name: str) -> None:
+    """Refuses ``--input stream`` where it would read the train split into memory anyway.
+
+    A plain IDX file is read in place (memory-mapped); a gzipped one can only be decompressed
+    into memory, which is what streaming is for avoiding. The embedded sample, an ``.npz`` and a
+    TFDS dataset are read into host memory by design and stream from there (the devices still
+    hold only a few steps of it).
+
+    Raises:
+        DataError: an IDX folder whose train images are gzip-compressed; the message says how
+            to decompress them once.
+    """
+    if name == SAMPLE_NAME or _is_numpy_file(name) or not _looks_like_path(name):
+        return
+    folder = Path(name)
+    path = find_idx_file(folder, "train", "images")
+    try:
+        with open(path, "rb") as f:
+            compressed = f.read(2) == b"\x1f\x8b"
+    except OSError as e:
+        raise DataError(f"cannot read IDX file {path}: {e.strerror or e}") from None
+    if compressed:
+        raise DataError(
+            f"--input stream reads IDX files in place, and {path} is gzip-compressed: decompress the folder once "
+            f"(gunzip -k {folder}/*.gz; jaxae then reads the plain files), or train with --input memory"
+        )
+
+
 def dataset_image_shape(name: str = SAMPLE_NAME, data_dir: str | None = None) -> tuple[int, int, int]:
     """A dataset's image shape ``(H, W, C)``, learnt without loading it.
 

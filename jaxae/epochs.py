@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from jaxae import checkpoint, plots, rundir
 from jaxae.data import Dataset
 from jaxae.errors import JaxaeError
+from jaxae.stream import Stream, chunk_lengths, host_table
 from jaxae.train import TrainConfig, Trainer, TrainState, summarize_epoch
 
 __all__ = ["RUNNER_METHODS", "EpochLoop", "Member", "Runner", "json_line", "json_safe"]
@@ -148,34 +149,67 @@ class EpochLoop:
         batch_size: int,
         eval_batch_size: int,
         save_every_steps: int | None = None,
+        input: str = "memory",
     ):
         self.runner = runner
         self.state = state
         self.members = list(members)
         self.train, self.test = train, test
         self.program, self.batch_size = program, batch_size
-        self.train_images = runner.put_data(train.images.reshape(len(train), -1))
-        self.test_images = runner.put_data(test.images.reshape(len(test), -1))
         self.steps_per_epoch = -(-len(train) // batch_size)
-        # Steps run in parts of this many between which the loop saves and heeds signals; None:
-        # the whole epoch is one compiled scan, as fast as it gets.
-        self.part_steps = save_every_steps if save_every_steps and save_every_steps < self.steps_per_epoch else None
-        self._parts: dict[int, Callable] = {}
+        self.streaming = input == "stream"
         t0 = time.perf_counter()
+        if self.streaming:  # the train split stays on the host and comes to the devices chunk by chunk
+            self.train_images = None
+            self.stream = Stream(train.images.reshape(len(train), -1), runner.stream_sharding, batch_size)
+            self._table = runner.compile_batch_table(program, state, len(train), batch_size)
+        else:
+            self.train_images = runner.put_data(train.images.reshape(len(train), -1))
+        self.test_images = runner.put_data(test.images.reshape(len(test), -1))
+        # Steps run in parts of this many between which the loop saves and heeds signals; None:
+        # the whole epoch is one compiled scan, as fast as it gets. A streamed epoch is one part
+        # unless it saves inside (its chunks are the stream's).
+        self.save_inside = bool(save_every_steps) and save_every_steps < self.steps_per_epoch
+        self.part_steps = save_every_steps if self.save_inside else (self.steps_per_epoch if self.streaming else None)
+        self._parts: dict[int, Callable] = {}
         if self.part_steps is None:
             self.train_epoch = runner.compile_epoch(program, state, self.train_images, batch_size)
         self.evaluate = runner.compile_evaluate(program, state, self.test_images, min(eval_batch_size, len(test)))
         self.compile_seconds = time.perf_counter() - t0
 
     def _part(self, steps: int, state: Any) -> Callable:
-        """The compiled run of ``steps`` steps of an epoch (compiled once per length)."""
+        """The compiled run of ``steps`` steps of an epoch (compiled once per length); streamed:
+        of a chunk of ``steps`` steps."""
         if steps not in self._parts:
             t0 = time.perf_counter()
-            self._parts[steps] = self.runner.compile_epoch(
-                self.program, state, self.train_images, self.batch_size, steps
-            )
+            if self.streaming:
+                row_shape = (self.stream.row_bytes,)
+                self._parts[steps] = self.runner.compile_stream(
+                    self.program, state, len(self.train), self.batch_size, steps, row_shape
+                )
+            else:
+                self._parts[steps] = self.runner.compile_epoch(
+                    self.program, state, self.train_images, self.batch_size, steps
+                )
             self.compile_seconds += time.perf_counter() - t0
         return self._parts[steps]
+
+    def _compile_parts(self, first: int, state: Any) -> None:
+        """Every length of part (streamed: of chunk) the epochs will run, compiled before the first."""
+        lengths = set(self.part_lengths(first) + self.part_lengths(0))
+        if self.streaming:
+            lengths = {k for length in lengths for k in chunk_lengths(length, self.stream.per_chunk)}
+        for length in sorted(lengths):
+            self._part(length, state)
+
+    def _run_part(self, state: Any, at: int, length: int, table: Any) -> tuple[Any, list[dict[str, Any]]]:
+        """The epoch's steps ``[at, at + length)``: the state and every model's per-step metrics."""
+        if not self.streaming:
+            state, metrics = self._part(length, state)(state, self.train_images, np.int32(at))
+            return state, self.runner.host_values(metrics)
+        # Every chunk length was compiled before the first epoch (_compile_parts).
+        state, chunks = self.stream.run(state, *table, at, length, self._parts.__getitem__, self.runner.host_values)
+        return state, _joined(chunks)
 
     def part_lengths(self, first: int) -> list[int]:
         """The parts of an epoch's steps from ``first`` on: up to each multiple of ``part_steps``, then the rest."""
@@ -250,9 +284,7 @@ class EpochLoop:
                 )
                 metrics_files.append(metrics_file)
                 ckpts.append(ck)
-            stops_at = (
-                "this epoch" if self.part_steps is None else f"the steps up to the next multiple of {self.part_steps}"
-            )
+            stops_at = f"the steps up to the next multiple of {self.part_steps}" if self.save_inside else "this epoch"
             stop = rundir.StopOnSignal(stops_at).__enter__()
         writers = [
             rundir.EventWriter(m.workdir, resumed_at_step=start_step)
@@ -276,8 +308,7 @@ class EpochLoop:
             if self.part_steps is None:  # resumed without save_every_steps: the rest of the epoch is one part
                 self.part_steps = self.steps_per_epoch
         if self.part_steps is not None:  # compiled before the first epoch: its record holds compile_seconds
-            for length in sorted(set(self.part_lengths(first) + self.part_lengths(0))):
-                self._part(length, state)
+            self._compile_parts(first, state)
         step = start_step
         try:
             for epoch in bar:
@@ -407,9 +438,11 @@ class EpochLoop:
         """
         parts = [carried] if carried is not None else []
         at, finite = first, True
+        # A streamed epoch's permutation, on the host: drawn on the devices from the state, as in memory.
+        table = host_table(self._table, state) if self.streaming else None
         for length in self.part_lengths(first):
-            state, metrics = self._part(length, state)(state, self.train_images, np.int32(at))
-            parts.append(self.runner.host_values(metrics))
+            state, metrics = self._run_part(state, at, length, table)
+            parts.append(metrics)
             at += length
             if at == self.steps_per_epoch:
                 break

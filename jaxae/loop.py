@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,15 @@ from typing import Any
 import jax
 
 from jaxae import checkpoint, rundir
-from jaxae.data import Dataset, dataset_image_shape, get_normalization, load_dataset, shape_text
+from jaxae.data import Dataset, check_streamable, dataset_image_shape, get_normalization, load_dataset, shape_text
 from jaxae.epochs import RUNNER_METHODS, EpochLoop, Member
 from jaxae.errors import DataError, JaxaeError
 from jaxae.objectives import check_model_contract, get_variant
 from jaxae.parallel import Strategy, get_strategy, put_dataset
+from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings, check_workdir_writable
 
 # The run folder's checks, re-exported where library users have always found them.
-from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings, check_workdir_writable
+from jaxae.stream import INPUTS, choose_input
 from jaxae.train import (
     TrainConfig,
     Trainer,
@@ -116,6 +118,7 @@ def fit(
     events: bool = True,
     profile: str | Path | None = None,
     save_every_steps: int | None = None,
+    input: str = "auto",
 ) -> FitResult:
     """Trains ``config``'s model on its dataset and evaluates on the test split every epoch.
 
@@ -164,6 +167,13 @@ def fit(
             many steps, and ``resume`` continues inside the epoch to the uninterrupted result.
             Each part of an epoch is its own compiled scan, so a small value costs some speed
             (see docs/checkpoints.md). None: checkpoints and signals only at epoch ends.
+        input: where the train split lives while it trains (:mod:`jaxae.stream`): ``"memory"``
+            places it on the devices and runs each epoch as one compiled scan (the fast path);
+            ``"stream"`` keeps it on the host (a plain IDX file memory-mapped) and sends the
+            devices a few steps of rows at a time, for data larger than the devices' memory;
+            ``"auto"`` chooses memory where the splits take at most half of the device's or the
+            host's available memory, and says which it chose. The numbers are the same either
+            way. Streaming runs with the ``none`` and ``shard`` strategies.
         keep: how many of the latest checkpoints to keep (the best is kept besides).
         init_from: a folder holding a checkpoint (e.g. from ``jaxae convert``): start from its
             parameters with a fresh optimizer (see :func:`init_params_from`); ignored on resume.
@@ -217,7 +227,19 @@ def fit(
             events=events,
             profile=profile,
             save_every_steps=save_every_steps,
+            input=input,
         )
+
+
+def _choose_input(requested: str, strategy: Any, train: Dataset, test: Dataset, progress: bool) -> str:
+    """``memory`` or ``stream``; ``auto`` says which it chose and why (on stderr, process 0)."""
+    placed = strategy.placed_bytes(train.images.nbytes) + strategy.placed_bytes(test.images.nbytes)
+    choice, why = choose_input(requested, placed, jax.local_devices())
+    if choice == "stream" and not getattr(strategy, "streams", True):
+        raise JaxaeError(f"--input stream runs with --parallel none or shard, not {strategy.name}")
+    if requested == "auto" and progress and strategy.is_primary:
+        print(f"jaxae: {why}", file=sys.stderr)
+    return choice
 
 
 def splits_in_memory(train: Any, test: Any) -> tuple[Dataset, Dataset] | None:
@@ -263,7 +285,12 @@ def _fit(
     events: bool,
     profile: str | Path | None,
     save_every_steps: int | None = None,
+    input: str = "memory",
 ) -> FitResult:
+    if input not in INPUTS:
+        raise JaxaeError(f"--input must be one of {', '.join(INPUTS)}, got {input!r}")
+    if input == "stream" and splits is None:
+        check_streamable(config.dataset)  # before anything is loaded
     if splits is not None:
         train, test = splits
         image_shape = train.image_shape
@@ -310,6 +337,7 @@ def _fit(
             "(subclass it to place the state and data your way) or its name"
         )
     strategy.check_batch_size(config.batch_size)
+    input = _choose_input(input, strategy, train, test, progress)
     epoch_progress = None
     if resume:
         state = checkpoint.restore_state(out, state, strategy=strategy)
@@ -328,6 +356,7 @@ def _fit(
     loop = EpochLoop(
         strategy, trainer, state, [member], train, test,
         batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, save_every_steps=save_every_steps,
+        input=input,
     )  # fmt: skip
     (final,) = loop.run(
         start_epoch=start_epoch,

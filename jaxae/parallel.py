@@ -70,11 +70,17 @@ class Strategy:
     """
 
     name = "none"
+    #: Whether ``--input stream`` (:mod:`jaxae.stream`) can feed it.
+    streams = True
 
     @property
     def device_count(self) -> int:
         """How many devices share each global batch."""
         return 1
+
+    def placed_bytes(self, nbytes: int) -> int:
+        """What a split of ``nbytes`` takes on each device once :meth:`put_data` placed it."""
+        return nbytes
 
     @property
     def is_primary(self) -> bool:
@@ -140,6 +146,40 @@ class Strategy:
         """``(state, images) -> metric means``, compiled ahead of time."""
         return trainer.jit_evaluate.lower(state, images, batch_size=batch_size).compile()
 
+    # -- streamed input (jaxae.stream): the epoch's rows arrive chunk by chunk from the host
+
+    @property
+    def stream_sharding(self) -> Any:
+        """Where a streamed chunk ``[steps, B, ...]`` lies: on the one device."""
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def compile_batch_table(self, trainer: Trainer, state: TrainState, rows: int, batch_size: int) -> Callable:
+        """``state -> (ids, mask)``: the epoch's ``[steps, B]`` table, drawn where the state lies."""
+        return jax.jit(lambda state: trainer.epoch_batches(state, rows, batch_size)).lower(state).compile()
+
+    def compile_stream(
+        self, trainer: Trainer, state: TrainState, rows: int, batch_size: int, steps: int, row_shape: tuple[int, ...]
+    ) -> Callable:
+        """``(state, rows, ids, mask, first) -> (state, per-step metrics)`` for a chunk of ``steps``
+        steps starting at the epoch's step ``first`` (an int), compiled ahead of time."""
+        self.check_batch_size(batch_size)
+        shapes = self._stream_shapes(steps, batch_size, row_shape)
+
+        def chunk(state, x, ids, mask, first):
+            after = trainer.epoch_after(state, rows, batch_size, first, steps)
+            return trainer.train_batches(state, x, ids, mask, epoch=after)
+
+        compiled = jax.jit(chunk, donate_argnums=0).lower(state, *shapes, np.int32(0)).compile()
+        return lambda state, x, ids, mask, first: compiled(state, x, ids, mask, np.int32(first))
+
+    def _stream_shapes(self, steps: int, batch_size: int, row_shape: tuple[int, ...]) -> list[jax.ShapeDtypeStruct]:
+        s = self.stream_sharding
+        return [
+            jax.ShapeDtypeStruct((steps, batch_size, *row_shape), np.uint8, sharding=s),
+            jax.ShapeDtypeStruct((steps, batch_size), np.int32, sharding=s),
+            jax.ShapeDtypeStruct((steps, batch_size), np.float32, sharding=s),
+        ]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(devices={self.device_count})"
 
@@ -166,6 +206,7 @@ class PmapStrategy(Strategy):
     """
 
     name = "pmap"
+    streams = False
 
     def __init__(self, devices: list | None = None):
         if jax.process_count() > 1:
@@ -217,6 +258,11 @@ class PmapStrategy(Strategy):
             epoch, PMAP_AXIS, in_axes=(0, None, None), out_axes=(0, None), devices=self.devices, donate_argnums=0
         )
         return pmapped.lower(state, images, np.int32(0)).compile()
+
+    def compile_stream(self, *args: Any, **kwargs: Any) -> Callable:
+        raise JaxaeError(
+            "--input stream runs with --parallel none or shard, not pmap (which holds the data per device)"
+        )
 
     def compile_evaluate(self, trainer: Trainer, state: TrainState, images: jax.Array, batch_size: int) -> Callable:
         pmapped = jax.pmap(
@@ -385,6 +431,43 @@ class ShardStrategy(Strategy):
         compiled = jitted.lower(state, images, self._replicate(np.int32(0))).compile()
         # A global (replicated) scalar: every process passes the same step.
         return lambda state, images, first: compiled(state, images, self._replicate(np.int32(first)))
+
+    def placed_bytes(self, nbytes: int) -> int:
+        return -(-nbytes // self.device_count)
+
+    @property
+    def stream_sharding(self) -> Any:
+        """A streamed chunk ``[steps, B, ...]`` split along the batch: each device holds its ``B / D`` columns."""
+        return NamedSharding(self.mesh, P(None, MESH_AXIS))
+
+    def compile_batch_table(self, trainer: Trainer, state: TrainState, rows: int, batch_size: int) -> Callable:
+        jitted = jax.jit(lambda state: trainer.epoch_batches(state, rows, batch_size), out_shardings=self.replicated)
+        return jitted.lower(state).compile()
+
+    def compile_stream(
+        self, trainer: Trainer, state: TrainState, rows: int, batch_size: int, steps: int, row_shape: tuple[int, ...]
+    ) -> Callable:
+        self.check_batch_size(batch_size)
+        shapes = self._stream_shapes(steps, batch_size, row_shape)
+
+        def device_chunk(state, x, ids, mask, after):
+            return trainer.train_batches(state, x, ids, mask, axis_name=MESH_AXIS, epoch=after)
+
+        columns = P(None, MESH_AXIS)
+        sharded = jax.shard_map(  # check_vma=False: as in compile_epoch, train_step's psum is the all-reduce
+            device_chunk,
+            mesh=self.mesh,
+            in_specs=(P(), columns, columns, columns, P()),
+            out_specs=(P(), P()),
+            check_vma=False,
+        )
+
+        def chunk(state, x, ids, mask, first):
+            return sharded(state, x, ids, mask, trainer.epoch_after(state, rows, batch_size, first, steps))
+
+        jitted = jax.jit(chunk, out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        compiled = jitted.lower(state, *shapes, self._replicate(np.int32(0))).compile()
+        return lambda state, x, ids, mask, first: compiled(state, x, ids, mask, self._replicate(np.int32(first)))
 
     def compile_evaluate(self, trainer: Trainer, state: TrainState, images: RowShards, batch_size: int) -> Callable:
         images = self._placed(images, "compile_evaluate")

@@ -230,6 +230,31 @@ class Trainer:
         new, metrics = jax.lax.scan(body, state, (ids, mask))
         return new.replace(epoch=state.epoch + 1 if epoch is None else epoch), metrics
 
+    def train_batches(
+        self,
+        state: TrainState,
+        rows: jax.Array,
+        ids: jax.Array,
+        mask: jax.Array,
+        *,
+        axis_name: str | None = None,
+        epoch: Any = None,
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """Steps on batches given as rows (a chunk of a streamed epoch), as a ``lax.scan``.
+
+        The step of :meth:`train_epoch` on the rows it would gather: ``rows`` uint8
+        ``[steps, B, D]`` are ``images[ids]`` of the epoch's table (:meth:`epoch_batches`),
+        ``ids`` and ``mask`` its ``[steps, B]`` (under ``shard_map``: this device's columns, with
+        ``axis_name``). ``epoch``: ``state.epoch`` afterwards (default: unchanged).
+        """
+
+        def body(state, xs):
+            rows_b, ids_b, mask_b = xs
+            return self.train_step(state, rows_b, mask_b, ids_b, axis_name=axis_name)
+
+        new, metrics = jax.lax.scan(body, state, (rows, ids, mask))
+        return new.replace(epoch=state.epoch if epoch is None else epoch), metrics
+
     # -- evaluation -----------------------------------------------------------------------
 
     def evaluate(

@@ -24,6 +24,7 @@ LAYERS = [
     "config",
     "train",
     "parallel",
+    "stream",
     "checkpoint",
     "rundir",
     "plots",

@@ -168,6 +168,7 @@ def test_shard_holds_one_copy_of_the_data_in_memory_where_pmap_holds_one_per_dev
     out = tmp_path / "memory.json"
     script = REPO / "experiments" / "data_memory.py"
     command = [sys.executable, str(script), "--images", "30000", "--test-images", "2000", "--out", str(out)]
+    command += ["--runs", "none,shard,pmap"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=_env(1), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
