@@ -45,14 +45,16 @@ def main(out: str, dataset: str, epochs: int, batch_size: int, variants: list[st
     arrays: dict[str, np.ndarray] = {}
     for variant in variants:
         config = TrainConfig(variant=variant, dataset=dataset, epochs=epochs, batch_size=batch_size)
-        for name in STRATEGIES:
-            strategy = get_strategy(name)
+        # shard-stream: --input stream over the 4 devices, each gathering its own columns of a batch.
+        for name in (*STRATEGIES, "shard-stream"):
+            strategy = get_strategy(name.split("-")[0])
             after_epoch: list[int] = []
 
             def count_compiles(record, after_epoch=after_epoch):
                 after_epoch.append(len(compiles))
 
-            result = fit(config, progress=False, strategy=strategy, callbacks=[count_compiles])
+            input = "stream" if name.endswith("-stream") else "memory"
+            result = fit(config, progress=False, strategy=strategy, callbacks=[count_compiles], input=input)
             report["runs"][f"{variant}/{name}"] = {
                 "device_count": strategy.device_count,
                 "history": result.history,

@@ -93,16 +93,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, dataset):
+def _two_process_run(workdir: Path, dataset: Path, *flags: str) -> tuple[Path, list[str]]:
     """``jaxae train --parallel shard`` as 2 processes x 2 CPU devices on 127.0.0.1."""
-    workdir = tmp_path_factory.mktemp("two-processes") / "run"
     port = _free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "jaxae", "train", "--dataset", str(dataset), "--epochs", str(EPOCHS)]
             + ["--batch-size", str(BATCH), "--parallel", "shard", "--workdir", str(workdir), "--no-progress"]
-            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -122,6 +120,11 @@ def two_processes(tmp_path_factory, dataset):
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-4000:]
     return workdir, [out for out, _ in outputs]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, dataset):
+    return _two_process_run(tmp_path_factory.mktemp("two-processes") / "run", dataset)
 
 
 # -- 1 device vs 4 devices, one process -------------------------------------------------------
@@ -148,6 +151,18 @@ def test_none_pmap_and_shard_give_the_same_losses_and_parameters(four_devices, v
         for ours, theirs in zip(state, baseline, strict=True):
             assert ours.shape == theirs.shape
             np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_streamed_epoch_over_4_devices_gives_the_in_memory_numbers(four_devices, variant):
+    report, arrays = four_devices
+    memory, streamed = (report["runs"][f"{variant}/{name}"]["history"] for name in ("shard", "shard-stream"))
+    for key in ("train_loss", "test_loss", "step"):
+        np.testing.assert_allclose([r[key] for r in streamed], [r[key] for r in memory], rtol=1e-6, atol=0)
+    for ours, theirs in zip(
+        _final_state(arrays, f"{variant}/shard-stream"), _final_state(arrays, f"{variant}/shard"), strict=True
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
 def test_shard_holds_the_split_once_across_the_devices_even_where_they_do_not_divide_it(four_devices):
@@ -181,7 +196,7 @@ def test_shard_holds_one_copy_of_the_data_in_memory_where_pmap_holds_one_per_dev
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_no_recompilation_across_epochs_on_any_path(four_devices, variant):
     report, _ = four_devices
-    for name in ("none", "pmap", "shard"):
+    for name in ("none", "pmap", "shard", "shard-stream"):
         counts = report["runs"][f"{variant}/{name}"]["compiles_after_epoch"]
         assert len(counts) == EPOCHS
         assert counts == [counts[0]] * EPOCHS, f"{name} compiled again after the first epoch: {counts}"
@@ -219,6 +234,20 @@ def test_two_processes_give_the_results_of_one_process(two_processes, four_devic
     assert config.batch_size == BATCH
     baseline = _final_state(arrays, "vanilla/shard")
     for ours, theirs in zip(jax.tree.leaves(state), baseline, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow  # a second two-process run: about 2 minutes
+def test_two_processes_streaming_give_the_results_of_one_process_in_memory(tmp_path, dataset, four_devices):
+    """Each process gathers only its own devices' columns of every batch from the mapped file."""
+    workdir, _ = _two_process_run(tmp_path / "run", dataset, "--input", "stream")
+    report, arrays = four_devices
+    reference = report["runs"]["vanilla/shard"]["history"]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "test_loss", "step"):
+        np.testing.assert_allclose([r[key] for r in records], [r[key] for r in reference], atol=TOL, rtol=0)
+    _, state, _ = checkpoint.restore(workdir)
+    for ours, theirs in zip(jax.tree.leaves(state), _final_state(arrays, "vanilla/shard"), strict=True):
         np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
 
 
