@@ -202,13 +202,19 @@ class EpochLoop:
         for length in sorted(lengths):
             self._part(length, state)
 
-    def _run_part(self, state: Any, at: int, length: int, table: Any) -> tuple[Any, list[dict[str, Any]]]:
+    def _run_part(
+        self, state: Any, at: int, length: int, table: Any, report: Callable
+    ) -> tuple[Any, list[dict[str, Any]]]:
         """The epoch's steps ``[at, at + length)``: the state and every model's per-step metrics."""
         if not self.streaming:
             state, metrics = self._part(length, state)(state, self.train_images, np.int32(at))
-            return state, self.runner.host_values(metrics)
+            metrics = self.runner.host_values(metrics)
+            report(at + length, metrics)
+            return state, metrics
         # Every chunk length was compiled before the first epoch (_compile_parts).
-        state, chunks = self.stream.run(state, *table, at, length, self._parts.__getitem__, self.runner.host_values)
+        state, chunks = self.stream.run(
+            state, *table, at, length, self._parts.__getitem__, self.runner.host_values, on_chunk=report
+        )
         return state, _joined(chunks)
 
     def part_lengths(self, first: int) -> list[int]:
@@ -322,7 +328,8 @@ class EpochLoop:
                         step_metrics = runner.host_values(step_metrics)
                         signum = None
                     else:
-                        state, step_metrics, signum = self._train_parts(state, first, carried, ckpts, stop)
+                        report = _StepReport(bar, writers, self.steps_per_epoch, first, step - first)
+                        state, step_metrics, signum = self._train_parts(state, first, carried, ckpts, stop, report)
                     if signum is not None:  # stopped inside the epoch, saved there
                         at = len(step_metrics[0]["count"])  # the epoch's steps done, those resumed included
                         raise rundir.interrupted(
@@ -428,20 +435,27 @@ class EpochLoop:
             ck.save(s, m.config, metrics={"test_loss": r["test_loss"]})
 
     def _train_parts(
-        self, state: Any, first: int, carried: list | None, ckpts: list, stop: Any
+        self,
+        state: Any,
+        first: int,
+        carried: list | None,
+        ckpts: list,
+        stop: Any,
+        report: Callable[[int, list[dict[str, Any]]], None] = lambda end, metrics: None,
     ) -> tuple[Any, list[dict[str, Any]], int | None]:
         """The epoch from its step ``first`` on, part by part, saving (and heeding a signal) after each.
 
         Returns the state, every model's per-step metrics of the whole epoch (``carried``: those of
         the steps before ``first``, from the checkpoint resumed) and the signal that stopped it
-        inside the epoch (None: it ran to its end).
+        inside the epoch (None: it ran to its end). ``report(end_step, metrics)`` gets the steps'
+        metrics as they reach the host, part by part (streamed: chunk by chunk).
         """
         parts = [carried] if carried is not None else []
         at, finite = first, True
         # A streamed epoch's permutation, on the host: drawn on the devices from the state, as in memory.
         table = host_table(self._table, state) if self.streaming else None
         for length in self.part_lengths(first):
-            state, metrics = self._run_part(state, at, length, table)
+            state, metrics = self._run_part(state, at, length, table, report)
             parts.append(metrics)
             at += length
             if at == self.steps_per_epoch:
@@ -479,6 +493,36 @@ class EpochLoop:
                 "with the dataset and --batch-size it was saved with"
             )
         return int(progress["epoch_step"]), [_decode_metrics(progress["step_metrics"])]
+
+
+#: Inside an epoch that runs in parts or streams, progress and the event files get the recent
+#: train loss about every this many steps (the in-memory epoch is one compiled call: per epoch).
+REPORT_STEPS = 200
+
+
+class _StepReport:
+    """Progress inside an epoch: about every :data:`REPORT_STEPS` steps, the bar shows the epoch's
+    step and the mean train loss of the steps since the last report, and each model's event file
+    gets that loss as ``train_loss_recent`` at its optimizer step."""
+
+    def __init__(self, bar: Any, writers: list, steps_per_epoch: int, first: int, base_step: int):
+        self.bar, self.writers, self.steps = bar, writers, steps_per_epoch
+        self.reported, self.base = first, base_step  # the global step of the epoch's step 0
+        self.losses: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+
+    def __call__(self, end: int, metrics: list[dict[str, Any]]) -> None:
+        self.losses.append(np.asarray(metrics[0]["loss"], np.float64))
+        self.counts.append(np.asarray(metrics[0]["count"], np.float64))
+        if end // REPORT_STEPS == self.reported // REPORT_STEPS or end == self.steps:
+            return  # nothing crossed; an epoch's end has its own record
+        loss, count = np.concatenate(self.losses), np.concatenate(self.counts)
+        recent = float(np.sum(loss * count) / np.sum(count))
+        self.losses, self.counts, self.reported = [], [], end
+        self.bar.set_postfix(step=f"{end}/{self.steps}", train_loss_recent=f"{recent:.4f}")
+        for w in self.writers[:1]:
+            if w is not None:
+                w.write({"step": self.base + end, "train_loss_recent": recent})
 
 
 def _joined(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

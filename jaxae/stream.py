@@ -127,23 +127,33 @@ class Stream:
         steps: int,
         compiled: Callable[[int], Callable],
         host_values: Callable[[Any], list[Any]],
+        on_chunk: Callable[[int, list[Any]], None] | None = None,
     ) -> tuple[Any, list[list[dict[str, Any]]]]:
         """Trains the epoch's steps ``[first, first + steps)`` chunk by chunk.
 
         ``compiled(length)`` is the compiled ``(state, rows, ids, mask, first) -> (state, metrics)``
         of a chunk of that many steps. Returns the state and the chunks' metrics as
-        ``host_values`` gives them, in order.
+        ``host_values`` gives them, in order; ``on_chunk(end_step, metrics)`` gets each chunk's
+        as it reaches the host (progress inside an epoch).
         """
         pending: collections.deque = collections.deque()
         done = []
+
+        def finish() -> None:
+            end, metrics = pending.popleft()
+            done.append(host_values(metrics))
+            if on_chunk is not None:
+                on_chunk(end, done[-1])
+
         for start, length, rows, chunk_ids, chunk_mask in self.chunks(
             ids, mask, first, chunk_lengths(steps, self.per_chunk)
         ):
             state, metrics = compiled(length)(state, rows, chunk_ids, chunk_mask, start)
-            pending.append(metrics)
+            pending.append((start + length, metrics))
             if len(pending) > self.in_flight:  # back-pressure: the devices' queue stays bounded
-                done.append(host_values(pending.popleft()))
-        done.extend(host_values(m) for m in pending)
+                finish()
+        while pending:
+            finish()
         return state, done
 
 

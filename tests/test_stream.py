@@ -139,3 +139,22 @@ def test_write_idx_of_a_plain_split_is_what_the_stream_reads(tmp_path):
     for start, length, rows, chunk_ids, _ in got:
         np.testing.assert_array_equal(np.asarray(rows), mapped[ids[start : start + length]])
         np.testing.assert_array_equal(np.asarray(chunk_ids), ids[start : start + length])
+
+
+def test_a_streamed_epoch_reports_its_recent_train_loss_every_few_hundred_steps(tmp_path, monkeypatch, small_chunks):
+    """Progress inside an epoch (REPORT_STEPS, here 10): the event files get the mean train loss
+    of the steps since the last report at the optimizer step reached, and it is those steps' loss."""
+    from test_precision import read_scalars
+
+    from jaxae import epochs
+
+    monkeypatch.setattr(epochs, "REPORT_STEPS", 10)
+    config = TrainConfig(epochs=2, batch_size=96)  # 42 steps an epoch, chunks of 5
+    result = fit(config, tmp_path / "run", progress=False, figures=False, input="stream")
+    recent = read_scalars(tmp_path / "run" / "events")["train_loss_recent"]
+    # Reported at the first chunk end past each multiple of 10 (chunks end at 5, 10, ..., 40, 42),
+    # never at an epoch's end (its record is there): steps 10, 20, 30, 40 and 52, 62, 72, 82.
+    assert [step for step, _ in recent] == [10, 20, 30, 40, 52, 62, 72, 82]
+    assert all(np.isfinite(v) for _, v in recent)
+    first_epoch_mean = result.history[0]["train_loss"]
+    assert min(v for _, v in recent[:4]) < first_epoch_mean * 1.5 and recent[-1][1] < recent[0][1]
