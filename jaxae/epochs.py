@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import resource
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -474,6 +476,7 @@ class EpochLoop:
                         "epoch_step": at,
                         "steps_per_epoch": self.steps_per_epoch,
                         "train_rows": len(self.train),
+                        "train_fingerprint": self.train_fingerprint,
                         "step_metrics": _encode_metrics(_joined(parts)[0]),
                     }
                     ckpts[0].save(saved, self.members[0].config, progress=progress)
@@ -492,9 +495,34 @@ class EpochLoop:
                 f"train images, and this run's epoch is {self.steps_per_epoch} steps over {len(self.train)}: resume "
                 "with the dataset and --batch-size it was saved with"
             )
+        saved = progress.get("train_fingerprint")  # absent in checkpoints of jaxae before it was recorded
+        if saved is not None and saved != self.train_fingerprint:
+            raise JaxaeError(
+                f"the checkpoint stopped at step {progress['epoch_step']} of an epoch over train images that have "
+                f"changed since ({saved}, now {self.train_fingerprint}: the same count, other pixels); the rest of "
+                "that epoch would train on other rows than its start. Resume with the train data it was saved with"
+            )
         return int(progress["epoch_step"]), [_decode_metrics(progress["step_metrics"])]
 
+    @functools.cached_property
+    def train_fingerprint(self) -> str:
+        """A checksum of the train split, recorded with a position inside an epoch: CRC-32 of its
+        shape and every byte, or past :data:`FINGERPRINT_ALL_BYTES` of 4,096 rows spread over it
+        (so a split of any size costs at most a few seconds, once per run)."""
+        images = self.train.images
+        crc = zlib.crc32(repr(images.shape).encode())
+        if images.nbytes <= FINGERPRINT_ALL_BYTES:
+            step = max(1, (64 << 20) // max(1, images[0].nbytes))
+            for start in range(0, len(images), step):
+                crc = zlib.crc32(np.ascontiguousarray(images[start : start + step]).tobytes(), crc)
+        else:
+            for i in np.unique(np.linspace(0, len(images) - 1, 4096).astype(np.int64)):
+                crc = zlib.crc32(np.ascontiguousarray(images[i]).tobytes(), crc)
+        return f"crc32:{crc:08x}"
 
+
+#: Train splits up to this size are checksummed whole for a position inside an epoch; larger ones by rows.
+FINGERPRINT_ALL_BYTES = 1 << 30
 #: Inside an epoch that runs in parts or streams, progress and the event files get the recent
 #: train loss about every this many steps (the in-memory epoch is one compiled call: per epoch).
 REPORT_STEPS = 200

@@ -1011,6 +1011,10 @@ def test_resuming_inside_an_epoch_refuses_other_train_data_and_an_older_reader(
     # 500 images are 8 steps of 64 too, but not the epoch the checkpoint stopped inside.
     with pytest.raises(JaxaeError, match="stopped at step 3 of an epoch of 8 steps over 512 train images, and this"):
         run(train=(images[:500], labels[:500]), tx=_tx(config), resume=True)
+    # 512 other images: the same count and steps, other pixels (a file rewritten between save and resume).
+    other = images[512:1024]
+    with pytest.raises(JaxaeError, match=r"over train images that have changed since \(crc32:[0-9a-f]{8}, now crc32:"):
+        run(train=(other, labels[:512]), tx=_tx(config), resume=True)
     # A jaxae that reads only epoch-end checkpoints refuses this one instead of restarting its epoch.
     monkeypatch.setattr(checkpoint, "READABLE_FORMAT", checkpoint.FORMAT_VERSION)
     with pytest.raises(JaxaeError, match="has format 4.*upgrade jaxae"):
