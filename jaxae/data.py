@@ -882,6 +882,91 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
     return images, labels
 
 
+class SourceImages:
+    """A TFDS split's images read from its ``tfds.data_source`` only as they are indexed.
+
+    Looks like the uint8 ``[N, H, W, C]`` array :func:`load_dataset` would return (``shape``,
+    ``dtype``, ``nbytes``, ``len``, ``reshape(N, -1)``), but indexing it (an int, a slice, an
+    array of ints) reads and decodes only those examples. ``fit`` reads a TFDS train split
+    through it, so ``--input stream`` decodes only the rows of each batch as it trains, and
+    each process of a ``--parallel shard`` run only the rows its own devices hold, never the
+    whole split in every process. ``np.asarray`` reads it all.
+    """
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, source: Any, shape: tuple[int, ...], where: str, *, flat: bool = False):
+        self._source, self._image_shape, self._where, self._flat = source, tuple(shape), where, flat
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        row = (math.prod(self._image_shape),) if self._flat else self._image_shape
+        return (len(self._source), *row)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def reshape(self, *shape: Any) -> SourceImages:
+        """Only ``reshape(N, -1)`` (one row per image) and back to ``(N, H, W, C)``."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if shape in ((len(self), -1), (len(self), math.prod(self._image_shape))):
+            return SourceImages(self._source, self._image_shape, self._where, flat=True)
+        if shape in ((len(self), *self._image_shape), (-1, *self._image_shape)):
+            return SourceImages(self._source, self._image_shape, self._where)
+        raise ValueError(f"a TFDS split read in place reshapes to (N, -1) or (N, H, W, C), not {shape}")
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, tuple):  # (rows, ...): only the rows are indexed here
+            rows, rest = index[0], index[1:]
+            return self[rows][(slice(None), *rest)] if rest else self[rows]
+        if isinstance(index, (int, np.integer)):
+            return self[np.asarray([index])][0]
+        ids = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        flat_ids = ids.reshape(-1).astype(np.int64)
+        out = np.empty((len(flat_ids), *self._image_shape), np.uint8)
+        if len(flat_ids):
+            getitems = getattr(self._source, "__getitems__", None)
+            with _without_opencv_advice():
+                examples = getitems(flat_ids.tolist()) if getitems else [self._source[int(i)] for i in flat_ids]
+            for j, (i, example) in enumerate(zip(flat_ids, examples, strict=True)):
+                image = _tfds_image(example)
+                if image.shape != self._image_shape:
+                    raise DataError(
+                        f"{self._where}: example {i} has a {shape_text(image.shape)} image but example 0 a "
+                        f"{shape_text(self._image_shape)} one; jaxae needs one image shape per dataset (resize the "
+                        "images and write them with jaxae.write_idx_folder)"
+                    )
+                out[j] = image
+        out = out.reshape(*ids.shape, *self.shape[1:])
+        out.flags.writeable = False
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[np.arange(len(self))]
+        return out if dtype is None else out.astype(dtype)
+
+
+def open_tfds_images(name: str, split: str, data_dir: str | None) -> SourceImages:
+    """A TFDS split's images as :class:`SourceImages` (its first example checked, nothing else read)."""
+    source = _open_tfds(name, split, data_dir)
+    with _without_opencv_advice():
+        shape = _first_tfds_image_shape(source, name, split)
+    return SourceImages(source, shape, f"TFDS dataset {name!r} ({split})")
+
+
+def is_tfds_name(name: str) -> bool:
+    """Whether :func:`load_dataset` reads ``name`` from TFDS (not the sample, an ``.npz`` or a folder)."""
+    return name != SAMPLE_NAME and not _is_numpy_file(name) and not _looks_like_path(name)
+
+
 def _tfds_image_shape(name: str, split: str, data_dir: str | None) -> tuple[int, int, int]:
     """``(H, W, C)`` of a TFDS split from its first example (the builder info may leave sizes
     undeclared, None, for datasets whose images vary)."""

@@ -511,7 +511,7 @@ class EpochLoop:
         (so a split of any size costs at most a few seconds, once per run)."""
         images = self.train.images
         crc = zlib.crc32(repr(images.shape).encode())
-        if images.nbytes <= FINGERPRINT_ALL_BYTES:
+        if isinstance(images, np.ndarray) and images.nbytes <= FINGERPRINT_ALL_BYTES:  # not a split read in place
             step = max(1, (64 << 20) // max(1, images[0].nbytes))
             for start in range(0, len(images), step):
                 crc = zlib.crc32(np.ascontiguousarray(images[start : start + step]).tobytes(), crc)

@@ -18,13 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxae import checkpoint, rundir
-from jaxae.data import Dataset, check_streamable, dataset_image_shape, get_normalization, load_dataset, shape_text
+from jaxae.data import (
+    Dataset,
+    SourceImages,
+    check_streamable,
+    dataset_image_shape,
+    get_normalization,
+    is_tfds_name,
+    load_dataset,
+    open_tfds_images,
+    shape_text,
+)
 from jaxae.epochs import RUNNER_METHODS, EpochLoop, Member
 from jaxae.errors import DataError, JaxaeError
 from jaxae.objectives import check_model_contract, get_variant
-from jaxae.parallel import Strategy, get_strategy, put_dataset
+from jaxae.parallel import ShardStrategy, Strategy, get_strategy, put_dataset
 from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings, check_workdir_writable
 
 # The run folder's checks, re-exported where library users have always found them.
@@ -232,11 +243,29 @@ def fit(
 
 
 def _choose_input(requested: str, strategy: Any, train: Dataset, test: Dataset, progress: bool) -> str:
-    """``memory`` or ``stream``; ``auto`` says which it chose and why (on stderr, process 0)."""
-    placed = strategy.placed_bytes(train.images.nbytes) + strategy.placed_bytes(test.images.nbytes)
-    choice, why = choose_input(requested, placed, jax.local_devices())
-    if choice == "stream" and not getattr(strategy, "streams", True):
-        raise JaxaeError(f"--input stream runs with --parallel none or shard, not {strategy.name}")
+    """``memory`` or ``stream``; ``auto`` says which it chose and why (on stderr, process 0).
+
+    ``auto`` streams only with jaxae's own streaming strategies (a strategy of your own is fed
+    the way its methods say: memory, unless ``input="stream"`` asks for its ``compile_stream``),
+    and every process of a run takes process 0's choice, so they compile the same program.
+    """
+    streams = bool(getattr(strategy, "streams", False)) and hasattr(strategy, "compile_stream")
+    if requested == "auto" and type(strategy) not in (Strategy, ShardStrategy):
+        choice, why = "memory", f"--input auto chose memory: {type(strategy).__name__} is fed in memory"
+    else:
+        placed = 0
+        if requested == "auto":
+            placed = strategy.placed_bytes(train.images.nbytes) + strategy.placed_bytes(test.images.nbytes)
+        choice, why = choose_input(requested, placed, jax.local_devices(), streams=streams)
+    if jax.process_count() > 1 and requested == "auto":
+        from jax.experimental import multihost_utils
+
+        # Each process measured its own host; they must agree, or they compile different programs.
+        choice = "stream" if int(multihost_utils.broadcast_one_to_all(np.int32(choice == "stream"))) else "memory"
+    if choice == "stream" and not streams:
+        own = isinstance(strategy, Strategy) and type(strategy).__module__ == Strategy.__module__
+        name = strategy.name if own else type(strategy).__name__  # pmap for jaxae's; yours by its class
+        raise JaxaeError(f"--input stream runs with --parallel none or shard, not {name}")
     if requested == "auto" and progress and strategy.is_primary:
         print(f"jaxae: {why}", file=sys.stderr)
     return choice
@@ -317,7 +346,12 @@ def _fit(
             matmul_precision=config.matmul_precision,
         )
     if splits is None:
-        train = load_dataset(config.dataset, "train", config.tfds_data_dir)
+        if is_tfds_name(config.dataset):
+            # Read in place: what is decoded is what the strategy and input read (below).
+            images = open_tfds_images(config.dataset, "train", config.tfds_data_dir)
+            train = Dataset(images=images, labels=None, name=config.dataset, split="train")
+        else:
+            train = load_dataset(config.dataset, "train", config.tfds_data_dir)
         test = load_dataset(config.dataset, "test", config.tfds_data_dir)
         check_same_image_shape(image_shape, train, test)
     if config.batch_size > len(train):
@@ -338,6 +372,10 @@ def _fit(
         )
     strategy.check_batch_size(config.batch_size)
     input = _choose_input(input, strategy, train, test, progress)
+    if isinstance(train.images, SourceImages) and input == "memory" and not isinstance(strategy, ShardStrategy):
+        # Every row goes onto the devices: read the split once, with its progress bar. (shard
+        # reads only this process's blocks of it; a stream only each batch's rows.)
+        train = load_dataset(config.dataset, "train", config.tfds_data_dir)
     epoch_progress = None
     if resume:
         state = checkpoint.restore_state(out, state, strategy=strategy)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import secrets
 import socket
@@ -360,11 +361,15 @@ class ShardStrategy(Strategy):
         shape = (block * self.device_count, *images.shape[1:])
 
         def rows(index: tuple[slice, ...]) -> np.ndarray:
+            # A block copied into memory of its own (never an alias of a mapped file), aligned so
+            # that a CPU device takes it as it is instead of copying it again, the rows past the
+            # split's end zero.
             start, stop, _ = index[0].indices(shape[0])
-            part = np.array(images[start : min(stop, n)])  # owned: never an alias of a mapped file
-            if stop > max(start, n):  # the last blocks: the rows past the split are zeros
-                part = np.concatenate([part, np.zeros((stop - max(start, n), *shape[1:]), part.dtype)])
-            return part
+            block = _aligned_empty((stop - start, *shape[1:]), images.dtype)
+            real = max(0, min(stop, n) - start)
+            block[:real] = images[start : start + real]
+            block[real:] = 0
+            return block
 
         return RowShards(jax.block_until_ready(jax.make_array_from_callback(shape, self.row_sharded, rows)), n)
 
@@ -502,14 +507,25 @@ def put_dataset(images: Any, sharding: Any = None) -> jax.Array:
 
 
 def _file_backed(x: Any) -> bool:
-    """Whether ``x`` is a view of a memory-mapped file (``np.memmap``, ``mmap.mmap``)."""
+    """Whether the numpy array ``x`` views memory numpy does not own: a mapped file
+    (``np.memmap``, ``mmap.mmap``, also behind ``np.frombuffer``'s ``memoryview``) or another
+    foreign buffer. Such memory can change under a run, so :func:`put_dataset` copies it."""
     import mmap
 
-    while isinstance(x, np.ndarray):
-        if isinstance(x, np.memmap):
+    if not isinstance(x, np.ndarray):
+        return False
+    for _ in range(64):  # a chain of views ends at the owner
+        if isinstance(x, (np.memmap, mmap.mmap)):
             return True
-        x = x.base
-    return isinstance(x, mmap.mmap)
+        if isinstance(x, np.ndarray):
+            x = x.base
+        elif isinstance(x, memoryview):
+            x = x.obj
+        else:
+            return x is not None  # bytes, another library's buffer: copied, to be safe
+        if x is None:
+            return False
+    return True
 
 
 def _platform(sharding: Any) -> str:
@@ -519,11 +535,17 @@ def _platform(sharding: Any) -> str:
 
 def _aligned_copy(x: np.ndarray) -> np.ndarray:
     """``x`` copied into a new 64-byte aligned buffer: one the CPU backend aliases, not copies again."""
-    buffer = np.empty(x.nbytes + 64, np.uint8)
-    start = -buffer.ctypes.data % 64
-    out = buffer[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out = _aligned_empty(x.shape, x.dtype)
     out[...] = x
     return out
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = np.empty(nbytes + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    return buffer[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def get_strategy(name: str, devices: list | None = None) -> Strategy:

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxae.errors import JaxaeError
+from jaxae.errors import DataError, JaxaeError
 
 INPUTS = ("auto", "memory", "stream")
 #: ``--input auto`` streams when the splits placed in memory would take more than this share of
@@ -96,6 +96,7 @@ class Stream:
         """
         import grain
 
+        self._check_mapped_file()
         starts = np.concatenate([[first], first + np.cumsum(lengths)[:-1]]).astype(int) if lengths else []
         plan = list(zip(starts, lengths, strict=True))
 
@@ -112,6 +113,29 @@ class Stream:
         options = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
         for start, length, parts in dataset.to_iter_dataset(options):
             yield (start, length, *(self._place([p[j] for p in parts], length) for j in range(3)))
+
+    def _check_mapped_file(self) -> None:
+        """A mapped train file shortened since it was opened faults (SIGBUS) where a row past its
+        new end is read: refused here, before each part of an epoch, with one line instead."""
+        import mmap
+
+        x = self.images
+        while isinstance(x, np.ndarray) and not isinstance(x, np.memmap):
+            x = x.base
+        mapped = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
+        if not isinstance(mapped, mmap.mmap):
+            return
+        try:
+            size = mapped.size()  # the file's size now (fstat of the map's own descriptor)
+        except (OSError, ValueError):
+            return
+        needed = x.offset + x.nbytes
+        if size < needed:
+            raise DataError(
+                f"the train file {getattr(x, 'filename', None) or 'being streamed'} is now {size} bytes, shorter "
+                f"than the {needed} it held when the run opened it: it was truncated or rewritten during training. "
+                "Replace a dataset file by writing a new one and renaming it over the old (jaxae.write_idx does)"
+            )
 
     def _place(self, per_device: list[np.ndarray], length: int) -> jax.Array:
         shape = (length, self.batch_size, *per_device[0].shape[2:])
@@ -164,9 +188,11 @@ def host_table(fn: Callable, state: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ids.addressable_data(0)), np.asarray(mask.addressable_data(0))
 
 
-def choose_input(requested: str, placed_bytes: int, devices: list, *, where: str = "") -> tuple[str, str]:
-    """``(choice, why)``: ``requested`` or, for ``auto``, memory when ``placed_bytes`` (the splits as
-    one device would hold them) takes at most :data:`MEMORY_SHARE` of the smallest budget.
+def choose_input(requested: str, placed_bytes: int, devices: list, *, streams: bool = True) -> tuple[str, str]:
+    """``(choice, why)``: ``requested``, or for ``auto`` memory where the splits fit the memory they
+    would live in: a GPU's or TPU's ``bytes_limit``; on CPU devices the host's available memory
+    (cgroup limits included), which this process's CPU devices share. ``placed_bytes`` is what one
+    device holds of the splits; memory up to :data:`MEMORY_SHARE` of the budget.
 
     Raises:
         JaxaeError: an unknown input.
@@ -175,18 +201,23 @@ def choose_input(requested: str, placed_bytes: int, devices: list, *, where: str
         raise JaxaeError(f"--input must be one of {', '.join(INPUTS)}, got {requested!r}")
     if requested != "auto":
         return requested, f"--input {requested}"
-    budgets = {"host memory available": _host_available()}
-    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices if _has_memory_stats(d)]
-    if limits and all(limits):
-        budgets[f"{devices[0].platform} device memory"] = min(limits)
-    name, budget = min(((k, v) for k, v in budgets.items() if v), key=lambda kv: kv[1], default=(None, None))
-    if budget is None:
-        return "memory", "--input auto: no memory budget is known here, so memory"
-    share = placed_bytes / budget
+    if not streams:
+        return "memory", "--input auto chose memory: this strategy does not stream"
+    platform = devices[0].platform
+    if platform == "cpu":
+        need, budget, name = placed_bytes * len(devices), _host_available(), "host memory available"
+        held = "per device" if len(devices) == 1 else f"on this process's {len(devices)} CPU devices"
+    else:
+        limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices if _has_memory_stats(d)]
+        budget = min(limits) if limits and all(limits) else None
+        need, name, held = placed_bytes, f"{platform} device memory", "per device"
+    if not budget:
+        return "memory", "--input auto chose memory: no memory budget is known here"
+    share = need / budget
     choice = "memory" if share <= MEMORY_SHARE else "stream"
     return choice, (
-        f"--input auto chose {choice}: the splits take {_size(placed_bytes)} per device, "
-        f"{share:.0%} of the {_size(budget)} of {name} (memory up to {MEMORY_SHARE:.0%}){where}"
+        f"--input auto chose {choice}: the splits take {_size(need)} {held}, "
+        f"{share:.0%} of the {_size(budget)} of {name} (memory up to {MEMORY_SHARE:.0%})"
     )
 
 
@@ -202,15 +233,31 @@ def _has_memory_stats(device: Any) -> bool:
 
 
 def _host_available() -> int | None:
-    """MemAvailable of ``/proc/meminfo`` (Linux), else the physical memory; None if unknown."""
+    """The memory this process may still take: MemAvailable of ``/proc/meminfo``, lowered to what
+    its cgroup (a container's limit, v2 or v1) leaves; else the physical memory; None if unknown."""
+    available = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
         pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if available is None:
+        try:
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit) as f, open(usage) as g:
+                left = int(f.read().strip()) - int(g.read().strip())  # "max" (no limit) is no int
+        except (OSError, ValueError):
+            continue
+        if 0 <= left < available:
+            available = left
+        break
+    return available

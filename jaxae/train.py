@@ -369,7 +369,8 @@ def _row_sum(v: jax.Array, mask: jax.Array) -> jax.Array:
 
     Rows of mask 0 are left out with ``where``, not multiplied by 0: a padding row (a repeated
     row, or the zeros past a split's end in a device's block) whose metric is NaN or infinite,
-    e.g. the log of an all-zero image's mean, must not make the sum NaN.
+    e.g. the log of an all-zero image's mean, must not make the sum NaN. (Its gradient still
+    would: training pads a batch with repeated real rows, never zeros.)
     """
     mask = mask.reshape(-1, *(1,) * (v.ndim - 1))
     return jnp.sum(jnp.where(mask != 0, v * mask, 0), axis=0)

@@ -179,7 +179,7 @@ def test_shard_holds_the_split_once_across_the_devices_even_where_they_do_not_di
 
 
 @pytest.mark.slow  # three training processes on 120 MiB of images: about a minute
-def test_shard_holds_one_copy_of_the_data_in_memory_where_pmap_holds_one_per_device(tmp_path):
+def test_shard_holds_one_copy_of_the_data_across_its_devices_in_memory(tmp_path):
     out = tmp_path / "memory.json"
     script = REPO / "experiments" / "data_memory.py"
     command = [sys.executable, str(script), "--images", "30000", "--test-images", "2000", "--out", str(out)]
@@ -187,8 +187,8 @@ def test_shard_holds_one_copy_of_the_data_in_memory_where_pmap_holds_one_per_dev
     proc = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=_env(1), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
-    # 123 MiB of train images: 4 devices of pmap hold 4 copies, shard one between them.
-    assert rows["pmap"]["anon_vs_one_device"] >= 1.5, rows  # the measurement sees a copy per device
+    # 123 MiB of train images: shard holds one copy between its 4 devices. (pmap's 4 CPU devices
+    # alias one aligned host copy; on accelerators each holds its own, which no CPU run can show.)
     assert rows["shard"]["anon_vs_one_device"] <= 1.3, rows
     assert rows["shard"]["test_loss"] == pytest.approx(rows["pmap"]["test_loss"], rel=1e-6)
 
@@ -405,6 +405,22 @@ def test_a_mapped_split_is_copied_to_the_devices_so_rewriting_its_file_changes_n
     assert np.all(mapped == 255)  # the map does see the new bytes
     on_devices = np.asarray(placed.data if name == "shard" else placed)
     np.testing.assert_array_equal(on_devices[: len(images)], images)
+
+
+def test_an_array_over_a_mapped_buffer_is_copied_too(tmp_path):
+    """np.frombuffer(mmap) views the map through a memoryview, not an np.memmap."""
+    import mmap
+
+    path = tmp_path / "rows.bin"
+    images = np.random.default_rng(1).integers(0, 256, (64, 784), dtype=np.uint8)
+    path.write_bytes(images.tobytes())
+    with open(path, "r+b") as f:
+        mapped_file = mmap.mmap(f.fileno(), 0)
+    viewed = np.frombuffer(mapped_file, np.uint8).reshape(64, 784)
+    placed = parallel.get_strategy("none").put_data(viewed)
+    mapped_file[:] = b"\xff" * images.nbytes
+    assert np.all(viewed == 255)
+    np.testing.assert_array_equal(np.asarray(placed), images)
 
 
 def test_shard_refuses_row_shards_of_another_layout_and_unplaced_arrays():

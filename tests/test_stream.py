@@ -158,3 +158,103 @@ def test_a_streamed_epoch_reports_its_recent_train_loss_every_few_hundred_steps(
     assert all(np.isfinite(v) for _, v in recent)
     first_epoch_mean = result.history[0]["train_loss"]
     assert min(v for _, v in recent[:4]) < first_epoch_mean * 1.5 and recent[-1][1] < recent[0][1]
+
+
+class _CountingSource:
+    """A random-access source as tfds.data_source is one, recording which examples were read."""
+
+    def __init__(self, images):
+        self.images, self.read = images, []
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitems__(self, keys):
+        self.read.extend(keys)
+        return [{"image": self.images[k], "label": 0} for k in keys]
+
+
+def test_a_tfds_split_read_in_place_decodes_only_the_rows_indexed():
+    from jaxae.data import SourceImages
+
+    images = np.random.default_rng(3).integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
+    source = _CountingSource(images)
+    rows = SourceImages(source, (8, 8, 1), "TFDS dataset 'x' (train)")
+    assert rows.shape == (50, 8, 8, 1) and rows.nbytes == images.nbytes and len(rows) == 50
+    flat = rows.reshape(50, -1)
+    np.testing.assert_array_equal(flat[np.array([[7, 3], [49, 0]])], images.reshape(50, -1)[[[7, 3], [49, 0]]])
+    np.testing.assert_array_equal(flat[10:13], images.reshape(50, -1)[10:13])
+    assert source.read == [7, 3, 49, 0, 10, 11, 12]  # nothing else was decoded
+    source.images = list(images)
+    source.images[21] = np.zeros((8, 9, 1), np.uint8)  # an odd example, read only where it is indexed
+    from jaxae.errors import DataError
+
+    with pytest.raises(DataError, match=r"example 21 has a 8x9x1 image but example 0 a 8x8x1 one"):
+        flat[20:22]
+
+
+def test_a_tfds_dataset_streams_to_the_in_memory_numbers():
+    tfds_dir = REPO / "tests" / "data" / "tfds"
+    config = TrainConfig(dataset="fashion_mnist", tfds_data_dir=str(tfds_dir), epochs=2, batch_size=96)
+    memory = fit(config, progress=False, figures=False, input="memory")
+    streamed = fit(config, progress=False, figures=False, input="stream")
+    assert [h["train_loss"] for h in streamed.history] == [h["train_loss"] for h in memory.history]
+    assert [h["test_loss"] for h in streamed.history] == [h["test_loss"] for h in memory.history]
+    _assert_same_tree(streamed.state, memory.state)
+
+
+def test_auto_counts_every_cpu_device_of_the_process_against_the_host(monkeypatch):
+    monkeypatch.setattr(stream, "_host_available", lambda: 20 << 20)
+    cpu = jax.devices()[0]
+    assert stream.choose_input("auto", 3 << 20, [cpu])[0] == "memory"  # 15%
+    choice, why = stream.choose_input("auto", 3 << 20, [cpu] * 4)  # 4 devices of one host: 60%
+    assert choice == "stream" and "the splits take 12 MiB on this process's 4 CPU devices, 60% of the 20 MiB" in why
+
+
+def test_auto_feeds_a_strategy_of_your_own_in_memory(monkeypatch):
+    """A Strategy subclass or a duck-typed one is fed through its own methods: auto never swaps its
+    compile_epoch for the stream's (before: a subclass's compile_epoch went unused, a duck-typed
+    strategy without placed_bytes crashed with AttributeError)."""
+    from jaxae import parallel
+
+    monkeypatch.setattr(stream, "_host_available", lambda: 1 << 10)  # everything would stream
+    calls = []
+
+    class Mine(parallel.Strategy):
+        def compile_epoch(self, *args, **kwargs):
+            calls.append("compile_epoch")
+            return super().compile_epoch(*args, **kwargs)
+
+    class Duck:
+        is_primary = True
+
+        def __init__(self):
+            self._inner = parallel.Strategy()
+
+        def __getattr__(self, name):
+            if name in ("placed_bytes", "streams", "stream_sharding", "compile_stream", "compile_batch_table"):
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+    config = TrainConfig(epochs=1, batch_size=500)
+    fit(config, progress=False, figures=False, strategy=Mine())
+    assert calls == ["compile_epoch"]
+    fit(config, progress=False, figures=False, strategy=Duck())
+    with pytest.raises(JaxaeError, match="--input stream runs with --parallel none or shard, not Duck"):
+        fit(config, progress=False, figures=False, strategy=Duck(), input="stream")
+
+
+def test_a_train_file_truncated_during_a_streamed_run_is_one_line_before_it_is_read(tmp_path):
+    from jaxae.data import read_idx
+    from jaxae.errors import DataError
+
+    path = tmp_path / "train-images-idx3-ubyte"
+    write_idx(path, np.zeros((64, 8, 8), np.uint8))
+    mapped = read_idx(path).reshape(64, -1)
+    s = stream.Stream(mapped, jax.sharding.SingleDeviceSharding(jax.devices()[0]), 16, per_chunk=2)
+    ids, mask = np.arange(64, dtype=np.int32).reshape(4, 16), np.ones((4, 16), np.float32)
+    assert len(list(s.chunks(ids, mask, 0, [2, 2]))) == 2
+    with open(path, "r+b") as f:
+        f.truncate(1000)  # reading a row past here would be SIGBUS
+    with pytest.raises(DataError, match=r"is now 1000 bytes, shorter than the 4112 it held when the run opened it"):
+        list(s.chunks(ids, mask, 0, [2, 2]))
