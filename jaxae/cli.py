@@ -337,8 +337,9 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
         default="auto",
         help="memory: the train split on the devices, each epoch one compiled scan (fastest); stream: the split "
         "stays on the host (plain IDX files memory-mapped) and the devices get a few steps of rows at a time, for "
-        "data larger than their memory; auto: memory where the splits take at most half of the device's or the "
-        "host's available memory, saying which it chose. The same numbers either way (default: %(default)s)",
+        "data larger than their memory; auto: memory where the splits take at most half of the memory they would "
+        "live in (a GPU's or TPU's; on CPU devices the host's available memory), saying which it chose. The same "
+        "numbers either way (default: %(default)s)",
     )
     p.add_argument(
         "--init-from",

@@ -182,9 +182,12 @@ def fit(
             places it on the devices and runs each epoch as one compiled scan (the fast path);
             ``"stream"`` keeps it on the host (a plain IDX file memory-mapped) and sends the
             devices a few steps of rows at a time, for data larger than the devices' memory;
-            ``"auto"`` chooses memory where the splits take at most half of the device's or the
-            host's available memory, and says which it chose. The numbers are the same either
-            way. Streaming runs with the ``none`` and ``shard`` strategies.
+            ``"auto"`` chooses memory where the splits take at most half of the memory they would
+            live in (a GPU's or TPU's; on CPU devices the host's available memory, within its
+            cgroup), and says which it chose; every process of a run takes process 0's choice.
+            The numbers are the same either way. Streaming runs with the ``none`` and ``shard``
+            strategies; ``auto`` streams only with jaxae's own (a strategy of yours is fed in
+            memory unless ``"stream"`` asks for its ``compile_stream``).
         keep: how many of the latest checkpoints to keep (the best is kept besides).
         init_from: a folder holding a checkpoint (e.g. from ``jaxae convert``): start from its
             parameters with a fresh optimizer (see :func:`init_params_from`); ignored on resume.
