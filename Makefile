@@ -19,13 +19,15 @@ train:
 	rm -rf $(WORKDIR)
 	$(PY) -m jaxae train --variant vanilla --dataset mnist-sample --epochs 20 --workdir $(WORKDIR)
 
-# pytest-xdist: one worker per core. `test` leaves out the tests marked slow (the docs pages'
-# examples, conv runs end to end, some real-process fault tests); `test-all` runs every test.
+# pytest-xdist: one worker per core, each test file on one worker (--dist loadscope), so a
+# file's module-scoped fixtures (the 4-device and 2-process runs) are computed once, not once per
+# worker. `test` leaves out the tests marked slow (the docs pages' examples, conv runs end to
+# end, some real-process fault tests); `test-all` runs every test.
 test:
-	$(PY) -m pytest -q -n auto -m "not slow" --durations=15 tests
+	$(PY) -m pytest -q -n auto --dist loadscope -m "not slow" --durations=15 tests
 
 test-all:
-	$(PY) -m pytest -q -n auto tests
+	$(PY) -m pytest -q -n auto --dist loadscope tests
 
 # jaxae vs the document's PyTorch loop on this machine, one run; figures to stdout and bench.json.
 bench:

@@ -206,7 +206,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         watched["compile_seconds"] = round(result.compile_seconds, 3)
     print(
         json.dumps(
-            {"workdir": args.workdir, "epochs": last["epoch"], "devices": strategy.device_count, **summary, **watched}
+            {
+                "workdir": args.workdir,
+                "epochs": last["epoch"],
+                "devices": strategy.device_count,
+                "input": result.input,
+                **summary,
+                **watched,
+            }
         )
     )
     return 0
@@ -338,7 +345,7 @@ def build_parser(config_class: type | None = None) -> argparse.ArgumentParser:
         help="memory: the train split on the devices, each epoch one compiled scan (fastest); stream: the split "
         "stays on the host (plain IDX files memory-mapped) and the devices get a few steps of rows at a time, for "
         "data larger than their memory; auto: memory where the splits take at most half of the memory they would "
-        "live in (a GPU's or TPU's; on CPU devices the host's available memory), saying which it chose. The same "
+        "live in (a GPU's or TPU's; on CPU devices the host's available memory), saying so where it streams. The same "
         "numbers either way (default: %(default)s)",
     )
     p.add_argument(

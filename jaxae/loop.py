@@ -108,6 +108,7 @@ class FitResult:
     history: list[dict[str, Any]]
     compile_seconds: float
     start_epoch: int = 0  # epochs already done when this call began (non-zero on resume)
+    input: str = "memory"  # where the train split lived: "memory" or "stream" (what --input auto chose)
 
 
 def fit(
@@ -184,7 +185,8 @@ def fit(
             devices a few steps of rows at a time, for data larger than the devices' memory;
             ``"auto"`` chooses memory where the splits take at most half of the memory they would
             live in (a GPU's or TPU's; on CPU devices the host's available memory, within its
-            cgroup), and says which it chose; every process of a run takes process 0's choice.
+            cgroup), saying so where it streams (``FitResult.input`` holds the choice); every
+            process of a run takes process 0's choice.
             The numbers are the same either way. Streaming runs with the ``none`` and ``shard``
             strategies; ``auto`` streams only with jaxae's own (a strategy of yours is fed in
             memory unless ``"stream"`` asks for its ``compile_stream``).
@@ -246,7 +248,7 @@ def fit(
 
 
 def _choose_input(requested: str, strategy: Any, train: Dataset, test: Dataset, progress: bool) -> str:
-    """``memory`` or ``stream``; ``auto`` says which it chose and why (on stderr, process 0).
+    """``memory`` or ``stream``; ``auto`` says why where it streams (on stderr, process 0).
 
     ``auto`` streams only with jaxae's own streaming strategies (a strategy of your own is fed
     the way its methods say: memory, unless ``input="stream"`` asks for its ``compile_stream``),
@@ -269,7 +271,9 @@ def _choose_input(requested: str, strategy: Any, train: Dataset, test: Dataset, 
         own = isinstance(strategy, Strategy) and type(strategy).__module__ == Strategy.__module__
         name = strategy.name if own else type(strategy).__name__  # pmap for jaxae's; yours by its class
         raise JaxaeError(f"--input stream runs with --parallel none or shard, not {name}")
-    if requested == "auto" and progress and strategy.is_primary:
+    if requested == "auto" and choice == "stream" and progress and strategy.is_primary:
+        # Only the slower path is announced (memory is the default's usual choice); either way the
+        # choice is FitResult.input and in the summary line of `jaxae train`.
         print(f"jaxae: {why}", file=sys.stderr)
     return choice
 
@@ -414,7 +418,7 @@ def _fit(
     )
     if figures:
         loop.write_figures([final])
-    return FitResult(trainer, final, history, loop.compile_seconds, start_epoch)
+    return FitResult(trainer, final, history, loop.compile_seconds, start_epoch, input)
 
 
 def _one_record(callback: Callable[[dict[str, Any]], None], records: list[dict[str, Any]]) -> None:
