@@ -153,7 +153,7 @@ def test_none_pmap_and_shard_give_the_same_losses_and_parameters(four_devices, v
             np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["vanilla", "vqvae"])  # parallel_helper.STREAM_VARIANTS
 def test_a_streamed_epoch_over_4_devices_gives_the_in_memory_numbers(four_devices, variant):
     report, arrays = four_devices
     memory, streamed = (report["runs"][f"{variant}/{name}"]["history"] for name in ("shard", "shard-stream"))
@@ -197,6 +197,8 @@ def test_shard_holds_one_copy_of_the_data_across_its_devices_in_memory(tmp_path)
 def test_no_recompilation_across_epochs_on_any_path(four_devices, variant):
     report, _ = four_devices
     for name in ("none", "pmap", "shard", "shard-stream"):
+        if f"{variant}/{name}" not in report["runs"]:
+            continue  # shard-stream runs for two of the variants
         counts = report["runs"][f"{variant}/{name}"]["compiles_after_epoch"]
         assert len(counts) == EPOCHS
         assert counts == [counts[0]] * EPOCHS, f"{name} compiled again after the first epoch: {counts}"

@@ -40,6 +40,7 @@ def test_stream_and_memory_give_the_same_numbers_on_the_sample(tmp_path, small_c
     _assert_same_tree(streamed.state, memory.state)
 
 
+@pytest.mark.slow  # a further case of the sample's equality, on larger images
 def test_stream_and_memory_agree_on_64x64_images_from_a_mapped_folder(tmp_path, small_chunks):
     rng = np.random.default_rng(1)
     folder = write_idx_folder(
@@ -149,15 +150,17 @@ def test_a_streamed_epoch_reports_its_recent_train_loss_every_few_hundred_steps(
     from jaxae import epochs
 
     monkeypatch.setattr(epochs, "REPORT_STEPS", 10)
-    config = TrainConfig(epochs=2, batch_size=96)  # 42 steps an epoch, chunks of 5
+    config = TrainConfig(epochs=1, batch_size=96)  # 42 steps an epoch, chunks of 5
     result = fit(config, tmp_path / "run", progress=False, figures=False, input="stream")
     recent = read_scalars(tmp_path / "run" / "events")["train_loss_recent"]
     # Reported at the first chunk end past each multiple of 10 (chunks end at 5, 10, ..., 40, 42),
-    # never at an epoch's end (its record is there): steps 10, 20, 30, 40 and 52, 62, 72, 82.
-    assert [step for step, _ in recent] == [10, 20, 30, 40, 52, 62, 72, 82]
+    # never at the epoch's end (its record is there): steps 10, 20, 30 and 40.
+    assert [step for step, _ in recent] == [10, 20, 30, 40]
     assert all(np.isfinite(v) for _, v in recent)
-    first_epoch_mean = result.history[0]["train_loss"]
-    assert min(v for _, v in recent[:4]) < first_epoch_mean * 1.5 and recent[-1][1] < recent[0][1]
+    # The mean of the recent steps' losses: falling as the model learns, the epoch's mean between.
+    values = [v for _, v in recent]
+    assert values == sorted(values, reverse=True)
+    assert values[-1] < result.history[0]["train_loss"] < values[0]
 
 
 class _CountingSource:
@@ -193,6 +196,7 @@ def test_a_tfds_split_read_in_place_decodes_only_the_rows_indexed():
         flat[20:22]
 
 
+@pytest.mark.slow  # SourceImages' reads are tested directly above; this trains through them
 def test_a_tfds_dataset_streams_to_the_in_memory_numbers():
     tfds_dir = REPO / "tests" / "data" / "tfds"
     config = TrainConfig(dataset="fashion_mnist", tfds_data_dir=str(tfds_dir), epochs=1, batch_size=96)
