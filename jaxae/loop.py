@@ -36,9 +36,9 @@ from jaxae.epochs import RUNNER_METHODS, EpochLoop, Member
 from jaxae.errors import DataError, JaxaeError
 from jaxae.objectives import check_model_contract, get_variant
 from jaxae.parallel import ShardStrategy, Strategy, get_strategy, put_dataset
-from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings, check_workdir_writable
 
 # The run folder's checks, re-exported where library users have always found them.
+from jaxae.rundir import LOCK_FILE, WorkdirLock, check_run_settings, check_workdir_writable
 from jaxae.stream import INPUTS, choose_input
 from jaxae.train import (
     TrainConfig,

@@ -283,7 +283,8 @@ class RowShards:
 
     Device ``d`` of ``D`` holds rows ``[d R, (d + 1) R)`` of the split, ``R = ceil(rows / D)``;
     the rows past the split's end (at most ``D - 1``) are zero padding that no batch reads
-    and that evaluation, which runs over whole blocks, leaves out of its sums. A pytree: the compiled epoch and evaluation take it as they take an array.
+    and that evaluation, which runs over whole blocks, leaves out of its sums. A pytree: the
+    compiled epoch and evaluation take it as they take an array.
 
     Attributes:
         data: uint8 ``[D R, F]``, sharded ``P("data")``.
